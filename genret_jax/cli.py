@@ -1,0 +1,60 @@
+"""`genret` console script. Each subcommand lives in its stage's module, which defines
+`add_arguments(parser)` and `run(args) -> int`; modules are imported lazily so `genret --help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from genret_jax.errors import InputError
+from genret_jax.gin_utils import rewrite_gin_args
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("genret_jax.corpora.inspect", "Print a JSON summary of a collection (BEIR dir, DPR TSV, JSONL, ...)."),
+    "build-vocab": ("genret_jax.identifiers.vocab", "Train a SentencePiece vocabulary on a corpus."),
+    "build-ids": ("genret_jax.identifiers.build", "Build and save an identifier scheme for a corpus."),
+    "convert-hf": ("genret_jax.models.hf_convert", "Convert a Hugging Face T5/LLaMA checkpoint to orbax + gin (and back)."),
+    "train": ("genret_jax.training.train", "Train a model on a seqio task or mixture (gin-configured)."),
+    "build-index": ("genret_jax.decoding.build_index", "Build and save the decoding constraint (trie / suffix array)."),
+    "retrieve": ("genret_jax.retrieval.run", "Constrained beam search + retrieval + IR metrics (gin-configured)."),
+    "cgl": ("genret_jax.scaling.cgl_command", "Contrastive generation loss of a checkpoint (gin-configured)."),
+    "sweep": ("genret_jax.scaling.sweep", "Run a scaling sweep over family x size x data fraction x beam."),
+    "report": ("genret_jax.scaling.report", "Fit scaling laws over a sweep's results and write report.md with plots."),
+    "advise": ("genret_jax.scaling.advise", "Compute-optimal (N, D, beam) for a FLOP budget from a fitted joint law."),
+    "demo": ("genret_jax.demo", "The main job: a small end-to-end sweep on the embedded default corpus + report."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="genret", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for name, (_, help_text) in COMMANDS.items():
+    sub.add_parser(name, help=help_text, add_help=False)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    build_parser().print_help()
+    if argv and argv[0] not in ("-h", "--help"):
+      print(f"\ngenret: unknown command {argv[0]!r}", file=sys.stderr)
+      return 2
+    return 0
+  name, rest = argv[0], rewrite_gin_args(argv[1:])
+  module = importlib.import_module(COMMANDS[name][0])
+  parser = argparse.ArgumentParser(prog=f"genret {name}", description=COMMANDS[name][1])
+  module.add_arguments(parser)
+  args = parser.parse_args(rest)
+  try:
+    return int(module.run(args) or 0)
+  except InputError as e:
+    print(f"genret {name}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

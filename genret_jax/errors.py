@@ -1,0 +1,17 @@
+"""One error type for bad user input, so the CLI can print one clear line instead of a traceback."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+  """Bad input data or configuration, located by file and line (or by config key)."""
+
+  def __init__(self, message: str, path: str | None = None, line: int | None = None,
+               key: str | None = None):
+    self.path, self.line, self.key, self.message = path, line, key, message
+    where = ""
+    if path is not None:
+      where = f"{path}:{line}: " if line is not None else f"{path}: "
+    elif key is not None:
+      where = f"config key {key}: "
+    super().__init__(where + message)

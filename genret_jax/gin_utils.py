@@ -1,0 +1,60 @@
+"""t5x-style gin flags: repeatable --gin_file, --gin.NAME=VALUE bindings, --gin_bindings, --gin_search_paths."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Sequence
+
+import gin
+
+from genret_jax.errors import InputError
+
+_GIN_DOT = re.compile(r"^--gin\.([^=]+)=(.*)$", re.S)
+
+# Packaged configs are always searchable, so `--gin_file=runs/train.gin` works from any directory.
+PACKAGE_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """Rewrites `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE` (what t5x's gin_utils does)."""
+  out = []
+  for arg in argv:
+    m = _GIN_DOT.match(arg)
+    out.append(f"--gin_bindings={m.group(1)} = {m.group(2)}" if m else arg)
+  return out
+
+
+def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="Gin config file; repeatable, later files override earlier ones.")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="Gin binding, e.g. 'TRAIN_STEPS = 100'. `--gin.TRAIN_STEPS=100` is the same.")
+  parser.add_argument("--gin_search_paths", action="append", default=[],
+                      help="Extra directories to resolve --gin_file and `include` against.")
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+              finalize: bool = True) -> None:
+  """Parses configs with clear errors naming the file or binding that is wrong."""
+  gin.clear_config()
+  for p in [PACKAGE_GIN_DIR, os.getcwd(), *search_paths]:
+    gin.add_config_file_search_path(p)
+  for f in gin_files:
+    found = os.path.exists(f) or any(os.path.exists(os.path.join(p, f))
+                                     for p in [PACKAGE_GIN_DIR, *search_paths])
+    if not found:
+      raise InputError(f"gin file not found (searched ., {PACKAGE_GIN_DIR}, {list(search_paths)})", path=f)
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=finalize)
+  except (ValueError, SyntaxError, KeyError, ImportError) as e:
+    raise InputError(f"invalid gin config: {e}", key=" ".join(bindings) or None) from e
+
+
+def config_value(name: str, default=None):
+  """Reads a macro (e.g. 'MODEL_DIR') or 'scope/fn.param' value, or `default` when unbound."""
+  try:
+    return gin.query_parameter(name if "." in name else f"%{name}")
+  except ValueError:
+    return default
