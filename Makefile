@@ -4,16 +4,28 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-$(STAMP): requirements/base.txt requirements/nodeps.txt requirements/test.txt setup.cfg
+# Installs the full lock with --no-deps (byte-for-byte the tested set); `make install-resolve` does the
+# two-stage resolve from requirements/{base,nodeps,test}.txt instead (see docs/install.md).
+$(STAMP): requirements/lock.txt setup.cfg
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q --no-deps -r requirements/lock.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install-resolve:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -r requirements/base.txt
 	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
 	$(BIN)/pip install -q -r requirements/test.txt
 	$(BIN)/pip install -q --no-deps -e .
-	touch $(STAMP)
 
-.PHONY: install demo test bench clean
+lock:
+	(echo "# Full transitive lock (pip freeze of the two-stage install on Python 3.11.7), installed with --no-deps."; \
+	 echo "# Regenerate: make lock"; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu/torch==2.13.0/') > requirements/lock.txt
+
+.PHONY: install install-resolve lock demo test bench clean
 install: $(STAMP)
 
 demo: $(STAMP)

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-vocab": ("genret_jax.identifiers.vocab", "Train a SentencePiece vocabulary on a corpus."),
     "build-ids": ("genret_jax.identifiers.build", "Build and save an identifier scheme for a corpus."),
     "convert-hf": ("genret_jax.models.hf_convert", "Convert a Hugging Face T5/LLaMA checkpoint to orbax + gin (and back)."),
+    "model-info": ("genret_jax.models.info", "Parameter counts, FLOPs per token and parameter shardings of a gin model config."),
     "train": ("genret_jax.training.train", "Train a model on a seqio task or mixture (gin-configured)."),
     "build-index": ("genret_jax.decoding.build_index", "Build and save the decoding constraint (trie / suffix array)."),
     "retrieve": ("genret_jax.retrieval.run", "Constrained beam search + retrieval + IR metrics (gin-configured)."),
