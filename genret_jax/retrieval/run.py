@@ -1,0 +1,141 @@
+"""The host half of `genret retrieve`: beam-search outputs -> ranked documents -> run files and metrics.
+
+The model half (checkpoint, seqio inputs, `decoding.beam_search` under the mesh) produces, per query batch, a
+`BeamSearchOutput`; `retrieve_batch` turns it into `QueryResult`s with either scheme family:
+
+* docid schemes (atomic, naive, semantic, codebook, title): the finished hypotheses, looked up in a
+  `DocidLookup` (first-hit order, duplicates removed);
+* the n-gram scheme: the n-gram history (`keep_history=True`), scored against the corpus index with
+  `ngram_scoring.score_documents`.
+
+`finalize` then writes `run.trec` and `metrics.json` from the job's `ResultsStore`. Only numpy is needed here
+(beam outputs may hold jax or numpy arrays), so this part runs and is tested without a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from genret_jax.errors import InputError
+from genret_jax.retrieval import metrics as metrics_lib
+from genret_jax.retrieval.docids import DocidLookup
+from genret_jax.retrieval.ngram_scoring import NgramIndex, NgramScoringConfig, score_documents
+from genret_jax.retrieval.run_files import QueryResult, ResultsStore
+
+
+def _host(x) -> np.ndarray:
+  return np.asarray(x)
+
+
+def host_hypotheses(out: Any) -> list[tuple[list[tuple[int, ...]], list[float]]]:
+  """Per query: (identifier token tuples, scores) of the valid results, best first."""
+  tokens, lengths, scores, valid = (_host(x) for x in (out.tokens, out.lengths, out.scores, out.valid))
+  res = []
+  for q in range(tokens.shape[0]):
+    rows = np.flatnonzero(valid[q])
+    res.append(([tuple(int(t) for t in tokens[q, j, :lengths[q, j]]) for j in rows],
+                [float(scores[q, j]) for j in rows]))
+  return res
+
+
+def host_history(out: Any) -> list[tuple[list[tuple[int, ...]], list[float], list[int]]]:
+  """Per query: (n-grams, cumulative log-probs, corpus counts) of the valid history entries."""
+  h = getattr(out, "history", None)
+  if h is None:
+    raise InputError("the n-gram scheme needs beam search outputs with keep_history=True", key="keep_history")
+  tokens, lengths, logp, counts, valid = (_host(x) for x in (h.tokens, h.lengths, h.log_probs, h.counts, h.valid))
+  res = []
+  for q in range(tokens.shape[0]):
+    rows = np.flatnonzero(valid[q])
+    res.append(([tuple(int(t) for t in tokens[q, j, :lengths[q, j]]) for j in rows],
+                [float(logp[q, j]) for j in rows], [int(counts[q, j]) for j in rows]))
+  return res
+
+
+def retrieve_batch(beam_outputs: Any, query_ids: Sequence[str], doc_ids: Sequence[str], *,
+                   lookup: DocidLookup | None = None, index: NgramIndex | None = None,
+                   cfg: NgramScoringConfig | None = None, k: int = 100,
+                   keep_identifiers: bool = True) -> list[QueryResult]:
+  """Turns one batch of beam-search outputs into ranked documents.
+
+  Args:
+    beam_outputs: `decoding.BeamSearchOutput` (or anything with the same array fields) for len(query_ids)
+      queries; padded rows beyond len(query_ids) (a short last batch) are ignored.
+    query_ids: the batch's query ids.
+    doc_ids: canonical document index -> document id string.
+    lookup: identifier table, for docid schemes. Exactly one of `lookup` and `index` is given.
+    index: corpus index, for the n-gram scheme.
+    cfg: n-gram scoring parameters (n-gram scheme; `cfg.hits` bounds the documents returned).
+    k: documents kept per query (docid schemes).
+    keep_identifiers: store the decoded identifiers (docid) or the scoring stats (n-gram) with each result.
+  """
+  if (lookup is None) == (index is None):
+    raise InputError("give exactly one of a docid lookup table or an n-gram index", key="scheme")
+  results = []
+  if lookup is not None:
+    per_query = host_hypotheses(beam_outputs)
+    if len(per_query) < len(query_ids):
+      raise InputError(f"{len(per_query)} beam outputs for {len(query_ids)} queries", key="beam_outputs")
+    for qid, (hyps, scores) in zip(query_ids, per_query):
+      ranking = lookup.rank(hyps, scores, k=k)
+      extra = dict(num_invalid=ranking.num_invalid, num_duplicates=ranking.num_duplicates)
+      if keep_identifiers:
+        extra["identifiers"] = [list(h) for h in hyps]
+      results.append(QueryResult(str(qid), [doc_ids[d] for d in ranking.doc_indices.tolist()],
+                                 ranking.scores.tolist(), extra))
+    return results
+  cfg = cfg or NgramScoringConfig()
+  per_query = host_history(beam_outputs)
+  if len(per_query) < len(query_ids):
+    raise InputError(f"{len(per_query)} beam outputs for {len(query_ids)} queries", key="beam_outputs")
+  for qid, (keys, logprobs, counts) in zip(query_ids, per_query):
+    known = None if any(c < 0 for c in counts) else counts
+    scored = score_documents(keys, logprobs, index, cfg, counts=known)
+    extra = dict(stats=scored.stats) if keep_identifiers else {}
+    results.append(QueryResult(str(qid), [doc_ids[d] for d in scored.doc_indices.tolist()],
+                               scored.scores.tolist(), extra))
+  return results
+
+
+def compute_metrics(results: Sequence[QueryResult], qrels: Mapping[str, Mapping[str, int]] | None = None,
+                    answers: Mapping[str, Sequence[str]] | None = None, doc_text=None,
+                    query_ids: Sequence[str] | None = None,
+                    cutoffs: Sequence[int] = metrics_lib.DEFAULT_CUTOFFS) -> dict[str, Any]:
+  """Metrics JSON for a finished job: qrels-based measures and/or answer hits, with their reports.
+
+  Args:
+    results: all query results of the job.
+    qrels: graded judgments (omit for answer-only data).
+    answers: query id -> answer strings (NQ-style data); needs `doc_text`.
+    doc_text: document id -> text for answer matching.
+    query_ids: queries to average over (default: those in `results`).
+    cutoffs: k for Recall@k / Hits@k / AnswerHits@k.
+  """
+  run = {r.query_id: list(r.doc_ids) for r in results}
+  qids = list(query_ids) if query_ids is not None else list(run)
+  out: dict[str, Any] = {"num_queries": len(qids), "metrics": {}, "report": {}}
+  if qrels:
+    m = metrics_lib.evaluate_run(run, qrels, query_ids=qids, cutoffs=cutoffs)
+    out["metrics"].update(m.aggregate)
+    out["report"]["qrels"] = m.report
+  if answers:
+    if doc_text is None:
+      raise InputError("answer matching needs the document texts", key="doc_text")
+    m = metrics_lib.answer_hits(run, answers, doc_text, query_ids=qids, cutoffs=cutoffs)
+    out["metrics"].update(m.aggregate)
+    out["report"]["answers"] = m.report
+  empty = sum(1 for r in results if not r.doc_ids)
+  out["report"]["queries_with_no_documents"] = empty
+  return out
+
+
+def finalize(store: ResultsStore, tag: str = "genret", **metric_kwargs) -> dict[str, Any]:
+  """Writes `run.trec` and `metrics.json` from a job's stored results; returns the metrics JSON."""
+  results = store.results()
+  store.write_run(tag)
+  out = compute_metrics(results, **metric_kwargs)
+  out["store"] = dict(store.report)
+  store.write_metrics(out)
+  return out

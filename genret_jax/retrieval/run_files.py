@@ -1,0 +1,263 @@
+"""Retrieval outputs: TREC run files, per-query JSONL results, metrics JSON, and resumable batch processing.
+
+A retrieval job writes into one output directory:
+
+* `results.jsonl` -- append-only, one line per query: `{"batch", "pos", "of", "query_id", "doc_ids", "scores",
+  ...extra}`. A query batch is appended with one write followed by fsync, and a batch counts as done only when
+  all `of` of its lines are present, so a job killed at any moment leaves at most a partial last batch, which the
+  next start cuts off and recomputes.
+* `meta.json` -- what produced the results (checkpoint, configuration, ...). A restart with different meta is
+  refused rather than mixing two configurations in one file.
+* `run.trec` and `metrics.json` -- derived from `results.jsonl` at the end, each written to a temporary file and
+  renamed into place, so readers never see half a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from genret_jax.errors import InputError
+
+RESULTS_FILE = "results.jsonl"
+META_FILE = "meta.json"
+RUN_FILE = "run.trec"
+METRICS_FILE = "metrics.json"
+_RESERVED = ("batch", "pos", "of", "query_id", "doc_ids", "scores")
+
+
+@dataclasses.dataclass
+class QueryResult:
+  """One query's ranked documents, plus anything else worth keeping (identifiers, keys, stats)."""
+
+  query_id: str
+  doc_ids: list[str]
+  scores: list[float]
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes via a temporary file in the same directory and a rename (atomic on POSIX)."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _check_docid(docid: str, qid: str) -> None:
+  if not docid or any(c.isspace() for c in docid):
+    raise InputError(f"query {qid}: document id {docid!r} is empty or has whitespace; TREC run files cannot "
+                     "hold it", key="doc_ids")
+
+
+def format_trec_run(run: Mapping[str, Sequence[tuple[str, float]]], tag: str = "genret") -> str:
+  """TREC run lines `qid Q0 docid rank score tag`, rank 1-based in the given order."""
+  if not tag or any(c.isspace() for c in tag):
+    raise InputError(f"run tag {tag!r} must be non-empty without whitespace", key="tag")
+  lines = []
+  for qid, ranked in run.items():
+    _check_docid(str(qid), str(qid))
+    for rank, (docid, score) in enumerate(ranked, start=1):
+      _check_docid(docid, qid)
+      lines.append(f"{qid} Q0 {docid} {rank} {float(score):.6g} {tag}\n")
+  return "".join(lines)
+
+
+def write_trec_run(path: str, run: Mapping[str, Sequence[tuple[str, float]]], tag: str = "genret") -> None:
+  write_text_atomic(path, format_trec_run(run, tag))
+
+
+def read_trec_run(path: str) -> dict[str, list[tuple[str, float]]]:
+  """Reads a TREC run file into query id -> [(docid, score)] in rank order."""
+  rows: dict[str, list[tuple[int, str, float]]] = {}
+  try:
+    f = open(path, encoding="utf-8")
+  except OSError as e:
+    raise InputError(f"cannot read run file: {e.strerror}", path=path) from e
+  with f:
+    for lineno, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      parts = line.split()
+      if len(parts) != 6:
+        raise InputError(f"expected 6 fields 'qid Q0 docid rank score tag', got {len(parts)}", path=path,
+                         line=lineno)
+      qid, _, docid, rank, score, _ = parts
+      try:
+        rows.setdefault(qid, []).append((int(rank), docid, float(score)))
+      except ValueError as e:
+        raise InputError(f"bad rank or score: {e}", path=path, line=lineno) from e
+  return {q: [(d, s) for _, d, s in sorted(r, key=lambda x: x[0])] for q, r in rows.items()}
+
+
+class ResultsStore:
+  """The output directory of one retrieval job; see the module docstring for the layout."""
+
+  def __init__(self, out_dir: str, meta: Mapping[str, Any] | None = None, overwrite: bool = False):
+    """Opens (creating or resuming) an output directory.
+
+    Args:
+      out_dir: the directory.
+      meta: JSON-serialisable description of the job; must equal the stored one when resuming.
+      overwrite: start from scratch, deleting earlier results in `out_dir`.
+    """
+    self.out_dir = out_dir
+    self.results_path = os.path.join(out_dir, RESULTS_FILE)
+    self.meta = json.loads(json.dumps(dict(meta or {}), sort_keys=True))
+    if overwrite:
+      for name in (RESULTS_FILE, META_FILE, RUN_FILE, METRICS_FILE):
+        p = os.path.join(out_dir, name)
+        if os.path.isdir(p):
+          shutil.rmtree(p)
+        elif os.path.exists(p):
+          os.remove(p)
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, META_FILE)
+    if os.path.exists(meta_path):
+      with open(meta_path, encoding="utf-8") as f:
+        stored = json.load(f)
+      if stored != self.meta:
+        changed = sorted(k for k in set(stored) | set(self.meta) if stored.get(k) != self.meta.get(k))
+        raise InputError(f"holds results of a different job (differs in {changed}); pass a new output "
+                         "directory or --overwrite", path=out_dir)
+    else:
+      write_json_atomic(meta_path, self.meta)
+    self.report = dict(partial_lines_dropped=0)
+    self._completed: dict[int, int] = {}  # batch -> number of queries
+    self._recover()
+
+  def _recover(self) -> None:
+    """Finds the complete batches and cuts off a partial last batch left by an interrupted job."""
+    if not os.path.exists(self.results_path):
+      return
+    with open(self.results_path, "rb") as f:
+      data = f.read()
+    good_end = offset = 0
+    group: list[dict] = []
+    # Every complete line must parse: an interrupted append leaves only an unterminated fragment at the end.
+    for lineno, raw in enumerate(data.split(b"\n")[:-1], start=1):
+      offset += len(raw) + 1
+      try:
+        rec = json.loads(raw)
+        batch, pos, of = int(rec["batch"]), int(rec["pos"]), int(rec["of"])
+      except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"unreadable result line ({e}); the file is corrupt", path=self.results_path,
+                         line=lineno) from e
+      if pos != len(group) or (group and (batch != group[0]["batch"] or of != group[0]["of"])):
+        break  # an interrupted batch: it and everything after it are redone
+      if batch in self._completed:
+        raise InputError(f"batch {batch} appears twice", path=self.results_path, line=lineno)
+      group.append(rec)
+      if len(group) == of:
+        self._completed[batch] = of
+        good_end = offset
+        group = []
+    if good_end < len(data):
+      self.report["partial_lines_dropped"] = data[good_end:].count(b"\n") + (0 if data.endswith(b"\n") else 1)
+      with open(self.results_path, "r+b") as f:
+        f.truncate(good_end)
+
+  @property
+  def completed_batches(self) -> set[int]:
+    return set(self._completed)
+
+  @property
+  def num_queries(self) -> int:
+    return sum(self._completed.values())
+
+  def write_batch(self, batch: int, results: Sequence[QueryResult]) -> None:
+    """Appends one batch's results durably (one write, flush, fsync)."""
+    if batch in self._completed:
+      raise InputError(f"batch {batch} is already written", path=self.results_path)
+    if not results:
+      raise InputError(f"batch {batch} has no queries", path=self.results_path)
+    lines = []
+    for pos, r in enumerate(results):
+      if len(r.doc_ids) != len(r.scores):
+        raise InputError(f"query {r.query_id}: {len(r.doc_ids)} documents but {len(r.scores)} scores",
+                         key="results")
+      clash = set(r.extra) & set(_RESERVED)
+      if clash:
+        raise InputError(f"extra fields {sorted(clash)} clash with the result fields", key="results")
+      rec = dict(batch=int(batch), pos=pos, of=len(results), query_id=str(r.query_id),
+                 doc_ids=[str(d) for d in r.doc_ids], scores=[float(s) for s in r.scores], **r.extra)
+      lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    with open(self.results_path, "a", encoding="utf-8") as f:
+      f.write("".join(lines))
+      f.flush()
+      os.fsync(f.fileno())
+    self._completed[int(batch)] = len(results)
+
+  def results(self) -> list[QueryResult]:
+    """All stored results, in batch order."""
+    out: list[tuple[int, int, QueryResult]] = []
+    if not os.path.exists(self.results_path):
+      return []
+    with open(self.results_path, encoding="utf-8") as f:
+      for line in f:
+        rec = json.loads(line)
+        extra = {k: v for k, v in rec.items() if k not in _RESERVED}
+        out.append((rec["batch"], rec["pos"],
+                    QueryResult(rec["query_id"], rec["doc_ids"], rec["scores"], extra)))
+    out.sort(key=lambda x: (x[0], x[1]))
+    return [r for _, _, r in out]
+
+  def write_run(self, tag: str = "genret") -> str:
+    """Writes `run.trec` from the stored results; returns its path."""
+    run: dict[str, list[tuple[str, float]]] = {}
+    for r in self.results():
+      if r.query_id in run:
+        raise InputError(f"query {r.query_id} has two results", path=self.results_path)
+      run[r.query_id] = list(zip(r.doc_ids, r.scores))
+    path = os.path.join(self.out_dir, RUN_FILE)
+    write_trec_run(path, run, tag)
+    return path
+
+  def write_metrics(self, metrics: Mapping[str, Any]) -> str:
+    path = os.path.join(self.out_dir, METRICS_FILE)
+    write_json_atomic(path, dict(metrics))
+    return path
+
+
+def process_batches(store: ResultsStore, batches: Iterable[int],
+                    compute: Callable[[int], Sequence[QueryResult]], progress: bool = True,
+                    desc: str = "retrieve") -> dict[str, int]:
+  """Computes and stores every batch not already in `store`, in order.
+
+  Args:
+    store: the output directory.
+    batches: all batch indices of the job.
+    compute: batch index -> that batch's results.
+    progress: show a tqdm progress bar.
+    desc: progress-bar label.
+
+  Returns:
+    Counts of batches skipped (done before) and computed.
+  """
+  batches = list(batches)
+  done = store.completed_batches
+  todo = [b for b in batches if b not in done]
+  counts = dict(batches_total=len(batches), batches_skipped=len(batches) - len(todo), batches_computed=0)
+  bar = None
+  if progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=len(batches), initial=counts["batches_skipped"], desc=desc, unit="batch")
+  try:
+    for b in todo:
+      store.write_batch(b, compute(b))
+      counts["batches_computed"] += 1
+      if bar is not None:
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+  return counts
