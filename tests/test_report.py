@@ -1,0 +1,102 @@
+"""`genret report` on a synthetic sweep drawn from a known power law plus seeded per-query noise."""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from genret_jax import cli
+from genret_jax.errors import InputError
+from genret_jax.scaling import report
+from genret_jax.scaling import results
+
+# The joint law ((A / D)^(alpha/beta) + B / N)^beta + delta per family, at realistic CGL magnitudes.
+TRUE = {"t5": dict(A=16.0, alpha=1.6, beta=0.4, B=1.5e-3, delta=0.0033),
+        "llama": dict(A=12.0, alpha=1.4, beta=0.35, B=1.0e-3, delta=0.0031)}
+N_RUNGS = (1e6, 4e6, 1.6e7, 6.4e7, 2.56e8)
+D_FULL = 20000.0
+NUM_QUERIES = 60
+
+
+def _law(p, n, d):
+  return ((p["A"] / d) ** (p["alpha"] / p["beta"]) + p["B"] / n) ** p["beta"] + p["delta"]
+
+
+def _synthetic_run(run_dir: pathlib.Path, seed: int = 0) -> None:
+  rng = np.random.default_rng(seed)
+  rows = []
+  for family, p in TRUE.items():
+    for n in N_RUNGS:
+      for frac in ((0.25, 0.5, 1.0) if n == 1.6e7 else (1.0,)):
+        d = D_FULL * frac
+        mean = _law(p, n, d)
+        per_q = mean * (1.0 + 0.05 * rng.standard_normal(NUM_QUERIES))
+        per_q += mean - per_q.mean()  # the cell mean is exactly the law; the spread drives the CIs.
+        for beam in ((1, 5, 10, 20) if (n == 1.6e7 and frac == 1.0) else (1,)):
+          cell_id = f"{family}-{int(n)}-{frac}-b{beam}"
+          recall_q = (rng.random(NUM_QUERIES) < 0.9 - 0.5 * beam ** -0.5).astype(float)
+          rows.append({"family": family, "n_nonembed": n, "n_total": n * 1.2, "data_fraction": frac, "D": d,
+                       "train_flops": 6 * n * d * 40, "beam": beam,
+                       "decode_flops_per_query": 2 * n * beam * 12, "cgl": float(per_q.mean()),
+                       "ce": 5.4, "recall@1": 0.3, "recall@10": float(recall_q.mean()),
+                       "recall@100": 0.95, "mrr@10": 0.4, "ndcg@10": 0.45, "seed": 0, "config": "x.gin",
+                       "wall_s": 1.0, "cell_id": cell_id})
+          results.write_per_query(run_dir, cell_id, {"cgl": per_q, "recall@10": recall_q,
+                                                     "num_negatives": 256})
+  results.write_results(run_dir / "results.csv", rows)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("sweep")
+  _synthetic_run(d)
+  cfg = report.ReportConfig(restarts=5, bootstrap_resamples=60, resample_restarts=0)
+  report.make_report(d, cfg)
+  return d
+
+
+def test_report_files_and_plots(run_dir):
+  md = (run_dir / "report.md").read_text()
+  assert "## Fitted laws" in md and "t5" in md and "llama" in md
+  for png in ("cgl_vs_n.png", "cgl_vs_d.png", "beam.png", "families.png"):
+    p = run_dir / "plots" / png
+    assert p.exists() and p.stat().st_size > 10_000, png
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plots/{png}" in md
+
+
+def test_report_recovers_laws(run_dir):
+  fits = json.loads((run_dir / "fits.json").read_text())
+  for family, p in TRUE.items():
+    fam = fits["families"][family]["fits"]
+    joint = fam["joint"]
+    assert joint["r2"] > 0.9999
+    for k in ("beta", "delta"):
+      assert joint["params"][k] == pytest.approx(p[k], rel=1e-3), (family, k)
+    by_n = fam["cgl_vs_N"]
+    assert by_n["r2"] > 0.999
+    assert by_n["params"]["b"] == pytest.approx(p["beta"], rel=0.05)
+    lo, hi = by_n["param_ci"]["c"]
+    assert lo <= by_n["params"]["c"] <= hi
+    pred = by_n["predictions"][0]
+    assert pred["x"] == pytest.approx(max(N_RUNGS) * 10)
+    assert pred["ci"][0] <= pred["y"] <= pred["ci"][1]
+    assert pred["y"] == pytest.approx(_law(p, max(N_RUNGS) * 10, D_FULL), rel=2e-3)
+    assert fam["error_vs_beam"] is not None
+  assert fits["flops"]["train_flops_per_param_example"] == pytest.approx(240.0)
+  assert fits["flops"]["decode_flops_per_param_beam"] == pytest.approx(24.0)
+
+
+def test_report_cli_and_bad_input(tmp_path, capsys):
+  _synthetic_run(tmp_path)
+  assert cli.main(["report", str(tmp_path), "--restarts", "3", "--bootstrap", "0", "--no_plots"]) == 0
+  assert (tmp_path / "report.md").exists()
+  text = (tmp_path / "results.csv").read_text().splitlines()
+  text[3] = text[3].replace(",1.0,", ",oops,", 1)
+  (tmp_path / "results.csv").write_text("\n".join(text))
+  with pytest.raises(InputError, match=r"results.csv:4"):
+    results.load_results(tmp_path)
+  assert cli.main(["report", str(tmp_path)]) == 2
+  assert "results.csv:4" in capsys.readouterr().err
