@@ -1,0 +1,146 @@
+"""Index-build and decode-scaling benchmark for the substring (n-gram) constraint.
+
+  .venv/bin/python benchmarks/index_build.py [--copies 1 4 16] [--beams 1 5 20] [--write_docs]
+
+1. Suffix-array build speed (tokens/s) and memory (bytes per indexed token) on SciFact, tokenised two
+   ways: lowercased whitespace words -> ids (int32 tokens) and the 1,000-piece SentencePiece model in
+   ../shared/data/tokenizers (uint16 tokens).
+2. Decode time of the n-gram-constrained beam search (fake model, vocab 1,000, batch 32, 10 new tokens)
+   as the corpus grows (1x, 4x, 16x copies of SciFact) and with beam size, against the same search
+   unconstrained.
+With --write_docs the tables replace the "## Index build" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gzip
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+from genret_jax.decoding import SubstringConstraint, SuffixArrayIndex, beam_search
+from genret_jax.decoding.fake_model import FakeModel, fake_tokens_to_logits
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = pathlib.Path(os.environ.get("GENRET_SHARED_DATA", ROOT.parent / "shared" / "data"))
+EOS, SEP = 1, 0
+
+
+def scifact_texts() -> list[str]:
+  with gzip.open(DATA / "scifact" / "corpus.jsonl.gz", "rt") as f:
+    return [f"{d.get('title', '')} {d.get('text', '')}".strip() for d in map(json.loads, f)]
+
+
+def word_ids(texts):
+  vocab: dict[str, int] = {}
+  return [np.array([vocab.setdefault(w, len(vocab) + 2) for w in t.lower().split()], np.int64)
+          for t in texts]
+
+
+def spm_ids(texts):
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(
+      model_file=str(DATA / "tokenizers" / "sentencepiece_botchan" / "botchan_en_unigram_1000.model"))
+  # Shift by 2 so 0 (separator) and 1 (EOS) never occur inside documents.
+  return [np.asarray(x, np.int64) + 2 for x in sp.encode(texts)], sp.get_piece_size() + 2
+
+
+def time_build(docs, repeats=3):
+  best = None
+  for _ in range(repeats):
+    t = time.perf_counter()
+    index = SuffixArrayIndex.build(docs, sep_id=SEP)
+    dt = time.perf_counter() - t
+    best = dt if best is None else min(best, dt)
+  return index, best
+
+
+@functools.partial(jax.jit, static_argnames=("num_beams", "max_decode_len"))
+def _search(params, cache, first, constraint, *, num_beams, max_decode_len):
+  return beam_search(functools.partial(fake_tokens_to_logits, params), cache, first, num_beams=num_beams,
+                     max_decode_len=max_decode_len, eos_id=EOS, constraint=constraint)
+
+
+def time_decode(model, cache, first, constraint, beams, steps, repeats=3):
+  out = _search(model.params, cache, first, constraint, num_beams=beams, max_decode_len=steps)
+  jax.block_until_ready(out)
+  best = None
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(_search(model.params, cache, first, constraint, num_beams=beams,
+                                  max_decode_len=steps))
+    dt = time.perf_counter() - t
+    best = dt if best is None else min(best, dt)
+  return best, out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--copies", type=int, nargs="+", default=[1, 4, 16])
+  p.add_argument("--beams", type=int, nargs="+", default=[1, 5, 20])
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--top_m", type=int, default=64)
+  p.add_argument("--write_docs", action="store_true")
+  args = p.parse_args(argv)
+  texts = scifact_texts()
+  lines = []
+  lines.append("| tokenisation | docs | indexed tokens | token dtype | build s | tokens/s | bytes/token |")
+  lines.append("|---|---|---|---|---|---|---|")
+  words = word_ids(texts)
+  pieces, vocab = spm_ids(texts)
+  for name, docs in (("whitespace words", words), ("SentencePiece 1k", pieces)):
+    index, sec = time_build(docs)
+    lines.append(f"| {name} | {index.num_docs:,} | {index.num_tokens:,} | {index.tokens.dtype} | "
+                 f"{sec:.3f} | {index.num_tokens / sec / 1e6:.1f}M | {index.bytes_per_token:.2f} |")
+    print(lines[-1], flush=True)
+
+  model = FakeModel(vocab, seed=0, rank=32, num_step_tables=1, scale=1.0)
+  rng = np.random.default_rng(0)
+  cache, first = model.decode_init(rng.integers(2, vocab, size=(args.batch, 8)))
+  dec = ["", f"Decode: fake model (vocab {vocab}, rank-32 logits), batch {args.batch}, "
+         f"{args.steps} new tokens, top_m {args.top_m}; queries/s (best of 3 after compile).", "",
+         "| corpus | indexed tokens | beam | n-gram constrained q/s | unconstrained q/s | overhead |",
+         "|---|---|---|---|---|---|"]
+  unc = {}
+  for beams in args.beams:
+    unc[beams], _ = time_decode(model, cache, first, None, beams, args.steps)
+  for copies in args.copies:
+    index = SuffixArrayIndex.build(pieces * copies, sep_id=SEP)
+    sc = SubstringConstraint.from_index(index, vocab_size=vocab, eos_id=EOS, top_m=args.top_m)
+    for beams in args.beams:
+      sec, out = time_decode(model, cache, first, sc, beams, args.steps)
+      assert bool(np.asarray(out.valid)[:, 0].all())
+      dec.append(f"| {copies}x SciFact | {index.num_tokens:,} | {beams} | {args.batch / sec:.1f} | "
+                 f"{args.batch / unc[beams]:.1f} | {sec / unc[beams] - 1:+.0%} |")
+      print(dec[-1], flush=True)
+  cmd = "PYTHONPATH=. .venv/bin/python benchmarks/" + " ".join([pathlib.Path(__file__).name] +
+                                                               (argv if argv else sys.argv[1:]))
+  section = ["## Index build", "",
+             f"Command: `{cmd}`  ", f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores "
+             f"(shared with other jobs), jax {jax.__version__}, backend {jax.default_backend()}.", "",
+             "Suffix-array build on SciFact (pydivsufsort; best of 3; separators counted as tokens):", "",
+             *lines, *dec, ""]
+  text = "\n".join(section)
+  print(text)
+  if args.write_docs:
+    path = ROOT / "docs" / "benchmarks.md"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = old.find("## Index build")
+    if start >= 0:
+      end = old.find("\n## ", start + 1)
+      old = old[:start] + (old[end + 1:] if end >= 0 else "")
+    path.write_text(old.rstrip("\n") + "\n\n" + text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,138 @@
+"""`genret build-index`: build and save a decoding constraint — a suffix array over a tokenised corpus
+(n-gram identifiers) or a trie over identifier token sequences (docid schemes) — and report its memory
+per corpus token.
+
+Input, either
+  * `--tokens_file`: one document (suffix array) or identifier (trie) per line, whitespace-separated
+    non-negative token ids (an empty line is an empty document); or
+  * `--corpus` + `--spm_model`: a corpus path (any format `genret_jax.corpora.load` reads), tokenised
+    as "title text" with a SentencePiece model.
+Every option can also come from gin (`build_index.kind = 'trie'`, ...); flags win over gin.
+
+  genret build-index --tokens_file=docs.txt --output_dir=idx --sep_id=0
+  genret build-index --gin_file=index.gin --gin.build_index.output_dir="'idx'"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import gin
+import numpy as np
+
+from genret_jax.errors import InputError
+from genret_jax.gin_utils import add_gin_arguments, parse_gin
+
+KINDS = ("suffix_array", "trie")
+
+
+def read_token_file(path: str) -> list[np.ndarray]:
+  """One sequence per line; raises InputError naming file:line on a bad token."""
+  seqs = []
+  try:
+    f = open(path)
+  except OSError as e:
+    raise InputError(f"cannot read token file: {e.strerror}", path=path) from e
+  with f:
+    for lineno, line in enumerate(f, start=1):
+      try:
+        ids = np.array([int(t) for t in line.split()], dtype=np.int64)
+      except ValueError as e:
+        raise InputError(f"expected whitespace-separated integer token ids ({e})", path=path,
+                         line=lineno) from e
+      if ids.size and ids.min() < 0:
+        raise InputError(f"negative token id {int(ids.min())}", path=path, line=lineno)
+      seqs.append(ids)
+  return seqs
+
+
+def tokenize_corpus(corpus: str, spm_model: str) -> list[np.ndarray]:
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from genret_jax import corpora  # pylint: disable=g-import-not-at-top
+  collection = corpora.load(corpus)
+  try:
+    sp = spm.SentencePieceProcessor(model_file=spm_model)
+  except (OSError, RuntimeError) as e:
+    raise InputError(f"cannot load SentencePiece model: {e}", path=spm_model) from e
+  texts = [f"{d.title} {d.text}".strip() for d in collection.documents]
+  return [np.asarray(ids, np.int64) for ids in sp.encode(texts)]
+
+
+@gin.configurable("build_index")
+def build_index_config(kind: str = "suffix_array", output_dir: str | None = None,
+                       tokens_file: str | None = None, corpus: str | None = None,
+                       spm_model: str | None = None, sep_id: int = 0, eos_id: int = 1,
+                       vocab_size: int | None = None, dense_levels: int | None = None) -> dict:
+  """The gin-bound options (gin's wrapper would decorate errors raised inside, so it only collects)."""
+  return dict(locals())
+
+
+def build_index(kind: str = "suffix_array", output_dir: str | None = None, tokens_file: str | None = None,
+                corpus: str | None = None, spm_model: str | None = None, sep_id: int = 0,
+                eos_id: int = 1, vocab_size: int | None = None, dense_levels: int | None = None) -> dict:
+  """Builds and saves the index; returns the report (also written to `<output_dir>/report.json`)."""
+  if kind not in KINDS:
+    raise InputError(f"kind must be one of {KINDS}, got {kind!r}", key="build_index.kind")
+  if not output_dir:
+    raise InputError("an output directory is required", key="build_index.output_dir")
+  if tokens_file:
+    seqs = read_token_file(tokens_file)
+  elif corpus and spm_model:
+    seqs = tokenize_corpus(corpus, spm_model)
+  else:
+    raise InputError("give tokens_file, or corpus and spm_model", key="build_index.tokens_file")
+  skipped = 0
+  if kind == "trie":   # an empty line is not an identifier
+    skipped = sum(1 for s in seqs if not s.size)
+    seqs = [s for s in seqs if s.size]
+  num_tokens = int(sum(len(s) for s in seqs))
+  start = time.perf_counter()
+  if kind == "suffix_array":
+    from genret_jax.decoding.suffix_array import SuffixArrayIndex  # pylint: disable=g-import-not-at-top
+    index = SuffixArrayIndex.build(seqs, sep_id=sep_id)
+    seconds = time.perf_counter() - start
+    index.save(output_dir)
+    nbytes, indexed = index.nbytes, index.num_tokens
+  else:
+    from genret_jax.decoding.trie import TrieConstraint  # pylint: disable=g-import-not-at-top
+    vocab = vocab_size or int(max((int(s.max()) for s in seqs if s.size), default=eos_id)) + 1
+    vocab = max(vocab, eos_id + 1)
+    index = TrieConstraint.build([s.tolist() for s in seqs], vocab_size=vocab, eos_id=eos_id,
+                                 dense_levels=dense_levels)
+    seconds = time.perf_counter() - start
+    index.save(output_dir)
+    nbytes, indexed = index.nbytes, num_tokens + len(seqs)
+  report = {"kind": kind, "output_dir": output_dir, "num_sequences": len(seqs), "skipped_empty": skipped,
+            "num_tokens": num_tokens, "indexed_tokens": indexed, "nbytes": int(nbytes),
+            "bytes_per_token": nbytes / max(indexed, 1), "build_seconds": seconds,
+            "tokens_per_second": indexed / seconds if seconds > 0 else None}
+  with open(f"{output_dir}/report.json", "w") as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  add_gin_arguments(parser)
+  parser.add_argument("--kind", choices=KINDS, help="suffix_array (n-gram ids) or trie (docids).")
+  parser.add_argument("--output_dir")
+  parser.add_argument("--tokens_file", help="One sequence per line of whitespace-separated token ids.")
+  parser.add_argument("--corpus", help="Corpus path (with --spm_model).")
+  parser.add_argument("--spm_model", help="SentencePiece model to tokenise --corpus.")
+  parser.add_argument("--sep_id", type=int, help="Document separator id (suffix array).")
+  parser.add_argument("--eos_id", type=int, help="EOS id (trie identifiers end with it).")
+  parser.add_argument("--vocab_size", type=int)
+  parser.add_argument("--dense_levels", type=int)
+
+
+def run(args: argparse.Namespace) -> int:
+  parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  overrides = {k: getattr(args, k) for k in ("kind", "output_dir", "tokens_file", "corpus", "spm_model",
+                                             "sep_id", "eos_id", "vocab_size", "dense_levels")
+               if getattr(args, k) is not None}
+  report = build_index(**{**build_index_config(), **overrides})
+  json.dump(report, sys.stdout, indent=2)
+  print()
+  return 0

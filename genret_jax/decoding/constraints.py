@@ -1,0 +1,117 @@
+"""The constraint protocol used by `beam_search`, shared device helpers, and `Unconstrained`.
+
+A constraint is a pytree (a `flax.struct.dataclass`): its device arrays (trie tables, suffix array) are
+leaves, so a jitted beam search receives them as arguments rather than baking them into the program as
+constants, and they can be placed or sharded like any other input. Its per-hypothesis state is a pytree
+whose leaves have the flattened `batch * beam` rows as their leading axis; the beam search gathers it
+together with the KV cache. Nothing in the protocol calls back to the host.
+
+Protocol (duck-typed, see `Constraint`):
+  init_state(num_rows) -> state
+  mask_log_probs(state, log_probs [N, V], beam_scores [N], *, num_beams, num_candidates) -> [N, V]
+      log-probs with every token that is not allowed set to NEG_INF. It must be *exact for the search*:
+      the top `num_candidates` of (beam_score + masked) over each query's `num_beams` rows must equal
+      the top `num_candidates` under the true allowed set. Implementations may leave an allowed token
+      masked only when it provably cannot enter that top set.
+  advance(state, tokens [N]) -> state     the state after appending `tokens` (EOS included).
+  count(state) -> int32 [N]               corpus count of the prefix (n-gram mode), -1 when undefined.
+  truncated_is_valid: bool                whether a hypothesis cut off at max_decode_len without EOS is a
+                                          valid result (true for n-grams and unconstrained decoding,
+                                          false for docids, which are only complete after EOS).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# t5x's NEG_INF: large but finite, so sums of a few of them stay finite in float32.
+NEG_INF = -1.0e7
+
+PyTree = Any
+
+
+class Constraint(Protocol):
+  """What `beam_search` needs from a constraint (see the module docstring)."""
+
+  truncated_is_valid: bool
+
+  def init_state(self, num_rows: int) -> PyTree:
+    ...
+
+  def mask_log_probs(self, state: PyTree, log_probs: jax.Array, beam_scores: jax.Array, *,
+                     num_beams: int, num_candidates: int) -> jax.Array:
+    ...
+
+  def advance(self, state: PyTree, tokens: jax.Array) -> PyTree:
+    ...
+
+  def count(self, state: PyTree) -> jax.Array:
+    ...
+
+
+@flax.struct.dataclass
+class Unconstrained:
+  """No constraint: every token is allowed; a hypothesis cut at max length is a valid result."""
+
+  truncated_is_valid: bool = flax.struct.field(pytree_node=False, default=True)
+
+  def init_state(self, num_rows: int) -> jax.Array:
+    return jnp.zeros((num_rows,), jnp.int32)
+
+  def mask_log_probs(self, state, log_probs, beam_scores, *, num_beams, num_candidates):
+    del state, beam_scores, num_beams, num_candidates
+    return log_probs
+
+  def advance(self, state, tokens):
+    del tokens
+    return state
+
+  def count(self, state):
+    return jnp.full(state.shape, -1, jnp.int32)
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+  """Smallest power of two >= max(n, minimum); used to bucket array sizes so shapes (and compiled
+  programs) are shared between indexes of similar size."""
+  n = max(int(n), int(minimum), 1)
+  return 1 << (n - 1).bit_length()
+
+
+def pad_to(x: np.ndarray, size: int, value) -> np.ndarray:
+  if x.shape[0] > size:
+    raise ValueError(f"cannot pad length {x.shape[0]} to {size}")
+  out = np.full((size,) + x.shape[1:], value, dtype=x.dtype)
+  out[:x.shape[0]] = x
+  return out
+
+
+def lower_bound(key_fn, lo: jax.Array, hi: jax.Array, target: jax.Array, num_iters: int) -> jax.Array:
+  """Vectorised binary search: the first i in [lo, hi) with key_fn(i) >= target (hi if none).
+
+  `key_fn` maps an int32 index array to the (non-decreasing on [lo, hi)) keys; all arguments broadcast.
+  `num_iters` must be >= ceil(log2(max interval size + 1)); it is static so the search unrolls into a
+  fixed number of gathers (no data-dependent control flow).
+  """
+  lo = jnp.asarray(lo, jnp.int32)
+  hi = jnp.asarray(hi, jnp.int32)
+  lo, hi, target = jnp.broadcast_arrays(lo, hi, target)
+
+  def body(_, carry):
+    lo, hi = carry
+    active = lo < hi
+    mid = lo + (hi - lo) // 2
+    go_right = key_fn(jnp.where(active, mid, 0)) < target
+    return (jnp.where(active & go_right, mid + 1, lo), jnp.where(active & ~go_right, mid, hi))
+
+  # Unrolling short searches helps accelerators; long ones are kept rolled so compiles stay fast.
+  lo, _ = jax.lax.fori_loop(0, num_iters, body, (lo, hi), unroll=num_iters <= 8)
+  return lo
+
+
+def search_iters(size: int) -> int:
+  return max(1, int(size).bit_length() + 1)

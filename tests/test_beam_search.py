@@ -1,0 +1,172 @@
+"""Beam search against a straightforward host reference, on a small deterministic fake model.
+
+Shapes are fixed across examples (vocab, batch, beams, padded trie sizes) so each configuration
+compiles once."""
+
+import functools
+
+import hypothesis.strategies as st
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from genret_jax.decoding import TrieConstraint, beam_search, hypotheses
+from genret_jax.decoding.fake_model import FakeModel, fake_tokens_to_logits
+from genret_jax.decoding.reference import exhaustive_scores, reference_beam_search, trie_allowed_fn
+from genret_jax.errors import InputError
+
+V, EOS, PAD = 10, 1, 0
+SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
+
+
+@functools.partial(jax.jit, static_argnames=("num_beams", "max_decode_len", "alpha", "num_return"))
+def run(params, cache, first, constraint=None, query_mask=None, *, num_beams, max_decode_len,
+        alpha=0.0, num_return=None):
+  return beam_search(functools.partial(fake_tokens_to_logits, params), cache, first,
+                     num_beams=num_beams, max_decode_len=max_decode_len, eos_id=EOS, pad_id=PAD,
+                     alpha=alpha, constraint=constraint, num_return=num_return, query_mask=query_mask)
+
+
+def make_trie(ids):
+  return TrieConstraint.build(ids, vocab_size=V, eos_id=EOS, dense_levels=1, max_branch=16, capacity=64)
+
+
+def check_against_reference(model, out, inputs, *, num_beams, max_len, allowed_fn, truncated, alpha=0.0,
+                            num_return=None):
+  h0 = model.np_init(inputs)
+  got = hypotheses(out)
+  ended = np.asarray(out.ended_by_eos)
+  for q in range(inputs.shape[0]):
+    want, _ = reference_beam_search(model.np_step, int(h0[q]), 0, num_beams=num_beams,
+                                    max_decode_len=max_len, eos_id=EOS, allowed_fn=allowed_fn,
+                                    vocab_size=V, truncated_is_valid=truncated, alpha=alpha,
+                                    num_return=num_return)
+    assert [w[0] for w in want] == [g[0] for g in got[q]], (q, want, got[q])
+    np.testing.assert_allclose([g[1] for g in got[q]], [w[1] for w in want], rtol=1e-4, atol=1e-4)
+    assert list(ended[q, :len(want)]) == [w[2] for w in want]
+    scores = [g[1] for g in got[q]]
+    assert scores == sorted(scores, reverse=True)
+    assert len(set(g[0] for g in got[q])) == len(got[q])
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10**6), alpha=st.sampled_from([0.0, 0.6]))
+def test_unconstrained_matches_reference(seed, alpha):
+  model = FakeModel(V, seed=seed)
+  inputs = np.random.default_rng(seed).integers(2, V, size=(2, 3))
+  cache, first = model.decode_init(inputs)
+  out = run(model.params, cache, first, num_beams=3, max_decode_len=4, alpha=alpha)
+  check_against_reference(model, out, inputs, num_beams=3, max_len=4, allowed_fn=None, truncated=True,
+                          alpha=alpha)
+
+
+ident = st.lists(st.integers(2, V - 1), min_size=1, max_size=5)
+
+
+@SETTINGS
+@given(ids=st.lists(ident, min_size=1, max_size=12), seed=st.integers(0, 10**6))
+def test_trie_matches_masked_reference(ids, seed):
+  model = FakeModel(V, seed=seed)
+  inputs = np.random.default_rng(seed).integers(2, V, size=(2, 3))
+  cache, first = model.decode_init(inputs)
+  out = run(model.params, cache, first, make_trie(ids), num_beams=3, max_decode_len=4)
+  check_against_reference(model, out, inputs, num_beams=3, max_len=4,
+                          allowed_fn=trie_allowed_fn(ids, EOS), truncated=False)
+  # Every result is a complete identifier that fits max_decode_len with its EOS.
+  fits = {tuple(i) for i in ids if len(i) + 1 <= 4}
+  for q in hypotheses(out):
+    assert all(h in fits for h, _ in q)
+  assert np.all(np.asarray(out.ended_by_eos) == np.asarray(out.valid))
+
+
+@SETTINGS
+@given(ids=st.lists(st.lists(st.integers(2, V - 1), min_size=1, max_size=3), min_size=1, max_size=6,
+                    unique_by=tuple), seed=st.integers(0, 10**6), alpha=st.sampled_from([0.0, 0.6]))
+def test_trie_beam_at_least_identifiers_is_exhaustive(ids, seed, alpha):
+  model = FakeModel(V, seed=seed)
+  inputs = np.random.default_rng(seed).integers(2, V, size=(2, 3))
+  cache, first = model.decode_init(inputs)
+  out = run(model.params, cache, first, make_trie(ids), num_beams=6, max_decode_len=4, alpha=alpha)
+  h0 = model.np_init(inputs)
+  for q, got in enumerate(hypotheses(out)):
+    scores = exhaustive_scores(model.np_step, int(h0[q]), 0, ids, eos_id=EOS, alpha=alpha)
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+    assert got[0][0] == ranked[0][0]
+    assert [g[0] for g in got] == [r[0] for r in ranked]     # every identifier, in exhaustive order
+    np.testing.assert_allclose([g[1] for g in got], [r[1] for r in ranked], rtol=1e-4, atol=1e-4)
+
+
+def _model_and_inputs(seed=0, batch=2):
+  model = FakeModel(V, seed=seed)
+  inputs = np.random.default_rng(seed).integers(2, V, size=(batch, 3))
+  cache, first = model.decode_init(inputs)
+  return model, inputs, cache, first
+
+
+def test_identifiers_longer_than_max_len_are_never_returned():
+  model, _, cache, first = _model_and_inputs()
+  out = run(model.params, cache, first, make_trie([[2, 3, 4, 5, 6], [7, 8, 9, 2, 3, 4]]),
+            num_beams=3, max_decode_len=4)
+  assert not np.asarray(out.valid).any()
+  out = run(model.params, cache, first, make_trie([[2, 3, 4, 5, 6], [7, 8]]), num_beams=3,
+            max_decode_len=4)
+  assert [[h for h, _ in q] for q in hypotheses(out)] == [[(7, 8)], [(7, 8)]]
+  valid = np.asarray(out.valid)
+  assert valid[:, 0].all() and not valid[:, 1:].any()      # fewer than k: padded with valid=False
+  assert (np.asarray(out.tokens)[:, 1:] == PAD).all()
+
+
+def test_empty_trie_returns_nothing():
+  model, _, cache, first = _model_and_inputs()
+  out = run(model.params, cache, first, make_trie([]), num_beams=3, max_decode_len=4)
+  assert not np.asarray(out.valid).any()
+  assert int(out.num_steps) == 1                          # every beam dies at the first step
+
+
+def test_trie_rejects_bad_identifiers():
+  with pytest.raises(InputError, match="EOS"):
+    make_trie([[2, EOS, 3]])
+  with pytest.raises(InputError, match="outside"):
+    make_trie([[2, V]])
+
+
+def test_query_mask_rows_decode_nothing_and_leave_others_unchanged():
+  model, _, cache, first = _model_and_inputs(seed=3, batch=3)
+  trie = make_trie([[2, 3], [2, 4, 5], [6], [7, 8, 9]])
+  full = run(model.params, cache, first, trie, num_beams=3, max_decode_len=4)
+  mask = np.array([True, False, True])
+  part = run(model.params, cache, first, trie, mask, num_beams=3, max_decode_len=4)
+  assert not np.asarray(part.valid)[1].any()
+  for name in ("tokens", "scores", "valid", "lengths"):
+    np.testing.assert_array_equal(np.asarray(getattr(part, name))[mask],
+                                  np.asarray(getattr(full, name))[mask])
+
+
+def test_early_stop_does_not_change_results():
+  model, inputs, cache, first = _model_and_inputs(seed=5)
+  out = run(model.params, cache, first, num_beams=2, max_decode_len=12, num_return=1)
+  assert int(out.num_steps) <= 12
+  check_against_reference(model, out, inputs, num_beams=2, max_len=12, allowed_fn=None, truncated=True,
+                          num_return=1)
+
+
+def test_sharded_batch_equals_unsharded():
+  devices = jax.devices()
+  if len(devices) < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  model, _, cache, first = _model_and_inputs(seed=11, batch=16)
+  trie = make_trie([[2, 3], [2, 4, 5], [6], [7, 8, 9], [3, 3, 3]])
+  ref = run(model.params, cache, first, trie, num_beams=3, max_decode_len=4)
+  with jax.set_mesh(mesh):
+    shard = NamedSharding(mesh, P("data"))
+    cache_s = jax.device_put(cache, shard)
+    first_s = jax.device_put(first, shard)
+    trie_s = jax.device_put(trie, NamedSharding(mesh, P()))
+    params_s = jax.device_put(model.params, NamedSharding(mesh, P()))
+    out = run(params_s, cache_s, first_s, trie_s, num_beams=3, max_decode_len=4)
+    assert out.tokens.sharding.spec[0] == "data"
+  for name in ("tokens", "scores", "valid", "lengths"):
+    np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)))

@@ -1,0 +1,203 @@
+"""Suffix-array index and substring (n-gram) constraint: brute-force counts, exact masking, beam search
+equal to a reference that masks with the true allowed set, history, and edge cases."""
+
+import functools
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from genret_jax.decoding import (NEG_INF, SubstringConstraint, SubstringState, SuffixArrayIndex,
+                                 beam_search, hypotheses, ngram_history)
+from genret_jax.decoding.fake_model import FakeModel, fake_tokens_to_logits
+from genret_jax.decoding.reference import ngram_count, reference_beam_search, substring_allowed_fn
+from genret_jax.errors import InputError
+
+V, SEP, EOS = 10, 0, 1
+SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
+docs_st = st.lists(st.lists(st.integers(2, V - 1), min_size=0, max_size=8), min_size=0, max_size=5)
+
+
+def build(docs, **kw):
+  index = SuffixArrayIndex.build([np.asarray(d, np.int64) for d in docs], sep_id=SEP)
+  kw = {"top_m": 2, "small_interval": 2, "fallback_chunk": 2, **kw}
+  return index, SubstringConstraint.from_index(index, vocab_size=V, eos_id=EOS, capacity=64, **kw)
+
+
+@functools.partial(jax.jit, static_argnames=("num_beams", "max_decode_len", "keep_history"))
+def run(params, cache, first, constraint, *, num_beams, max_decode_len, keep_history=False):
+  return beam_search(functools.partial(fake_tokens_to_logits, params), cache, first,
+                     num_beams=num_beams, max_decode_len=max_decode_len, eos_id=EOS, pad_id=SEP,
+                     constraint=constraint, keep_history=keep_history)
+
+
+# --- host index ---------------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(docs=docs_st, ngram=st.lists(st.integers(0, V - 1), min_size=1, max_size=3))
+def test_index_queries_equal_brute_force(docs, ngram):
+  index, _ = build(docs)
+  assert index.count(ngram) == ngram_count(docs, ngram)
+  lo, hi = index.range(ngram)
+  assert hi - lo == index.count(ngram)
+  pos = index.occurrences(ngram)
+  docs_of = index.doc_of(pos)
+  for p, d in zip(pos, docs_of):
+    start = p - index.doc_starts[d]
+    assert list(docs[d][start:start + len(ngram)]) == list(ngram)
+  assert len(index.occurrences(ngram, limit=1)) == min(1, len(pos))
+  for i, d in enumerate(docs):
+    assert list(index.doc_tokens(i)) == list(d)
+  assert index.num_tokens == sum(len(d) + 1 for d in docs)
+  assert index.nbytes == index.tokens.nbytes + index.sa.nbytes + index.doc_starts.nbytes
+
+
+def test_index_save_load_roundtrip_and_errors(tmp_path):
+  index, _ = build([[2, 3, 4], [4, 3, 2, 3]])
+  index.save(str(tmp_path / "sa"))
+  loaded = SuffixArrayIndex.load(str(tmp_path / "sa"))
+  assert loaded.count([2, 3]) == 2 and loaded.num_docs == 2 and loaded.tokens.dtype == np.uint16
+  assert loaded.bytes_per_token == pytest.approx(index.bytes_per_token)
+  with pytest.raises(InputError, match="missing"):
+    SuffixArrayIndex.load(str(tmp_path))
+  with pytest.raises(InputError, match="separator"):
+    SuffixArrayIndex.build([np.array([2, SEP, 3])], sep_id=SEP)
+
+
+# --- exact masking ------------------------------------------------------------------------------
+
+@SETTINGS
+@given(docs=docs_st, seed=st.integers(0, 10**6))
+def test_bounded_check_selects_like_the_full_mask(docs, seed):
+  """The bounded check + fallback must give the same top candidates as the full-vocabulary mask."""
+  index, sc = build(docs)
+  rng = np.random.default_rng(seed)
+  k, c, n = 3, 6, 6
+  # States: random corpus n-grams (valid intervals) and the empty n-gram.
+  states = []
+  for _ in range(n):
+    grams = [()] + [tuple(d[j:j + m]) for d in docs for m in (1, 2) for j in range(len(d) - m + 1)]
+    g = grams[rng.integers(len(grams))]
+    lo, hi = index.range(g)
+    states.append((lo, hi, len(g)))
+  state = SubstringState(*(jnp.asarray([s[i] for s in states], jnp.int32) for i in range(3)))
+  logp = jax.nn.log_softmax(jnp.asarray(rng.standard_normal((n, V)) * 3, jnp.float32))
+  beam_scores = jnp.asarray(rng.uniform(-5, 0, n), jnp.float32)
+  masked = np.asarray(_mask(sc, state, logp, beam_scores, k, c))
+  full = np.asarray(sc._full_mask(state, logp))
+  for q in range(n // k):
+    rows = slice(q * k, (q + 1) * k)
+    a = (np.asarray(beam_scores)[rows, None] + masked[rows]).ravel()
+    b = (np.asarray(beam_scores)[rows, None] + full[rows]).ravel()
+    top_a, top_b = np.argsort(-a, kind="stable")[:c], np.argsort(-b, kind="stable")[:c]
+    valid = b[top_b] > NEG_INF / 2
+    np.testing.assert_array_equal(top_a[valid], top_b[valid])
+  # The full mask itself is the true allowed set.
+  allowed = substring_allowed_fn(docs, vocab_size=V, sep_id=SEP, eos_id=EOS)
+  for row, g in enumerate(states):
+    gram = tuple(index.tokens[index.sa[g[0]]:index.sa[g[0]] + g[2]]) if g[1] > g[0] else ()
+    if g[2] == 0 or g[1] > g[0]:
+      assert set(np.nonzero(full[row] > NEG_INF / 2)[0]) == allowed(gram)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "c"))
+def _mask(sc, state, logp, beam_scores, k, c):
+  return sc.mask_log_probs(state, logp, beam_scores, num_beams=k, num_candidates=c)
+
+
+# --- constrained beam search ---------------------------------------------------------------------
+
+def _query(seed, batch=2):
+  model = FakeModel(V, seed=seed)
+  inputs = np.random.default_rng(seed).integers(2, V, size=(batch, 3))
+  cache, first = model.decode_init(inputs)
+  return model, model.np_init(inputs), cache, first
+
+
+@SETTINGS
+@given(docs=docs_st, seed=st.integers(0, 10**6))
+def test_substring_search_equals_true_mask_reference(docs, seed):
+  index, sc = build(docs)
+  model, h0, cache, first = _query(seed)
+  out = run(model.params, cache, first, sc, num_beams=3, max_decode_len=4, keep_history=True)
+  allowed = substring_allowed_fn(docs, vocab_size=V, sep_id=SEP, eos_id=EOS)
+  got, hist = hypotheses(out), ngram_history(out)
+  counts = np.asarray(out.counts)
+  for q in range(2):
+    want, want_hist = reference_beam_search(
+        model.np_step, int(h0[q]), 0, num_beams=3, max_decode_len=4, eos_id=EOS, allowed_fn=allowed,
+        vocab_size=V, truncated_is_valid=True, count_fn=lambda g: ngram_count(docs, g))
+    assert [g[0] for g in got[q]] == [w[0] for w in want]
+    np.testing.assert_allclose([g[1] for g in got[q]], [w[1] for w in want], rtol=1e-4, atol=1e-4)
+    assert len(set(g[0] for g in got[q])) == len(got[q])
+    for j, (gram, _) in enumerate(got[q]):
+      # A contiguous token sequence inside one document, with its corpus count.
+      assert len(gram) >= 1 and any(
+          tuple(d[i:i + len(gram)]) == gram for d in docs for i in range(len(d) - len(gram) + 1))
+      assert counts[q, j] == ngram_count(docs, gram) == index.count(gram)
+    assert set(hist[q]) == set(want_hist)
+    for gram, (lp, cnt) in hist[q].items():
+      assert cnt == want_hist[gram][1]
+      np.testing.assert_allclose(lp, want_hist[gram][0], rtol=1e-4, atol=1e-4)
+
+
+@SETTINGS
+@given(doc=st.lists(st.integers(2, V - 1), min_size=1, max_size=3), seed=st.integers(0, 10**6))
+def test_substring_beam_at_least_identifiers_is_exhaustive(doc, seed):
+  """Beam 8 >= every valid n-gram of a <=3-token document: top-1 is the exhaustive best."""
+  _, sc = build([doc])
+  model, h0, cache, first = _query(seed)
+  out = run(model.params, cache, first, sc, num_beams=8, max_decode_len=3)
+  grams = {tuple(doc[i:j]) for i in range(len(doc)) for j in range(i + 1, len(doc) + 1)}
+  for q, got in enumerate(hypotheses(out)):
+    scores = {}
+    for g in grams:       # each n-gram ends with EOS, or is cut at max length 3
+      h, tok, total = int(h0[q]), 0, 0.0
+      for i, t in enumerate(g + ((EOS,) if len(g) < 3 else ())):
+        logp, h = model.np_step(h, tok, i)
+        total, tok = total + float(logp[t]), t
+      scores[g] = total
+    best = max(scores, key=scores.get)
+    assert got[0][0] == best
+    assert sorted(g for g, _ in got) == sorted(grams)
+
+
+def test_empty_corpus_and_empty_documents_return_nothing():
+  model, _, cache, first = _query(0)
+  for docs in ([], [[], []]):
+    _, sc = build(docs)
+    out = run(model.params, cache, first, sc, num_beams=3, max_decode_len=4, keep_history=True)
+    assert not np.asarray(out.valid).any() and not np.asarray(out.history.valid).any()
+    assert int(out.num_steps) == 1
+
+
+def test_dead_end_without_eos_ends_the_beam():
+  """With EOS banned, an n-gram that cannot be extended to max length dies instead of escaping."""
+  model, _, cache, first = _query(1)
+  _, sc = build([[5, 6, 7, 8], [7]], allow_eos=False)
+  out = run(model.params, cache, first, sc, num_beams=3, max_decode_len=4, keep_history=True)
+  for q in hypotheses(out):
+    assert [g for g, _ in q] == [(5, 6, 7, 8)]
+  _, sc = build([[5, 6], [7]], allow_eos=False)
+  out = run(model.params, cache, first, sc, num_beams=3, max_decode_len=4, keep_history=True)
+  assert not np.asarray(out.valid).any()
+
+
+def test_build_index_cli(tmp_path):
+  from genret_jax import cli
+  toks = tmp_path / "docs.txt"
+  toks.write_text("5 6 7\n8 9\n\n5 6\n")
+  assert cli.main(["build-index", f"--tokens_file={toks}", f"--output_dir={tmp_path / 'sa'}",
+                   "--sep_id=0"]) == 0
+  index = SuffixArrayIndex.load(str(tmp_path / "sa"))
+  assert index.num_docs == 4 and index.count([5, 6]) == 2
+  assert cli.main(["build-index", "--kind=trie", f"--tokens_file={toks}",
+                   f"--output_dir={tmp_path / 'trie'}", "--vocab_size=12"]) == 0
+  from genret_jax.decoding import TrieConstraint
+  assert int(TrieConstraint.load(str(tmp_path / "trie")).num_identifiers) == 3
+  (tmp_path / "bad.txt").write_text("5 6\n7 x\n")
+  assert cli.main(["build-index", f"--tokens_file={tmp_path / 'bad.txt'}",
+                   f"--output_dir={tmp_path / 'bad'}"]) == 2
