@@ -15,7 +15,7 @@ from genret_jax.gin_utils import rewrite_gin_args
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("genret_jax.corpora.inspect", "Print a JSON summary of a collection (BEIR dir, DPR TSV, JSONL, ...)."),
     "build-vocab": ("genret_jax.identifiers.vocab", "Train a SentencePiece vocabulary on a corpus."),
-    "build-ids": ("genret_jax.identifiers.build", "Build and save an identifier scheme for a corpus."),
+    "build-ids": ("genret_jax.identifiers.build_ids", "Build and save an identifier scheme for a corpus."),
     "convert-hf": ("genret_jax.models.hf_convert", "Convert a Hugging Face T5/LLaMA checkpoint to orbax + gin (and back)."),
     "model-info": ("genret_jax.models.info", "Parameter counts, FLOPs per token and parameter shardings of a gin model config."),
     "train": ("genret_jax.training.train", "Train a model on a seqio task or mixture (gin-configured)."),

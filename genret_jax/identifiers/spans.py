@@ -1,0 +1,98 @@
+"""Query-biased body-span sampling for n-gram identifiers (MINDER/SEAL `extract_spans`, seeded).
+
+Behaviour follows the reference (SLGR_BEHAVIOUR.md §1.4): 3-word windows of the query are fuzzy-matched
+against 3-word windows starting at every non-stop-word passage position, scores are summed per position,
+positions are drawn with replacement from softmax(score / T), and each span is the passage words from the
+drawn position. The one deliberate change (§9 item 9): the randomness comes from a numpy Generator that
+the caller seeds per (seed, query, document), never from the global `random` module.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from typing import Sequence
+
+import numpy as np
+
+from genret_jax.identifiers.stopwords import ENGLISH_STOP_WORDS
+
+try:  # the same algorithm compiled with Cython: identical ratios, ~4x faster (span sampling dominates CGL set-up)
+  import cydifflib as _difflib
+except ImportError:  # pragma: no cover - the pinned install has it
+  _difflib = difflib
+
+WINDOW = 3
+
+
+def fuzz_ratio(s1: str, s2: str) -> int:
+  """fuzzywuzzy 0.18 `fuzz.ratio` without python-Levenshtein: round(100 * SequenceMatcher.ratio())."""
+  if s1 == s2:
+    return 100
+  if not s1 or not s2:
+    return 0
+  return int(round(100 * _difflib.SequenceMatcher(None, s1, s2).ratio()))
+
+
+def match_scores(query: str, passage_words: Sequence[str]) -> dict[int, float]:
+  """Summed fuzzy scores per non-stop-word passage position (the reference's `matches`)."""
+  source = query.split("||", 1)[0]
+  q = [w.lower() for w in source.split()]
+  p = [w.lower() for w in passage_words]
+  matches: dict[int, float] = {}
+  if not q:
+    return matches
+  q_windows = [" ".join(q[i:i + WINDOW]) for i in range(len(q))]
+  matcher = _difflib.SequenceMatcher(None)
+  for i2, word in enumerate(p):
+    if word in ENGLISH_STOP_WORDS:
+      continue
+    str_2 = " ".join(p[i2:i2 + WINDOW])
+    # SequenceMatcher caches its analysis of seq2, so the passage window is fixed while queries vary.
+    matcher.set_seq2(str_2)
+    total = 0.0
+    for str_1 in q_windows:
+      if str_1 == str_2:
+        total += 1.0
+        continue
+      matcher.set_seq1(str_1)
+      total += int(round(100 * matcher.ratio())) / 100
+    matches[i2] = total
+  return matches
+
+
+def extract_spans(passage_words: Sequence[str], query: str, rng: np.random.Generator, *,
+                  n_samples: int = 10, min_length: int = 10, max_length: int = 10,
+                  temperature: float = 1.0) -> list[str]:
+  """Samples query-biased spans of `passage_words` (original case), as the reference does, but seeded.
+
+  Returns n_samples spans, or exactly one span when no passage position is scorable (reference quirk:
+  an all-stop-word passage or an empty query yields the span at position 0 once).
+  """
+  if not passage_words:
+    return []
+  matches = match_scores(query, passage_words)
+  if not matches:
+    indices = [0]
+  else:
+    positions = np.fromiter(matches.keys(), dtype=np.int64)
+    scores = np.fromiter(matches.values(), dtype=np.float64)
+    if scores.sum() == 0:
+      indices = [0] * n_samples
+    else:
+      logits = scores / temperature
+      weights = np.exp(logits - logits.max())
+      weights /= weights.sum()
+      indices = rng.choice(positions, size=n_samples, replace=True, p=weights).tolist()
+  spans = []
+  for i in indices:
+    length = int(rng.integers(min_length, max_length + 1))
+    spans.append(" ".join(passage_words[i:i + length]))
+  return spans
+
+
+def span_rng(seed: int, query_text: str, doc_idx: int) -> np.random.Generator:
+  """A Generator that depends only on (seed, query text, document index): order- and thread-independent."""
+  digest = hashlib.sha256(query_text.encode("utf-8")).digest()
+  words = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+  return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(doc_idx), *words])
