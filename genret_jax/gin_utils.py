@@ -36,8 +36,12 @@ def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
-              finalize: bool = True) -> None:
-  """Parses configs with clear errors naming the file or binding that is wrong."""
+              finalize: bool = False) -> None:
+  """Parses configs with clear errors naming the file or binding that is wrong.
+
+  Not finalized by default: stages import their modules lazily, and a locked config refuses configurables
+  registered after parsing.
+  """
   gin.clear_config()
   for p in [PACKAGE_GIN_DIR, os.getcwd(), *search_paths]:
     gin.add_config_file_search_path(p)

@@ -29,3 +29,12 @@ def cranfield_dir(shared_data) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def scifact_dir(shared_data) -> pathlib.Path:
   return shared_data / "scifact"
+
+
+def pytest_configure(config):
+  # Identical computations recur across tests (same tiny models and shapes, new closures): a session-wide
+  # persistent compilation cache turns those recompilations into cache hits.
+  import tempfile
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="genret_jax_cache_"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

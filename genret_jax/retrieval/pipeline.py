@@ -1,0 +1,163 @@
+"""End-to-end retrieval for one model: queries -> jitted constrained beam search -> documents.
+
+Builds the scheme's constraint once (a trie over the tokenised docids, or a suffix array over the tokenised
+document views for n-grams), runs `decoding.beam_search` jitted over fixed-shape query batches (the last batch
+padded and masked), and turns each batch into ranked documents with `run.retrieve_batch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genret_jax.corpora.types import Collection, Query
+from genret_jax.decoding.beam_search import beam_search
+from genret_jax.decoding.substring import SubstringConstraint
+from genret_jax.decoding.suffix_array import SuffixArrayIndex
+from genret_jax.decoding.trie import TrieConstraint
+from genret_jax.models import partitioning
+from genret_jax.retrieval import run as run_lib
+from genret_jax.retrieval.docids import DocidLookup
+from genret_jax.retrieval.ngram_scoring import NgramScoringConfig
+from genret_jax.retrieval.run_files import QueryResult
+
+EOS_ID = 1
+PAD_ID = 0
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+  beam_size: int = 20
+  # n-gram identifiers: tokens generated per query (the reference's T5 runs generate 9); docid schemes
+  # decode up to the longest identifier + EOS when this is 0.
+  max_decode_len: int = 0
+  ngram_max_decode_len: int = 10
+  alpha: float = 0.0
+  batch_size: int = 32
+  inputs_length: int = 64
+  hits: int = 100
+  query_prefix: str = ""
+
+
+def encode_inputs(vocab, texts: Sequence[str], length: int, prefix: str = "") -> np.ndarray:
+  """Like the seqio tasks: tokenise, trim, append EOS, right-pad with 0."""
+  out = np.zeros((len(texts), length), np.int32)
+  for i, t in enumerate(texts):
+    ids = list(vocab.encode(prefix + t))[:length - 1] + [EOS_ID]
+    out[i, :len(ids)] = ids
+  return out
+
+
+@dataclasses.dataclass
+class SchemeIndex:
+  """The constraint and the host structures that map identifiers back to documents."""
+  constraint: Any
+  lookup: DocidLookup | None
+  ngram_index: SuffixArrayIndex | None
+  max_identifier_len: int
+  num_tokens: int
+  nbytes: int
+
+
+def build_scheme_index(scheme, vocab, vocab_size: int) -> SchemeIndex:
+  if getattr(scheme, "is_ngram", False):
+    # As the reference's FM-index: one entry per document (its views joined), separated so that no n-gram
+    # spans two documents; positions map straight back to document indices.
+    docs = [np.asarray(vocab.encode(scheme.document_string(d)), np.int32) for d in range(scheme.num_docs)]
+    sep = vocab_size  # one id past the model vocabulary: never generated, never a token
+    index = SuffixArrayIndex.build(docs, sep_id=sep)
+    constraint = SubstringConstraint.from_index(index, vocab_size=vocab_size, eos_id=EOS_ID)
+    return SchemeIndex(constraint, None, index, 0, int(index.num_tokens), int(index.nbytes))
+  seqs, pairs = [], []
+  for d in range(scheme.num_docs):
+    for ident in scheme.doc_identifiers(d):
+      toks = tuple(int(t) for t in vocab.encode(ident))
+      seqs.append(list(toks) + [EOS_ID])
+      pairs.append((d, toks))
+  trie = TrieConstraint.build(seqs, vocab_size=vocab_size, eos_id=EOS_ID)
+  return SchemeIndex(trie, DocidLookup(pairs), None, max(len(s) for s in seqs), sum(len(s) for s in seqs),
+                     int(trie.nbytes))
+
+
+class Retriever:
+  """Retrieval with one model (params fixed) and one identifier scheme; `search` is jitted once per shape."""
+
+  def __init__(self, model, params, scheme, vocab, collection: Collection, cfg: RetrievalConfig | None = None,
+               scoring: NgramScoringConfig | None = None, mesh=None, scheme_index: SchemeIndex | None = None):
+    self.model, self.params, self.scheme, self.vocab, self.collection = model, params, scheme, vocab, collection
+    self.cfg = cfg or RetrievalConfig()
+    self.scoring = scoring or NgramScoringConfig(hits=self.cfg.hits)
+    self.index = scheme_index or build_scheme_index(scheme, vocab, model.config.vocab_size)
+    self.is_ngram = self.index.ngram_index is not None
+    if self.cfg.max_decode_len:
+      self.max_decode_len = self.cfg.max_decode_len
+    elif self.is_ngram:
+      self.max_decode_len = self.cfg.ngram_max_decode_len
+    else:
+      self.max_decode_len = self.index.max_identifier_len
+    self.mesh = mesh
+    self.doc_ids = [d.doc_id for d in collection.documents]
+    self._search = {}
+
+  def _compiled(self, beam: int):
+    if beam not in self._search:
+      model, L, cfg = self.model, self.max_decode_len, self.cfg
+      keep = self.is_ngram
+
+      def search(params, constraint, inputs, query_mask):
+        cache, first = model.decode_init(params, inputs, L)
+        return beam_search(functools.partial(model.tokens_to_logits, params), cache, first, num_beams=beam,
+                           max_decode_len=L, eos_id=EOS_ID, pad_id=PAD_ID, alpha=cfg.alpha,
+                           constraint=constraint, keep_history=keep, query_mask=query_mask)
+
+      self._search[beam] = jax.jit(search)
+    return self._search[beam]
+
+  def decode(self, inputs: np.ndarray, query_mask: np.ndarray, beam: int):
+    fn = self._compiled(beam)
+    if self.mesh is not None:
+      with jax.set_mesh(self.mesh):
+        sh = partitioning.batch_sharding(self.mesh, 2)
+        inputs = jax.device_put(inputs, sh)
+        query_mask = jax.device_put(query_mask, partitioning.batch_sharding(self.mesh, 1))
+        return jax.device_get(fn(self.params, self.index.constraint, inputs, query_mask))
+    return jax.device_get(fn(self.params, self.index.constraint, jnp.asarray(inputs), jnp.asarray(query_mask)))
+
+  def batches(self, queries: Sequence[Query]) -> Iterator[tuple[int, list[Query], np.ndarray, np.ndarray]]:
+    bs = self.cfg.batch_size
+    for b, start in enumerate(range(0, len(queries), bs)):
+      chunk = list(queries[start:start + bs])
+      inputs = encode_inputs(self.vocab, [q.text for q in chunk], self.cfg.inputs_length, self.cfg.query_prefix)
+      mask = np.zeros((bs,), bool)
+      mask[:len(chunk)] = True
+      padded = np.zeros((bs, inputs.shape[1]), np.int32)
+      padded[:len(chunk)] = inputs
+      padded[len(chunk):, 0] = EOS_ID   # padding rows hold a valid (empty) query; they are masked anyway
+      yield b, chunk, padded, mask
+
+  def retrieve_batch(self, chunk: Sequence[Query], inputs: np.ndarray, mask: np.ndarray,
+                     beam: int) -> list[QueryResult]:
+    out = self.decode(inputs, mask, beam)
+    ids = [q.query_id for q in chunk]
+    if self.is_ngram:
+      return run_lib.retrieve_batch(out, ids, self.doc_ids, index=self.index.ngram_index, cfg=self.scoring,
+                                    k=self.cfg.hits)
+    return run_lib.retrieve_batch(out, ids, self.doc_ids, lookup=self.index.lookup, k=self.cfg.hits)
+
+  def retrieve(self, queries: Sequence[Query], beam: int | None = None, progress: bool = False) -> list[QueryResult]:
+    beam = beam or self.cfg.beam_size
+    results: list[QueryResult] = []
+    it = self.batches(queries)
+    if progress:
+      from tqdm.auto import tqdm
+      it = tqdm(it, total=-(-len(queries) // self.cfg.batch_size), desc=f"retrieve beam={beam}", unit="batch")
+    for _, chunk, inputs, mask in it:
+      results.extend(self.retrieve_batch(chunk, inputs, mask, beam))
+    return results

@@ -1,0 +1,226 @@
+"""CGL of one model on one split of a collection: sequences built as the retrieval task builds them, scored in
+batches (`scoring.PairScorer`), reduced by `cgl.cgl_from_identifier_nll`.
+
+Per query q of the split (SLGR_BEHAVIOUR.md §5, with the reference's defects fixed):
+* positives: every judged-relevant document (grade >= min_grade) of q, as in the qrels;
+* negatives: `num_negatives` documents drawn by `cgl.sample_negatives(seed)` from the corpus minus q's positives
+  (and minus documents that have no identifier at all); drawn once, saved, and reused for every model;
+* the identifier sequences of (q, d): `scheme.retrieval_targets(q.text, d, seed)` — n-gram: the 10 query-biased
+  body spans drawn by the per-(seed, query, document) generator, exactly the spans the retrieval task trains on
+  for positives; docid schemes: [the docid];
+* tokenisation shared with training: the task's vocabulary, the task's query prefix on the input, truncated to
+  the feature lengths and EOS appended after trimming (seqio `append_eos_after_trim`).
+Loss of (q, d) = total NLL / total tokens over its identifiers ("token" averaging, the reference's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from genret_jax.corpora.types import Collection, Query
+from genret_jax.errors import InputError
+from genret_jax.identifiers.base import DocidScheme, IdentifierScheme
+from genret_jax.scaling import cgl, scoring
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CGLSequences:
+  """All (query, document, identifier) sequences of an evaluation, tokenised."""
+
+  query_ids: tuple[str, ...]
+  inputs: list[list[int]]                 # per query: input token ids (EOS-terminated)
+  positives: list[list[int]]              # per query: positive document indices
+  negatives: cgl.NegativeSet
+  # Flat list of target rows and, per row, (query slot, document slot, identifier slot).
+  targets: list[list[int]]
+  row_query: np.ndarray                   # [R] query index
+  row_doc_slot: np.ndarray                # [R] 0..P_q-1 = positives, P_q.. = negatives (in NegativeSet order)
+  row_ident: np.ndarray                   # [R] identifier index within (q, d)
+  max_identifiers: int
+  skipped: dict[str, int]
+
+  @property
+  def num_sequences(self) -> int:
+    return len(self.targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class CGLEvaluation:
+  result: cgl.CGLResult
+  query_ids: tuple[str, ...]
+  negatives: cgl.NegativeSet
+  skipped: dict[str, int]
+  scoring_stats: dict
+  num_sequences: int
+
+
+def tokenize(vocabulary, text: str, max_length: int | None) -> list[int]:
+  """seqio `tokenize` + `append_eos_after_trim`: ids trimmed to max_length - 1, then EOS."""
+  ids = [int(t) for t in vocabulary.encode(text)]
+  if max_length is not None:
+    ids = ids[:max(0, max_length - 1)]
+  return ids + [int(vocabulary.eos_id)]
+
+
+def documents_without_identifiers(scheme: IdentifierScheme) -> list[int]:
+  """Documents that cannot be scored (no identifier at all): never drawn as negatives."""
+  if isinstance(scheme, DocidScheme):
+    return []
+  coll = scheme.collection
+  return [i for i, d in enumerate(coll.documents) if not d.text.split() and not d.title.strip()]
+
+
+def query_positives(collection: Collection, queries: Sequence[Query], min_grade: int = 1
+                    ) -> tuple[list[Query], list[list[int]], dict[str, int]]:
+  """Queries with at least one judged-relevant document in the corpus, and their positives (doc indices)."""
+  kept, positives = [], []
+  skipped = {"queries_without_positives": 0, "positives_not_in_corpus": 0}
+  for q in queries:
+    docs = []
+    for d in collection.positives(q.query_id, min_grade):
+      if collection.has_doc(d):
+        docs.append(collection.doc_index(d))
+      else:
+        skipped["positives_not_in_corpus"] += 1
+    if docs:
+      kept.append(q)
+      positives.append(sorted(set(docs)))
+    else:
+      skipped["queries_without_positives"] += 1
+  return kept, positives, skipped
+
+
+def load_or_sample_negatives(path: str | None, num_docs: int, positives: Sequence[Sequence[int]],
+                             query_ids: Sequence[str], num_negatives: int, seed: int,
+                             excluded: Sequence[int] = (), allow_fewer: bool = False) -> cgl.NegativeSet:
+  """The negatives at `path` when it exists (checked against this evaluation), else sampled and saved there."""
+  if path and os.path.exists(path):
+    neg = cgl.NegativeSet.load(path)
+    if neg.num_docs != num_docs:
+      raise InputError(f"negatives were drawn for {neg.num_docs} documents, the corpus has {num_docs}",
+                       path=path, key="num_docs")
+    if neg.query_ids is not None and tuple(neg.query_ids) != tuple(query_ids):
+      raise InputError("negatives were drawn for other queries (query ids differ)", path=path, key="query_ids")
+    if neg.num_queries != len(query_ids):
+      raise InputError(f"negatives hold {neg.num_queries} queries, this evaluation has {len(query_ids)}",
+                       path=path, key="negatives")
+    for i, p in enumerate(positives):
+      if np.isin(neg.negatives[i], np.asarray(p, np.int64)).any():
+        raise InputError(f"negatives of query {query_ids[i]!r} include one of its positives", path=path,
+                         key="negatives")
+    return neg
+  excluded = sorted(set(int(x) for x in excluded))
+  neg = cgl.sample_negatives(num_docs, [sorted(set(p) | set(excluded)) for p in positives], n=num_negatives,
+                             seed=seed, query_ids=list(query_ids), allow_fewer=allow_fewer)
+  if path:
+    neg.save(path)
+  return neg
+
+
+def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary, queries: Sequence[Query], *,
+                    target_seed: int, num_negatives: int = cgl.DEFAULT_NUM_NEGATIVES, negatives_seed: int = 0,
+                    negatives_path: str | None = None, input_length: int | None = None,
+                    target_length: int | None = None, query_prefix: str = "", min_grade: int = 1,
+                    allow_fewer_negatives: bool = False) -> CGLSequences:
+  """Every (query, document, identifier) sequence of the evaluation, tokenised like the retrieval task."""
+  kept, positives, skipped = query_positives(collection, queries, min_grade)
+  if not kept:
+    raise InputError(f"no query of the split has a judged-relevant document (grade >= {min_grade})",
+                     path=collection.source or None)
+  excluded = documents_without_identifiers(scheme)
+  skipped["documents_without_identifiers"] = len(excluded)
+  query_ids = tuple(q.query_id for q in kept)
+  negatives = load_or_sample_negatives(negatives_path, len(collection.documents), positives, query_ids,
+                                       num_negatives, negatives_seed, excluded, allow_fewer_negatives)
+  excluded_set = set(excluded)
+  inputs = [tokenize(vocabulary, query_prefix + q.text, input_length) for q in kept]
+  targets, rq, rd, ri = [], [], [], []
+  token_cache: dict[str, list[int]] = {}
+  max_ids = 1
+  skipped["positives_without_identifiers"] = 0
+  for qi, q in enumerate(kept):
+    docs = list(positives[qi]) + [int(d) for d in negatives.negatives[qi]]
+    for slot, d in enumerate(docs):
+      if d in excluded_set:
+        if slot < len(positives[qi]):
+          skipped["positives_without_identifiers"] += 1
+          continue
+        raise InputError(f"negative document {d} of query {q.query_id!r} has no identifier", key="negatives")
+      idents = scheme.retrieval_targets(q.text, d, target_seed)
+      max_ids = max(max_ids, len(idents))
+      for j, t in enumerate(idents):
+        if t not in token_cache:
+          token_cache[t] = tokenize(vocabulary, t, target_length)
+        targets.append(token_cache[t])
+        rq.append(qi)
+        rd.append(slot)
+        ri.append(j)
+  return CGLSequences(query_ids, inputs, positives, negatives, targets, np.asarray(rq, np.int64),
+                      np.asarray(rd, np.int64), np.asarray(ri, np.int64), max_ids, skipped)
+
+
+def reduce_scores(seqs: CGLSequences, nll: np.ndarray, num_tokens: np.ndarray,
+                  averaging: str = "token") -> cgl.CGLResult:
+  """Per-row NLL sums and token counts -> `CGLResult` (absent identifiers have 0 tokens)."""
+  nq, nn_ = len(seqs.query_ids), seqs.negatives.num_negatives
+  t = seqs.max_identifiers
+  npos = [len(p) for p in seqs.positives]
+  pos_nll = [np.zeros((p, t)) for p in npos]
+  pos_tok = [np.zeros((p, t)) for p in npos]
+  neg_nll = np.zeros((nq, nn_, t))
+  neg_tok = np.zeros((nq, nn_, t))
+  for r in range(nll.size):
+    q, s, j = seqs.row_query[r], seqs.row_doc_slot[r], seqs.row_ident[r]
+    if s < npos[q]:
+      pos_nll[q][s, j], pos_tok[q][s, j] = nll[r], num_tokens[r]
+    else:
+      neg_nll[q, s - npos[q], j], neg_tok[q, s - npos[q], j] = nll[r], num_tokens[r]
+  # A positive without identifiers (skipped) has no row: drop it from its query's positives.
+  pos_nll = [n[tk.sum(1) > 0] for n, tk in zip(pos_nll, pos_tok)]
+  pos_tok = [tk[tk.sum(1) > 0] for tk in pos_tok]
+  if any(tk.shape[0] == 0 for tk in pos_tok):
+    raise InputError("a query has no positive with an identifier; cannot compute its CGL", key="positives")
+  return cgl.cgl_from_identifier_nll(pos_nll, pos_tok, neg_nll, neg_tok, averaging)
+
+
+def evaluate_cgl(model, params, collection: Collection, scheme: IdentifierScheme, vocabulary,
+                 queries: Sequence[Query], *, target_seed: int, num_negatives: int = cgl.DEFAULT_NUM_NEGATIVES,
+                 negatives_seed: int = 0, negatives_path: str | None = None, input_length: int | None = None,
+                 target_length: int | None = None, query_prefix: str = "", min_grade: int = 1,
+                 averaging: str = "token", mesh=None, batch_size: int = scoring.DEFAULT_BATCH_SIZE,
+                 inputs_per_batch: int | None = None, share_inputs: bool = True,
+                 allow_fewer_negatives: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> CGLEvaluation:
+  """CGL (and contrastive entropy) of `model` with `params` on `queries`; see the module docstring."""
+  t0 = time.perf_counter()
+  seqs = build_sequences(collection, scheme, vocabulary, queries, target_seed=target_seed,
+                         num_negatives=num_negatives, negatives_seed=negatives_seed,
+                         negatives_path=negatives_path, input_length=input_length, target_length=target_length,
+                         query_prefix=query_prefix, min_grade=min_grade,
+                         allow_fewer_negatives=allow_fewer_negatives)
+  build_s = time.perf_counter() - t0
+  scorer = scoring.PairScorer(model, params, mesh=mesh, batch_size=batch_size, inputs_per_batch=inputs_per_batch,
+                              share_inputs=share_inputs)
+  scored = scorer.score(seqs.inputs, seqs.targets, input_index=seqs.row_query, progress=progress)
+  result = reduce_scores(seqs, scored.nll, scored.num_tokens, averaging)
+  stats = dict(scored.stats, build_seconds=build_s,
+               sequences_per_second=seqs.num_sequences / max(scored.stats.get("seconds", 0.0), 1e-9))
+  return CGLEvaluation(result, seqs.query_ids, seqs.negatives, dict(seqs.skipped), stats, seqs.num_sequences)
+
+
+def evaluation_json(ev: CGLEvaluation, *, bootstrap_resamples: int = 1000, bootstrap_seed: int = 0,
+                    extra: dict[str, Any] | None = None) -> dict:
+  """The `genret cgl` output: mean CGL / CE with bootstrap CIs over queries, and per-query values."""
+  return {**(extra or {}), "summary": ev.result.summary(bootstrap_resamples, bootstrap_seed),
+          "negatives": {"seed": ev.negatives.seed, "num_negatives": ev.negatives.num_negatives,
+                        "fingerprint": ev.negatives.fingerprint()},
+          "skipped": ev.skipped, "num_sequences": ev.num_sequences, "scoring": ev.scoring_stats,
+          "per_query": ev.result.per_query(list(ev.query_ids))}

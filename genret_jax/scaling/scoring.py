@@ -1,0 +1,367 @@
+"""Batched, jitted teacher-forced scoring of many (input, target) token sequences: the model side of CGL.
+
+`PairScorer(model, params, mesh=...).score(inputs, targets)` returns, per pair, the summed target NLL and the
+number of scored target tokens. Everything runs through one jitted function per (input length bucket, target
+length bucket) over fixed-shape batches:
+
+* pairs are bucketed by length (bucket edges grow by ~1.5x), so padding stays small and the number of
+  compilations is a handful; the last batch of a bucket is filled with all-zero rows;
+* only target positions of real tokens carry loss weight, so padding (columns or whole rows) is never counted:
+  a pair scored alone and inside a padded batch gives the same NLL;
+* batches are placed with `partitioning.batch_sharding`, i.e. split over the mesh's (data, fsdp) axes, and the
+  parameters keep their own shardings.
+
+Shared inputs (`share_inputs=True`, the default). CGL scores every query against ~257 documents x ~10 spans,
+so the same input recurs thousands of times. Rather than re-running the input through the model for each
+target, a batch holds `inputs_per_batch` distinct inputs and `batch_size` target rows that point at them:
+* encoder-decoder: each input is encoded once and its cross-attention keys/values projected once (the decoder's
+  `decode=True` cache-creation call), the cache rows are gathered per target, and the decoder runs one
+  multi-token teacher-forced pass over each target against that cache;
+* decoder-only (prefix-LM): each prompt is prefilled once into the KV cache (`decode_init`), the cache rows are
+  gathered per target, and one multi-token step scores the target after the prompt.
+Both give the same numbers as the plain path (feature-converter batches through `score_batch`), which remains
+available (`share_inputs=False`) and is what tests compare against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genret_jax.errors import InputError
+from genret_jax.models import model_api, partitioning
+
+Array = jax.Array
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def default_length_buckets(max_length: int) -> list[int]:
+  """8, 16, 24, 32, 48, 64, 96, 128, 192, ... up to (and including a bucket >=) `max_length`."""
+  edges, base = [8], 8
+  while edges[-1] < max_length:
+    base_next = base * 2
+    mid = base + base // 2
+    for e in (mid, base_next):
+      if e > edges[-1]:
+        edges.append(e)
+    base = base_next
+  return edges
+
+
+def bucket_length(length: int, edges: Sequence[int]) -> int:
+  for e in edges:
+    if length <= e:
+      return int(e)
+  # Longer than every edge: round up to a multiple of the largest edge's step so shapes still repeat.
+  step = max(8, edges[-1] // 2)
+  return int(math.ceil(length / step) * step)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredPairs:
+  """Per pair (input order): summed negative log-likelihood of the target tokens, and their count."""
+
+  nll: np.ndarray         # [N] float64
+  num_tokens: np.ndarray  # [N] int64
+  stats: dict
+
+  @property
+  def mean_nll(self) -> np.ndarray:
+    return self.nll / np.maximum(self.num_tokens, 1)
+
+
+def _token_logprob(logits: Array, targets: Array) -> Array:
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
+
+
+def _shift_right(targets: np.ndarray) -> np.ndarray:
+  out = np.zeros_like(targets)
+  out[:, 1:] = targets[:, :-1]
+  return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The jitted scoring functions (one per family and mode). Each returns the summed NLL per target row.
+
+
+def plain_nll_fn(model: model_api.BaseModel) -> Callable:
+  """(params, batch) -> [B] summed NLL through the model's own `score_batch` (feature-converter batch)."""
+
+  def fn(params, batch):
+    total, _ = model.score_batch(params, batch)
+    return -total
+
+  return fn
+
+
+def shared_nll_fn(model: model_api.BaseModel) -> Callable:
+  """(params, inputs [K, Lin], input_index [B], targets [B, Lt]) -> [B] summed NLL, inputs run once each."""
+  if isinstance(model, model_api.EncoderDecoderModel):
+    return _encdec_shared_fn(model)
+  if isinstance(model, model_api.DecoderOnlyModel):
+    return _prefix_shared_fn(model)
+  raise TypeError(f"no shared-input scoring for {type(model).__name__}")
+
+
+def _gather_rows(tree, index: Array):
+  return jax.tree.map(lambda x: jnp.take(x, index, axis=0), tree)
+
+
+def _encdec_shared_fn(model: model_api.EncoderDecoderModel) -> Callable:
+  from genret_jax.models.t5 import T5Transformer
+  module = model.module
+
+  def fn(params, inputs, input_index, targets):
+    num_inputs, target_len = inputs.shape[0], targets.shape[1]
+    rows = targets.shape[0]
+    with nn.logical_axis_rules(model.rules):
+      encoded = module.apply({"params": params}, inputs, method=T5Transformer.encode)
+      segments = (inputs > 0).astype(jnp.int32)
+      # Cache-creation call: projects every input's encoder keys/values once per decoder layer.
+      _, variables = module.apply({"params": params}, encoded, segments, jnp.zeros((num_inputs, 1), jnp.int32),
+                                  decode=True, cache_length=target_len, method=T5Transformer.decode,
+                                  mutable=["cache"])
+      cache = _gather_rows(variables["cache"], input_index)
+      decoder_inputs = jnp.concatenate([jnp.zeros((rows, 1), targets.dtype), targets[:, :-1]], axis=1)
+      positions = jnp.broadcast_to(jnp.arange(target_len, dtype=jnp.int32)[None], (rows, target_len))
+      logits, _ = module.apply({"params": params, "cache": cache}, None, None, decoder_inputs,
+                               decoder_positions=positions, decode=True, cache_length=target_len,
+                               method=T5Transformer.decode, mutable=["cache"])
+    weights = (targets > 0).astype(jnp.float32)
+    return -jnp.sum(_token_logprob(logits, targets) * weights, axis=-1)
+
+  return fn
+
+
+def _prefix_shared_fn(model: model_api.DecoderOnlyModel) -> Callable:
+  module = model.module
+
+  def fn(params, inputs, input_index, targets):
+    rows, target_len = targets.shape
+    # decode_init prefills `[0] + inputs[:-1]` and hands back each prompt's last token; that token predicts
+    # the first target token, exactly as in the prefix-LM feature converter's shifted sequence.
+    cache, last_prompt_token = model.decode_init(params, inputs, target_len)
+    row_cache = _gather_rows(cache["cache"], input_index)
+    first = jnp.take(last_prompt_token, input_index, axis=0)
+    start = jnp.take(cache["position"], input_index, axis=0)
+    tokens = jnp.concatenate([first[:, None], targets[:, :-1]], axis=1)
+    positions = start[:, None] + jnp.arange(target_len, dtype=jnp.int32)[None]
+    cache_length = inputs.shape[1] + target_len
+    with nn.logical_axis_rules(model.rules):
+      logits, _ = module.apply({"params": params, "cache": row_cache}, tokens, positions, decode=True,
+                               cache_length=cache_length, mutable=["cache"])
+    weights = (targets > 0).astype(jnp.float32)
+    return -jnp.sum(_token_logprob(logits, targets) * weights, axis=-1)
+
+  return fn
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Host-side batching
+
+
+def _as_int_lists(seqs: Sequence[Sequence[int]], what: str) -> list[np.ndarray]:
+  """Token id arrays. Id 0 is padding: a vocabulary that maps a piece (e.g. <unk>) to 0 gets it masked, exactly
+  as the seqio feature converters and the models do in training, and it is not counted."""
+  out = []
+  for i, s in enumerate(seqs):
+    a = np.asarray(s, dtype=np.int32).reshape(-1)
+    if a.size == 0 or not np.any(a > 0):
+      raise InputError(f"{what} {i} is empty (an EOS-terminated token list is expected)", key=what)
+    if np.any(a < 0):
+      raise InputError(f"{what} {i} contains a negative id", key=what)
+    out.append(a)
+  return out
+
+
+def _pad_rows(rows: Sequence[np.ndarray], num_rows: int, length: int) -> np.ndarray:
+  out = np.zeros((num_rows, length), np.int32)
+  for i, r in enumerate(rows):
+    out[i, :r.size] = r
+  return out
+
+
+def place_params(model: model_api.BaseModel, params: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Params put into the model's logical shardings on `mesh` (a no-op for params already placed so)."""
+  shardings = model.param_shardings(mesh)
+  return jax.device_put(params, shardings)
+
+
+class PairScorer:
+  """Scores (input, target) token sequences with one model; see the module docstring.
+
+  Args:
+    model: an `EncoderDecoderModel` or `DecoderOnlyModel`.
+    params: its params (placed on `mesh` by the caller, e.g. restored with `params_io`, or via `place_params`).
+    mesh: the device mesh; batches are sharded over its (data, fsdp) axes. Default: all devices on `data`.
+    batch_size: target rows per forward pass (rounded up to a multiple of the batch shards).
+    inputs_per_batch: distinct inputs per batch in shared mode (default batch_size // 16, at least the number
+      of batch shards); pairs are grouped by input so a query's targets fill whole batches.
+    share_inputs: run each distinct input once per batch (encode-once / prefix caching) instead of once per pair.
+    length_buckets: bucket edges for input and target lengths (default `default_length_buckets`).
+  """
+
+  def __init__(self, model: model_api.BaseModel, params: Any, *, mesh: jax.sharding.Mesh | None = None,
+               batch_size: int = DEFAULT_BATCH_SIZE, inputs_per_batch: int | None = None,
+               share_inputs: bool = True, length_buckets: Sequence[int] | None = None):
+    if batch_size < 1:
+      raise InputError(f"batch size must be positive, got {batch_size}", key="BATCH_SIZE")
+    self.model = model
+    self.params = params
+    self.mesh = mesh if mesh is not None else partitioning.make_mesh(data=-1)
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.batch_size = int(math.ceil(batch_size / shards) * shards)
+    k = inputs_per_batch if inputs_per_batch is not None else max(1, batch_size // 16)
+    self.inputs_per_batch = int(math.ceil(max(1, min(k, self.batch_size)) / shards) * shards)
+    self.share_inputs = share_inputs
+    self.length_buckets = list(length_buckets) if length_buckets else None
+    self._plain = jax.jit(plain_nll_fn(model))
+    self._shared = jax.jit(shared_nll_fn(model)) if share_inputs else None
+
+  # ---- public ---------------------------------------------------------------------------------------
+
+  def score(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+            input_index: Sequence[int] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> ScoredPairs:
+    """Scores target i given input `input_index[i]` (or `inputs[i]` when `input_index` is None).
+
+    Token lists are EOS-terminated ids without padding (what the seqio task's tokenizer gives).
+    """
+    tgts = _as_int_lists(targets, "targets")
+    if input_index is None:
+      if len(inputs) != len(tgts):
+        raise InputError(f"{len(inputs)} inputs for {len(tgts)} targets", key="inputs")
+      uniq: dict[tuple, int] = {}
+      index = np.empty(len(tgts), np.int64)
+      unique_inputs = []
+      for i, s in enumerate(inputs):
+        key = tuple(int(t) for t in s)
+        if key not in uniq:
+          uniq[key] = len(unique_inputs)
+          unique_inputs.append(s)
+        index[i] = uniq[key]
+      ins = _as_int_lists(unique_inputs, "inputs")
+    else:
+      ins = _as_int_lists(inputs, "inputs")
+      index = np.asarray(input_index, np.int64).reshape(-1)
+      if index.size != len(tgts) or (index.size and (index.min() < 0 or index.max() >= len(ins))):
+        raise InputError("input_index must give, per target, an index into inputs", key="input_index")
+    n = len(tgts)
+    if self.share_inputs and isinstance(self.model, model_api.DecoderOnlyModel):
+      for i, a in enumerate(ins):
+        if np.any(a == 0):
+          raise InputError(f"input {i} holds id 0 (padding) inside the prompt; the prefix cache needs "
+                           "contiguous prompts (use share_inputs=False)", key="inputs")
+    num_tokens = np.array([np.count_nonzero(t) for t in tgts], np.int64)
+    nll = np.zeros(n, np.float64)
+    if n == 0:
+      return ScoredPairs(nll, num_tokens, {"num_pairs": 0, "num_batches": 0})
+    t0 = time.perf_counter()
+    batches = (self._shared_batches(ins, tgts, index) if self.share_inputs
+               else self._plain_batches(ins, tgts, index))
+    pending, shapes, real_tokens, padded_tokens, num_batches = [], set(), 0, 0, 0
+    total_batches = len(batches)
+    with jax.set_mesh(self.mesh):
+      for rows, args in batches:
+        shapes.add(tuple(a.shape for a in jax.tree.leaves(args)))
+        out = self._run(args)
+        pending.append((rows, out))
+        num_batches += 1
+        if progress is not None:
+          progress(num_batches, total_batches)
+      for rows, out in pending:
+        values = np.asarray(jax.device_get(out), np.float64)
+        nll[rows] = values[:rows.size]
+    for rows, args in batches:
+      tgt_arr = args["targets"] if "targets" in args else args["decoder_target_tokens"]
+      padded_tokens += tgt_arr.size
+    real_tokens = int(num_tokens.sum())
+    stats = {"num_pairs": n, "num_inputs": len(ins), "num_batches": num_batches,
+             "num_shapes": len(shapes), "target_tokens": real_tokens,
+             "target_padding_fraction": 1.0 - real_tokens / max(padded_tokens, 1),
+             "seconds": time.perf_counter() - t0, "share_inputs": self.share_inputs}
+    return ScoredPairs(nll, num_tokens, stats)
+
+  # ---- internals --------------------------------------------------------------------------------------
+
+  def _edges(self, max_len: int) -> list[int]:
+    return self.length_buckets or default_length_buckets(max_len)
+
+  def _place(self, arr: np.ndarray) -> Array:
+    return jax.device_put(arr, partitioning.batch_sharding(self.mesh, arr.ndim))
+
+  def _run(self, args: dict[str, np.ndarray]) -> Array:
+    placed = {k: self._place(v) for k, v in args.items()}
+    if self.share_inputs:
+      return self._shared(self.params, placed["inputs"], placed["input_index"], placed["targets"])
+    return self._plain(self.params, placed)
+
+  def _bucketed(self, ins, tgts, index):
+    in_edges = self._edges(max(a.size for a in ins))
+    tgt_edges = self._edges(max(a.size for a in tgts))
+    in_len = np.array([bucket_length(ins[i].size, in_edges) for i in index])
+    tgt_len = np.array([bucket_length(t.size, tgt_edges) for t in tgts])
+    groups: dict[tuple[int, int], list[int]] = {}
+    # Stable order by input, so rows of one input stay together in shared mode.
+    for row in np.lexsort((np.arange(len(tgts)), index)):
+      groups.setdefault((int(in_len[row]), int(tgt_len[row])), []).append(int(row))
+    return groups
+
+  def _plain_batches(self, ins, tgts, index):
+    family_encdec = isinstance(self.model, model_api.EncoderDecoderModel)
+    out = []
+    for (lin, lt), rows in sorted(self._bucketed(ins, tgts, index).items()):
+      for s in range(0, len(rows), self.batch_size):
+        chunk = np.asarray(rows[s:s + self.batch_size], np.int64)
+        b = self.batch_size
+        if family_encdec:
+          targets = _pad_rows([tgts[r] for r in chunk], b, lt)
+          args = {"encoder_input_tokens": _pad_rows([ins[index[r]] for r in chunk], b, lin),
+                  "decoder_input_tokens": _shift_right(targets), "decoder_target_tokens": targets,
+                  "decoder_loss_weights": (targets > 0).astype(np.int32)}
+        else:  # prefix-LM: [inputs, targets] in one row, loss on the target part only
+          seq = np.zeros((b, lin + lt), np.int32)
+          weights = np.zeros((b, lin + lt), np.int32)
+          for i, r in enumerate(chunk):
+            a, t = ins[index[r]], tgts[r]
+            seq[i, :a.size] = a
+            seq[i, a.size:a.size + t.size] = t
+            weights[i, a.size:a.size + t.size] = t > 0
+          args = {"decoder_input_tokens": _shift_right(seq), "decoder_target_tokens": seq,
+                  "decoder_loss_weights": weights}
+        out.append((chunk, args))
+    return out
+
+  def _shared_batches(self, ins, tgts, index):
+    out = []
+    b, k = self.batch_size, self.inputs_per_batch
+    for (lin, lt), rows in sorted(self._bucketed(ins, tgts, index).items()):
+      start = 0
+      while start < len(rows):
+        chunk, slot_of = [], {}
+        for r in rows[start:start + b]:
+          src = int(index[r])
+          if src not in slot_of:
+            if len(slot_of) == k:
+              break
+            slot_of[src] = len(slot_of)
+          chunk.append(r)
+        start += len(chunk)
+        chunk = np.asarray(chunk, np.int64)
+        inputs = _pad_rows([ins[s] for s in slot_of], k, lin)
+        # Padding rows point at slot 0 and have all-zero targets: no weight.
+        input_index = np.zeros(b, np.int32)
+        input_index[:chunk.size] = [slot_of[int(index[r])] for r in chunk]
+        args = {"inputs": inputs, "input_index": input_index,
+                "targets": _pad_rows([tgts[r] for r in chunk], b, lt)}
+        out.append((chunk, args))
+    return out

@@ -1,0 +1,303 @@
+"""`genret sweep`: family x size rung x data fraction x beam, each model trained once, then CGL and retrieval.
+
+Layout of a sweep directory (the results format of docs/scaling.md):
+  sweep.gin                       the operative sweep config
+  negatives.json                  the CGL negatives, drawn once (seeded) and shared by every model
+  models/<model_id>/              the trainer's MODEL_DIR (checkpoints, TensorBoard, params)
+  cells/<model_id>/result.json    written atomically when the model's evaluation is complete
+  cells/<model_id>-b<beam>/per_query.json
+  results.csv                     rebuilt (atomically) from every result.json
+
+A restarted sweep skips models whose result.json exists. A model killed half way has no result.json, so it is
+redone (its trainer resumes from its last checkpoint) and never read as done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import gin
+import numpy as np
+
+from genret_jax import gin_utils
+from genret_jax.errors import InputError
+from genret_jax.scaling import results as results_lib
+
+RESULT_JSON = "result.json"
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  collection_name: str = "default"
+  collection_path: str = "default"
+  scheme: str = "ngram"
+  vocab_size: int = 2000
+  scheme_config: dict | None = None
+  # family -> rung gin files (resolved against gin_configs/), smallest first.
+  rungs: dict = dataclasses.field(default_factory=dict)
+  data_fractions: Sequence[float] = (1.0,)
+  # Which rungs (indices into each family's list) also train at the smaller data fractions: default the last.
+  fraction_rungs: Sequence[int] = (-1,)
+  beams: Sequence[int] = (1, 5, 10, 20)
+  # Which rungs get the whole beam sweep; the others are decoded at `default_beam` only.
+  beam_rungs: Sequence[int] = (-1,)
+  default_beam: int = 10
+  run_gin: str = "runs/train.gin"
+  extra_bindings: Sequence[str] = ()
+  # Same epochs over the retrieval data for every fraction (steps grow with D), same batch size: the data
+  # axis is not confounded with batch size as in the reference.
+  train_epochs: float = 10.0
+  min_train_steps: int = 50
+  max_train_steps: int = 100000
+  batch_size: int = 32
+  task_feature_lengths: dict = dataclasses.field(default_factory=lambda: {"inputs": 64, "targets": 16})
+  eval_split: str = "test"
+  max_eval_queries: int = 0            # 0 = all queries of the split
+  num_negatives: int = 256
+  negatives_seed: int = 0
+  seed: int = 0
+
+
+def _model_id(family: str, rung_gin: str, fraction: float) -> str:
+  rung = os.path.splitext(os.path.basename(rung_gin))[0]
+  return f"{family}-{rung}-f{int(round(fraction * 100)):03d}"
+
+
+def plan(cfg: SweepConfig) -> list[dict]:
+  """Every model of the sweep, with the beams it is decoded at."""
+  cells = []
+  fractions = sorted(set(float(f) for f in cfg.data_fractions) | {1.0})
+  for family, rungs in cfg.rungs.items():
+    n = len(rungs)
+    frac_idx = {i % n for i in cfg.fraction_rungs}
+    beam_idx = {i % n for i in cfg.beam_rungs}
+    for i, rung in enumerate(rungs):
+      for f in fractions:
+        if f < 1.0 and i not in frac_idx:
+          continue
+        beams = sorted(set(cfg.beams)) if (i in beam_idx and f == 1.0) else [cfg.default_beam]
+        cells.append({"model_id": _model_id(family, rung, f), "family": family, "rung": rung, "fraction": f,
+                      "beams": beams})
+  return cells
+
+
+def _write_json_atomic(path: str, payload: Any) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class Sweep:
+
+  def __init__(self, cfg: SweepConfig, out_dir: str, config_path: str = "", progress: bool = True):
+    self.cfg, self.out_dir, self.config_path, self.progress = cfg, os.path.abspath(out_dir), config_path, progress
+    os.makedirs(os.path.join(self.out_dir, results_lib.CELLS_DIR), exist_ok=True)
+    os.makedirs(os.path.join(self.out_dir, "models"), exist_ok=True)
+    import tasks  # noqa: F401  (registers the seqio tasks)
+    path = cfg.collection_path
+    if path.startswith("shared:"):   # portable configs: a collection under ../shared/data or $GENRET_SHARED_DATA
+      path = os.path.join(tasks.shared_data_dir(), path.split(":", 1)[1])
+    self.names = tasks.register_collection_tasks(
+        cfg.collection_name, path, cfg.scheme, seed=cfg.seed, vocab_size=cfg.vocab_size,
+        scheme_config=cfg.scheme_config,
+        data_fractions=tuple(sorted(set(cfg.data_fractions) | {1.0})))
+    self.artefacts = tasks.artefacts_for(self.names["mixture"])
+
+  # ---- pieces ---------------------------------------------------------------------------------------------
+  def _mixture(self, fraction: float) -> str:
+    if fraction >= 1.0:
+      return self.names["mixture"]
+    import tasks
+    return self.names[f"mixture{tasks.fraction_suffix(fraction)}"]
+
+  def num_train_examples(self, fraction: float) -> tuple[int, int]:
+    """(retrieval training pairs D at this fraction, indexing examples)."""
+    groups = self.artefacts.retrieval_examples("train")
+    if fraction < 1.0:
+      groups = [groups[i] for i in self.artefacts.fraction_pairs(len(groups), fraction)]
+    return sum(len(g) for g in groups), len(self.artefacts.indexing_examples())
+
+  def eval_queries(self):
+    queries = self.artefacts.query_splits().get(self.cfg.eval_split, [])
+    collection = self.artefacts.collection()
+    queries = [q for q in queries if collection.positives(q.query_id)]
+    if not queries:
+      raise InputError(f"no judged queries in split {self.cfg.eval_split!r}", key="SweepConfig.eval_split")
+    if self.cfg.max_eval_queries:
+      queries = queries[:self.cfg.max_eval_queries]
+    return queries
+
+  def cgl_sequences(self):
+    """Every (query, document, identifier) sequence of the CGL evaluation, built once per sweep: the negatives
+    (saved as negatives.json) and the query-biased spans are identical for every model."""
+    if getattr(self, "_cgl_seqs", None) is None:
+      from genret_jax.scaling import cgl_eval
+      lengths = self.cfg.task_feature_lengths
+      self._cgl_seqs = cgl_eval.build_sequences(
+          self.artefacts.collection(), self.artefacts.identifier_scheme(), self.artefacts_vocab(),
+          self.eval_queries(), target_seed=self.cfg.seed, num_negatives=self.cfg.num_negatives,
+          negatives_seed=self.cfg.negatives_seed, negatives_path=os.path.join(self.out_dir, "negatives.json"),
+          input_length=lengths["inputs"], target_length=lengths["targets"])
+      path = os.path.join(self.out_dir, "negatives.json")
+      if not os.path.exists(path):
+        self._cgl_seqs.negatives.save(path)
+    return self._cgl_seqs
+
+  def _bindings(self, cell: dict, model_dir: str, steps: int) -> list[str]:
+    lengths = json.dumps(dict(self.cfg.task_feature_lengths))
+    return [f"MIXTURE_OR_TASK_NAME = '{self._mixture(cell['fraction'])}'", f"MODEL_DIR = '{model_dir}'",
+            f"TRAIN_STEPS = {steps}", f"BATCH_SIZE = {self.cfg.batch_size}", f"TASK_FEATURE_LENGTHS = {lengths}",
+            f"RANDOM_SEED = {self.cfg.seed}", f"VOCAB_SIZE = {self.model_vocab_size()}",
+            f"train.progress = {self.progress}", *self.cfg.extra_bindings]
+
+  def model_vocab_size(self) -> int:
+    """The task vocabulary (corpus pieces + the scheme's added tokens), rounded up to a multiple of 128."""
+    return int(math.ceil(self.artefacts_vocab().vocab_size / 128) * 128)
+
+  def train_model(self, cell: dict):
+    from genret_jax.training import trainer  # noqa: F401  (registers configurables)
+    from genret_jax.models import model_api
+    d_retrieval, d_index = self.num_train_examples(cell["fraction"])
+    steps = int(np.clip(math.ceil(self.cfg.train_epochs * (d_retrieval + d_index) / self.cfg.batch_size),
+                        self.cfg.min_train_steps, self.cfg.max_train_steps))
+    model_dir = os.path.join(self.out_dir, "models", cell["model_id"])
+    gin_utils.parse_gin([self.cfg.run_gin, cell["rung"]], self._bindings(cell, model_dir, steps))
+    model = model_api.get_model()
+    result = trainer.train()
+    return model, result, d_retrieval, steps
+
+  # ---- one model ------------------------------------------------------------------------------------------
+  def run_cell(self, cell: dict) -> list[dict]:
+    from genret_jax.models import accounting
+    from genret_jax.retrieval import metrics as metrics_lib
+    from genret_jax.retrieval.pipeline import RetrievalConfig, Retriever
+    from genret_jax.scaling import cgl_eval, scoring
+
+    t0 = time.time()
+    model, train_result, d, steps = self.train_model(cell)
+    counts = accounting.count_params(model.config)
+    lin, lt = self.cfg.task_feature_lengths["inputs"], self.cfg.task_feature_lengths["targets"]
+    train_flops = accounting.train_flops_per_example(model.config, lin, lt).total * steps * self.cfg.batch_size
+    collection = self.artefacts.collection()
+    queries = self.eval_queries()
+    vocab = self.artefacts_vocab()
+    seqs = self.cgl_sequences()
+    scored = scoring.PairScorer(model, train_result.params).score(seqs.inputs, seqs.targets,
+                                                                   input_index=seqs.row_query)
+    cgl_res = cgl_eval.reduce_scores(seqs, scored.nll, scored.num_tokens)
+    queries = [q for q in queries if q.query_id in set(seqs.query_ids)]
+    retriever = Retriever(model, train_result.params, self.artefacts.identifier_scheme(), vocab, collection,
+                          RetrievalConfig(inputs_length=lin))
+    qrels = {q.query_id: collection.qrels.get(q.query_id, {}) for q in queries}
+    rows, per_query_rows = [], {}
+    cgl_pq = cgl_res.per_query(list(seqs.query_ids))
+    for beam in cell["beams"]:
+      res = retriever.retrieve(queries, beam=beam, progress=self.progress)
+      run = {r.query_id: list(r.doc_ids) for r in res}
+      m = metrics_lib.evaluate_run(run, qrels, query_ids=[q.query_id for q in queries])
+      agg = m.aggregate
+      decode_flops = _decode_flops_per_query(accounting, model.config, lin, retriever.max_decode_len, beam)
+      row_id = f"{cell['model_id']}-b{beam:03d}"
+      row = {"family": cell["family"], "n_nonembed": counts.non_embedding, "n_total": counts.total,
+             "data_fraction": cell["fraction"], "D": d, "train_flops": train_flops, "beam": beam,
+             "decode_flops_per_query": decode_flops, "cgl": float(cgl_res.cgl.mean()),
+             "ce": float(cgl_res.contrastive_entropy.mean()),
+             # trec_eval Recall@k (fraction of the relevant documents retrieved); Hits@k (any relevant in the top
+             # k: what NQ-style papers call Recall@k) goes in extra columns.
+             **{f"recall@{k}": float(agg.get(f"Recall@{k}", math.nan)) for k in results_lib.RECALL_KS},
+             **{f"hits@{k}": float(agg.get(f"Hits@{k}", math.nan)) for k in results_lib.RECALL_KS},
+             "mrr@10": float(agg.get("MRR@10", math.nan)), "ndcg@10": float(agg.get("nDCG@10", math.nan)),
+             "seed": self.cfg.seed, "config": self.config_path, "wall_s": 0.0, "cell_id": row_id,
+             "train_steps": steps, "final_train_loss": train_result.last_loss}
+      rows.append(row)
+      per_query_rows[row_id] = {"query_ids": list(seqs.query_ids), "cgl": list(cgl_pq["cgl"]),
+                                "ce": list(cgl_pq["ce"]),
+                                "recall@10": [float(m.per_query.get(q, {}).get("Recall@10", 0.0))
+                                              for q in seqs.query_ids],
+                                "num_negatives": self.cfg.num_negatives}
+    wall = time.time() - t0
+    for row in rows:
+      row["wall_s"] = wall
+    for row_id, pq in per_query_rows.items():
+      results_lib.write_per_query(self.out_dir, row_id, pq)
+    cell_dir = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"])
+    os.makedirs(cell_dir, exist_ok=True)
+    _write_json_atomic(os.path.join(cell_dir, RESULT_JSON), {"cell": cell, "rows": rows})
+    return rows
+
+  def artefacts_vocab(self):
+    import seqio
+    return seqio.SentencePieceVocabulary(self.artefacts.vocab_file())
+
+  def done_rows(self, cell: dict) -> list[dict] | None:
+    path = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"], RESULT_JSON)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)["rows"]
+
+  def run(self) -> list[dict]:
+    cells = plan(self.cfg)
+    all_rows = []
+    for i, cell in enumerate(cells):
+      rows = self.done_rows(cell)
+      if rows is not None:
+        logging.info("[%d/%d] %s: done, skipped", i + 1, len(cells), cell["model_id"])
+        print(f"[{i + 1}/{len(cells)}] {cell['model_id']}: already done", flush=True)
+      else:
+        print(f"[{i + 1}/{len(cells)}] {cell['model_id']}: training + evaluation ...", flush=True)
+        rows = self.run_cell(cell)
+        best = min(rows, key=lambda r: r["beam"])
+        print(f"[{i + 1}/{len(cells)}] {cell['model_id']}: N={best['n_nonembed']:.3g} D={best['D']} "
+              f"CGL={best['cgl']:.6f} Recall@10={best['recall@10']:.3f} ({best['wall_s']:.0f}s)", flush=True)
+      all_rows.extend(rows)
+      results_lib.write_results(os.path.join(self.out_dir, results_lib.RESULTS_CSV), all_rows)
+    return all_rows
+
+
+def _decode_flops_per_query(accounting, config, inputs_length: int, max_len: int, beam: int) -> float:
+  """Encoder/prefill once per query, then `beam` hypotheses per step for `max_len` steps (upper bound: every
+  beam runs to max length)."""
+  init = accounting.decode_init_flops(config, inputs_length).total
+  steps = sum(accounting.decode_step_flops(config, t + 1, inputs_length).total for t in range(max_len))
+  return float(init + beam * steps)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  gin_utils.add_gin_arguments(parser)
+  parser.add_argument("--output_dir", required=True, help="Sweep directory (created; a rerun resumes).")
+  parser.add_argument("--report", action="store_true", help="Run `genret report` on the sweep at the end.")
+  parser.add_argument("--bootstrap", type=int, default=200, help="Bootstrap resamples for the report.")
+
+
+def run(args) -> int:
+  logging.basicConfig(level=logging.WARNING)
+  gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  cfg = SweepConfig()
+  out = os.path.abspath(args.output_dir)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "sweep.gin"), "w") as f:
+    f.write(gin.config_str())
+  run_sweep(cfg, out, config_path=",".join(args.gin_file))
+  if args.report:
+    from genret_jax.scaling import report
+    path = report.make_report(out, report.ReportConfig(bootstrap_resamples=args.bootstrap))
+    print(f"report: {path}")
+  return 0
+
+
+def run_sweep(cfg: SweepConfig, out_dir: str, config_path: str = "") -> list[dict]:
+  # Each cell reparses gin for its model; keep the sweep's own config object fixed across them.
+  sweep = Sweep(cfg, out_dir, config_path)
+  return sweep.run()

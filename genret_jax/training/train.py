@@ -1,0 +1,31 @@
+"""`genret train`: gin-configured training (t5x's train.py conventions)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import gin
+
+from genret_jax import gin_utils
+from genret_jax.training import distributed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  gin_utils.add_gin_arguments(parser)
+  distributed.add_arguments(parser)
+
+
+def run(args) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  distributed.initialize_from_args(args)
+  # Importing the trainer registers its configurables before the gin files are parsed.
+  from genret_jax.training import trainer  # noqa: F401
+  from genret_jax.models import model_api  # noqa: F401
+  gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  result = trainer.train()
+  print(f"trained to step {result.step}: loss {result.last_loss:.4f}"
+        + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+        + f", {result.tokens_per_s:.0f} tokens/s; params in {os.path.join(result.model_dir, 'params')}")
+  return 0

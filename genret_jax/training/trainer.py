@@ -1,0 +1,378 @@
+"""The trainer: jit-compiled, sharded train step over the (data, fsdp, model) mesh, orbax checkpoints with exact
+resume, optional LoRA, gradient accumulation, TensorBoard metrics, NaN guard.
+
+Resume is exact: the train state (params, optimizer state, step) is checkpointed with the number of batches the
+data stream has produced; dropout RNGs are `fold_in(seed, step)`; the seqio stream is deterministic given its seed
+and skips the consumed batches. A killed and restarted run therefore ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import flax
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from genret_jax.errors import InputError
+from genret_jax.models import params_io, partitioning
+from genret_jax.training import checkpoints as ckpt_lib
+from genret_jax.training import data as data_lib
+from genret_jax.training import lora as lora_lib
+from genret_jax.training import optimizers
+
+Params = Any
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Params          # the trainable tree: full params, or LoRA adapters
+  opt_state: Any
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1
+  fsdp: int = 1
+  model: int = 1
+
+  def build(self) -> jax.sharding.Mesh:
+    return partitioning.make_mesh(self.data, self.fsdp, self.model)
+
+
+def _batch_specs(batch: Mapping[str, np.ndarray], mesh) -> dict[str, NamedSharding]:
+  return {k: partitioning.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def _split_microbatches(batch, n: int):
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(model, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
+                    lora_cfg: lora_lib.LoraConfig | None = None, dropout: bool = True) -> Callable:
+  """(state, batch, frozen_params, base_rng) -> (state, metrics). Non-finite steps leave the state unchanged."""
+
+  def loss_of(trainable, frozen, batch, rng):
+    params = lora_lib.merge(frozen, trainable, lora_cfg) if lora_cfg is not None else trainable
+    loss, metrics = model.loss_fn(params, batch, rng if dropout else None)
+    return loss * metrics["num_tokens"], metrics   # token-weighted, so accumulation equals one big batch
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+  def step_fn(state: TrainState, batch, frozen, base_rng):
+    rng = jax.random.fold_in(base_rng, state.step)
+    if grad_accum_steps == 1:
+      (wloss, metrics), grads = grad_fn(state.params, frozen, batch, rng)
+      ntok, correct = metrics["num_tokens"], metrics["accuracy"] * metrics["num_tokens"]
+    else:
+      micro = _split_microbatches(batch, grad_accum_steps)
+
+      def body(carry, xs):
+        i, mb = xs
+        (wl, m), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(rng, i))
+        acc_g, acc_l, acc_n, acc_c = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_l + wl, acc_n + m["num_tokens"],
+                acc_c + m["accuracy"] * m["num_tokens"]), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, wloss, ntok, correct), _ = jax.lax.scan(
+          body, (zeros, 0.0, 0.0, 0.0), (jnp.arange(grad_accum_steps), micro))
+    denom = jnp.maximum(ntok, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = wloss / denom
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # Guard the loss, the gradients and the updated params: a step that would poison the state is not applied.
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                           opt_state=keep(new_opt, state.opt_state))
+    metrics = {"loss": loss, "accuracy": correct / denom, "num_tokens": ntok, "finite": finite,
+               "grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+  return step_fn
+
+
+def make_eval_step(model, lora_cfg=None) -> Callable:
+  def eval_fn(trainable, frozen, batch):
+    params = lora_lib.merge(frozen, trainable, lora_cfg) if lora_cfg is not None else trainable
+    _, m = model.loss_fn(params, batch, None)
+    return {"loss_sum": m["cross_ent_loss"] * m["num_tokens"], "num_tokens": m["num_tokens"],
+            "correct": m["accuracy"] * m["num_tokens"]}
+  return eval_fn
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  last_loss: float
+  losses: list[float]
+  eval_loss: float | None
+  params: Params            # merged full params (LoRA merged in)
+  model_dir: str
+  tokens_per_s: float
+  resumed_from: int | None
+
+
+@functools.cache
+def _device_peak_flops() -> float:
+  """Per-device peak FLOP/s for MFU: known accelerators by name; CPU measured with a short matmul."""
+  kind = jax.devices()[0].device_kind.lower()
+  table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12, "l4": 121e12, "tpu v4": 275e12,
+           "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
+  for k, v in table.items():
+    if k in kind:
+      return v
+  n = 512
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t0 = time.perf_counter()
+  reps = 20
+  for _ in range(reps):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+@gin.configurable
+def train(*,
+          model=gin.REQUIRED,
+          mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+          train_steps: int = gin.REQUIRED,
+          model_dir: str = gin.REQUIRED,
+          batch_size: int = 32,
+          seed: int = 0,
+          learning_rate: optax.Schedule | float | None = None,
+          optimizer: optax.GradientTransformation | None = None,
+          mesh_config: MeshConfig | None = None,
+          grad_accum_steps: int = 1,
+          lora: lora_lib.LoraConfig | None = None,
+          initial_checkpoint_path: str | None = None,
+          use_cached_tasks: bool = False,
+          pack: bool = False,
+          eval_split: str | None = "validation",
+          eval_every: int = 0,
+          eval_batches: int = 4,
+          checkpoint_every: int = 100,
+          keep_checkpoints: int = 3,
+          async_checkpointing: bool = False,
+          log_every: int = 10,
+          dropout: bool = True,
+          progress: bool = True,
+          write_config: bool = True,
+          stop_after_steps: int | None = None) -> TrainResult:
+  """Trains `model` on a seqio task/mixture; resumes from MODEL_DIR/checkpoints when present.
+
+  `stop_after_steps` stops the process early (as if killed) — used by the resume tests.
+  """
+  if train_steps <= 0:
+    raise InputError(f"TRAIN_STEPS must be positive, got {train_steps}", key="TRAIN_STEPS")
+  if batch_size % grad_accum_steps:
+    raise InputError(f"BATCH_SIZE {batch_size} not divisible by grad_accum_steps {grad_accum_steps}",
+                     key="train.grad_accum_steps")
+  os.makedirs(model_dir, exist_ok=True)
+  if write_config and jax.process_index() == 0:
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.config_str())
+  mesh = (mesh_config or MeshConfig()).build()
+  schedule = learning_rate if learning_rate is not None else optimizers.make_schedule(total_steps=train_steps)
+  tx = optimizer if optimizer is not None else optimizers.make_optimizer(learning_rate=schedule)
+  converter = data_lib.feature_converter_for(model.family, pack=pack)
+  base_rng = jax.random.key(seed)
+  init_rng, lora_rng = jax.random.split(jax.random.fold_in(base_rng, 1))
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(model_dir, "checkpoints"), max_to_keep=keep_checkpoints,
+                               async_save=async_checkpointing)
+  latest = ckpt.latest_step()
+  skip = 0
+  if latest is not None:
+    skip = int(ckpt.restore_meta(latest)["batches_consumed"])
+
+  ds = data_lib.get_dataset(mixture_or_task_name, task_feature_lengths, "train", batch_size, converter, seed=seed,
+                            shuffle=True, num_epochs=None, use_cached=use_cached_tasks, skip_batches=skip)
+  batches = data_lib.numpy_batches(ds)
+  first = next(batches)
+  batch_shapes = {k: (1,) + v.shape[1:] for k, v in first.items()}
+
+  with jax.set_mesh(mesh):
+    if initial_checkpoint_path:
+      base_params = load_params(initial_checkpoint_path, model, mesh, batch_shapes)
+    else:
+      base_params = model.init_sharded(init_rng, mesh, batch_shapes)
+
+    if lora is not None:
+      trainable0 = lora_lib.init_lora(base_params, lora, lora_rng)
+      frozen = base_params
+    else:
+      trainable0, frozen = base_params, None
+
+    def init_state(trainable):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable))
+
+    # One compilation gives both the state shardings (params keep their logical shardings, optimizer state
+    # follows them by propagation) and the initialiser.
+    init_compiled = jax.jit(init_state).lower(trainable0).compile()
+    state_sh = init_compiled.output_shardings
+    resumed_from = None
+    if latest is not None:
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              jax.eval_shape(init_state, trainable0), state_sh)
+      state, meta = ckpt.restore(latest, abstract)
+      resumed_from = latest
+      logging.info("resumed from step %d (%d batches consumed)", latest, skip)
+    else:
+      state = init_compiled(trainable0)
+      del trainable0
+
+    batch_sh = _batch_specs(first, mesh)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen) if frozen is not None else None
+    rep = NamedSharding(mesh, P())
+    step_fn = jax.jit(make_train_step(model, tx, grad_accum_steps, lora, dropout),
+                      in_shardings=(state_sh, batch_sh, frozen_sh, rep),
+                      out_shardings=(state_sh, rep), donate_argnums=(0,))
+    eval_fn = jax.jit(make_eval_step(model, lora), in_shardings=(state_sh.params, frozen_sh, batch_sh),
+                      out_shardings=rep)
+
+    writer = _make_writer(model_dir)
+    flops_per_token = _train_flops_per_token(model, first)
+    peak = _device_peak_flops() * jax.device_count()
+    losses: list[float] = []
+    start_step = int(state.step)
+    eval_loss = None
+    pbar = _progress(start_step, train_steps, progress)
+    tokens_window, t_window = 0.0, time.perf_counter()
+    step = start_step
+    batch = first
+    consumed = skip
+    last_loss = float("nan")
+    tokens_per_s = 0.0
+    while step < train_steps:
+      state, metrics = step_fn(state, batch, frozen, base_rng)
+      consumed += 1
+      step += 1
+      m = jax.device_get(metrics)
+      if not bool(m["finite"]):
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} (loss={float(m['loss'])}); the update was not applied and training "
+            f"stopped. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+      last_loss = float(m["loss"])
+      losses.append(last_loss)
+      tokens_window += float(m["num_tokens"])
+      if step % log_every == 0 or step == train_steps:
+        dt = time.perf_counter() - t_window
+        tokens_per_s = tokens_window / max(dt, 1e-9)
+        scalars = {"loss": last_loss, "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
+                   "tokens_per_s": tokens_per_s, "learning_rate": optimizers.learning_rate_at(schedule, step),
+                   "mfu": tokens_per_s * flops_per_token / peak if peak else 0.0}
+        writer.write_scalars(step, scalars)
+        tokens_window, t_window = 0.0, time.perf_counter()
+        if pbar is not None:
+          pbar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+      if pbar is not None:
+        pbar.update(1)
+      if eval_every and eval_split and (step % eval_every == 0 or step == train_steps):
+        eval_loss = evaluate(eval_fn, state.params, frozen, mixture_or_task_name, task_feature_lengths, eval_split,
+                             batch_size, converter, seed, eval_batches, use_cached_tasks)
+        if eval_loss is not None:
+          writer.write_scalars(step, {"eval_loss": eval_loss})
+      if step % checkpoint_every == 0 or step == train_steps:
+        ckpt.save(step, state, {"batches_consumed": consumed, "seed": seed, "step": step}, force=True)
+      if stop_after_steps is not None and step - start_step >= stop_after_steps:
+        break
+      if step < train_steps:
+        batch = next(batches)
+    ckpt.wait()
+    ckpt.close()
+    writer.flush()
+    if pbar is not None:
+      pbar.close()
+    full = lora_lib.merge(frozen, state.params, lora) if lora is not None else state.params
+    if step >= train_steps and jax.process_index() == 0:
+      params_io.save_params(model_dir, full, model_gin=_model_gin_text())
+  return TrainResult(step=step, last_loss=last_loss, losses=losses, eval_loss=eval_loss, params=full,
+                     model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from)
+
+
+def evaluate(eval_fn, trainable, frozen, task, lengths, split, batch_size, converter, seed, max_batches,
+             use_cached) -> float | None:
+  try:
+    ds = data_lib.get_dataset(task, lengths, split, batch_size, converter, seed=seed, shuffle=False, num_epochs=1,
+                              use_cached=use_cached)
+  except Exception as e:  # a task without that split: evaluation is optional, say so once
+    logging.warning("eval split %r unavailable for %s: %s", split, task, e)
+    return None
+  tot, n = 0.0, 0.0
+  for i, batch in enumerate(data_lib.numpy_batches(ds)):
+    if i >= max_batches:
+      break
+    m = jax.device_get(eval_fn(trainable, frozen, batch))
+    tot += float(m["loss_sum"])
+    n += float(m["num_tokens"])
+  return tot / n if n else None
+
+
+def load_params(path: str, model, mesh, batch_shapes) -> Params:
+  """Params from `<path>/params` (a finished `genret train` MODEL_DIR or a `convert-hf` output), restored
+  directly into their mesh shardings."""
+  return params_io.restore_params(path, params_io.abstract_with_shardings(model, mesh, batch_shapes))
+
+
+def _train_flops_per_token(model, batch) -> float:
+  """Training FLOPs per processed token for MFU (accounting.py: 6N + attention + logits)."""
+  from genret_jax.models import accounting
+  if "encoder_input_tokens" in batch:
+    lin, lt = batch["encoder_input_tokens"].shape[1], batch["decoder_target_tokens"].shape[1]
+  else:   # prefix-LM: the whole packed sequence runs through the decoder
+    lin, lt = 0, batch["decoder_target_tokens"].shape[1]
+  return float(accounting.train_flops_per_token(model.config, lin, lt).total)
+
+
+def _model_gin_text() -> str:
+  """The operative config, so `<MODEL_DIR>/model.gin` rebuilds the same model for inference."""
+  return gin.config_str()
+
+
+class _NullWriter:
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+  def flush(self):
+    pass
+
+
+def _make_writer(model_dir: str):
+  if jax.process_index() != 0:
+    return _NullWriter()
+  from clu import metric_writers
+  return metric_writers.create_default_writer(os.path.join(model_dir, "train"), asynchronous=False)
+
+
+def _progress(start, total, enabled):
+  if not enabled or jax.process_index() != 0:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
