@@ -1,0 +1,391 @@
+"""Hugging Face <-> genret checkpoints for `T5ForConditionalGeneration` and `LlamaForCausalLM`.
+
+Import: `genret convert-hf --hf_dir DIR --out OUT` reads config.json plus safetensors (single or sharded) or
+pytorch_model.bin, and writes `OUT/params` (orbax StandardCheckpointer, `{'params': tree}`) and `OUT/model.gin`
+(the matching size config; `--gin_file OUT/model.gin` then builds the same model).
+Export: `genret convert-hf --to_hf --gin_file OUT/model.gin --checkpoint OUT/params --out HF_DIR` writes
+config.json + model.safetensors that `from_pretrained` loads.
+
+HF Linear weights are [out, in]; ours are DenseGeneral kernels [in, ..., out], so each matrix is transposed and
+the head axes split/merged. HF LLaMA's rotate-half RoPE is implemented as is, so no q/k permutation is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from genret_jax.errors import InputError
+from genret_jax.models.llama import LlamaConfig
+from genret_jax.models.t5 import T5Config
+
+_ACT_FROM_HF = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu",
+                "silu": "silu", "swish": "silu"}
+_ACT_TO_HF = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "silu": "silu"}
+
+
+# ---- reading HF directories ------------------------------------------------------------------------------------
+def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
+  path = pathlib.Path(hf_dir) / "config.json"
+  if not path.exists():
+    raise InputError("no config.json in the Hugging Face directory", path=str(path))
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise InputError(f"invalid JSON: {e.msg}", path=str(path), line=e.lineno) from e
+
+
+def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint directory as float32 numpy arrays."""
+  d = pathlib.Path(hf_dir)
+  files = sorted(d.glob("*.safetensors"))
+  if files:
+    from safetensors import safe_open
+    out = {}
+    for f in files:
+      with safe_open(str(f), framework="pt") as fh:  # "pt" handles bf16, which numpy cannot hold
+        for k in fh.keys():
+          out[k] = fh.get_tensor(k).float().numpy()
+    return out
+  bins = sorted(d.glob("pytorch_model*.bin"))
+  if bins:
+    import torch
+    out = {}
+    for f in bins:
+      for k, v in torch.load(str(f), map_location="cpu", weights_only=True).items():
+        out[k] = v.float().numpy()
+    return out
+  raise InputError("no *.safetensors or pytorch_model*.bin weights found", path=str(d))
+
+
+def _get(cfg: dict, *keys, default=None):
+  for k in keys:
+    if cfg.get(k) is not None:
+      return cfg[k]
+  return default
+
+
+def t5_config_from_hf(hf: dict[str, Any], **overrides) -> T5Config:
+  proj = hf.get("feed_forward_proj", "relu")
+  gated = proj.startswith("gated-")
+  act = "gelu_new" if proj == "gated-gelu" else proj.split("-")[-1]
+  if act not in _ACT_FROM_HF:
+    raise InputError(f"unsupported feed_forward_proj {proj!r}", key="feed_forward_proj")
+  acts = (_ACT_FROM_HF[act], "linear") if gated else (_ACT_FROM_HF[act],)
+  return T5Config(
+      vocab_size=hf["vocab_size"], d_model=hf["d_model"], num_heads=hf["num_heads"], head_dim=hf["d_kv"],
+      d_ff=hf["d_ff"], num_encoder_layers=hf["num_layers"],
+      num_decoder_layers=_get(hf, "num_decoder_layers", "num_layers"), mlp_activations=acts,
+      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+      dropout_rate=hf.get("dropout_rate", 0.0), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+      tie_word_embeddings=hf.get("tie_word_embeddings", True),
+      # transformers >= 5 always ties T5 and records v1.0's output rescaling separately
+      scale_decoder_outputs=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)), **overrides)
+
+
+def llama_config_from_hf(hf: dict[str, Any], **overrides) -> LlamaConfig:
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type != "default":
+    raise InputError(f"rope type {rope_type!r} is not supported (only default RoPE)", key="rope_parameters")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise InputError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)", key="hidden_act")
+  if hf.get("attention_bias") or hf.get("mlp_bias"):
+    raise InputError("attention/MLP biases are not supported", key="attention_bias")
+  heads = hf["num_attention_heads"]
+  return LlamaConfig(
+      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=_get(hf, "num_key_value_heads", default=heads),
+      head_dim=_get(hf, "head_dim", default=hf["hidden_size"] // heads), d_ff=hf["intermediate_size"],
+      rope_theta=float(_get(rope, "rope_theta", default=_get(hf, "rope_theta", default=10000.0))),
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=hf.get("tie_word_embeddings", False),
+      **overrides)
+
+
+def config_from_hf(hf: dict[str, Any], **overrides):
+  model_type = hf.get("model_type", "")
+  if model_type in ("t5", "mt5"):
+    return t5_config_from_hf(hf, **overrides)
+  if model_type == "llama":
+    return llama_config_from_hf(hf, **overrides)
+  raise InputError(f"unsupported model_type {model_type!r} (T5ForConditionalGeneration or LlamaForCausalLM)",
+                   key="model_type")
+
+
+# ---- weight mapping ---------------------------------------------------------------------------------------------
+def _q_in(w, heads, hd):  # HF [heads*hd, d] -> ours [d, heads, hd]
+  return w.T.reshape(w.shape[1], heads, hd)
+
+
+def _o_in(w, heads, hd):  # HF [d, heads*hd] -> ours [heads, hd, d]
+  return w.T.reshape(heads, hd, w.shape[0])
+
+
+def _q_out(k):
+  return k.reshape(k.shape[0], -1).T
+
+
+def _o_out(k):
+  return k.reshape(-1, k.shape[-1]).T
+
+
+def _attn_in(sd, prefix, names, heads, kv_heads, hd):
+  q, k, v, o = (sd[f"{prefix}.{n}.weight"] for n in names)
+  return {"query": {"kernel": _q_in(q, heads, hd)}, "key": {"kernel": _q_in(k, kv_heads, hd)},
+          "value": {"kernel": _q_in(v, kv_heads, hd)}, "out": {"kernel": _o_in(o, heads, hd)}}
+
+
+def _attn_out(p, prefix, names):
+  return {f"{prefix}.{names[0]}.weight": _q_out(p["query"]["kernel"]),
+          f"{prefix}.{names[1]}.weight": _q_out(p["key"]["kernel"]),
+          f"{prefix}.{names[2]}.weight": _q_out(p["value"]["kernel"]),
+          f"{prefix}.{names[3]}.weight": _o_out(p["out"]["kernel"])}
+
+
+def _mlp_names(config: T5Config) -> list[str]:
+  return ["wi"] if len(config.mlp_activations) == 1 else [f"wi_{i}" for i in range(len(config.mlp_activations))]
+
+
+def _need(sd: dict, key: str):
+  if key not in sd:
+    raise InputError(f"weight {key!r} missing from the checkpoint", key=key)
+  return sd[key]
+
+
+def t5_params_from_hf(sd: dict[str, np.ndarray], c: T5Config) -> dict:
+  qkvo = ("q", "k", "v", "o")
+  h, hd = c.num_heads, c.head_dim
+  _need(sd, "shared.weight")
+  enc: dict[str, Any] = {
+      "relpos_bias": {"rel_embedding": _need(sd, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
+      "encoder_norm": {"scale": sd["encoder.final_layer_norm.weight"]}}
+  for i in range(c.num_encoder_layers):
+    b = f"encoder.block.{i}.layer"
+    enc[f"layers_{i}"] = {
+        "pre_attention_layer_norm": {"scale": sd[f"{b}.0.layer_norm.weight"]},
+        "attention": _attn_in(sd, f"{b}.0.SelfAttention", qkvo, h, h, hd),
+        "pre_mlp_layer_norm": {"scale": sd[f"{b}.1.layer_norm.weight"]},
+        "mlp": {**{n: {"kernel": sd[f"{b}.1.DenseReluDense.{n}.weight"].T} for n in _mlp_names(c)},
+                "wo": {"kernel": sd[f"{b}.1.DenseReluDense.wo.weight"].T}}}
+  dec: dict[str, Any] = {
+      "relpos_bias": {"rel_embedding": _need(sd, "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")},
+      "decoder_norm": {"scale": sd["decoder.final_layer_norm.weight"]}}
+  for i in range(c.num_decoder_layers):
+    b = f"decoder.block.{i}.layer"
+    dec[f"layers_{i}"] = {
+        "pre_self_attention_layer_norm": {"scale": sd[f"{b}.0.layer_norm.weight"]},
+        "self_attention": _attn_in(sd, f"{b}.0.SelfAttention", qkvo, h, h, hd),
+        "pre_cross_attention_layer_norm": {"scale": sd[f"{b}.1.layer_norm.weight"]},
+        "encoder_decoder_attention": _attn_in(sd, f"{b}.1.EncDecAttention", qkvo, h, h, hd),
+        "pre_mlp_layer_norm": {"scale": sd[f"{b}.2.layer_norm.weight"]},
+        "mlp": {**{n: {"kernel": sd[f"{b}.2.DenseReluDense.{n}.weight"].T} for n in _mlp_names(c)},
+                "wo": {"kernel": sd[f"{b}.2.DenseReluDense.wo.weight"].T}}}
+  if not c.tie_word_embeddings:
+    dec["logits_dense"] = {"kernel": _need(sd, "lm_head.weight").T}
+  return {"token_embedder": {"embedding": sd["shared.weight"]}, "encoder": enc, "decoder": dec}
+
+
+def t5_params_to_hf(p: dict, c: T5Config) -> dict[str, np.ndarray]:
+  qkvo = ("q", "k", "v", "o")
+  sd = {"shared.weight": p["token_embedder"]["embedding"]}
+  enc, dec = p["encoder"], p["decoder"]
+  sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = enc["relpos_bias"]["rel_embedding"]
+  sd["decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = dec["relpos_bias"]["rel_embedding"]
+  sd["encoder.final_layer_norm.weight"] = enc["encoder_norm"]["scale"]
+  sd["decoder.final_layer_norm.weight"] = dec["decoder_norm"]["scale"]
+  for i in range(c.num_encoder_layers):
+    b, lp = f"encoder.block.{i}.layer", enc[f"layers_{i}"]
+    sd[f"{b}.0.layer_norm.weight"] = lp["pre_attention_layer_norm"]["scale"]
+    sd.update(_attn_out(lp["attention"], f"{b}.0.SelfAttention", qkvo))
+    sd[f"{b}.1.layer_norm.weight"] = lp["pre_mlp_layer_norm"]["scale"]
+    for n in _mlp_names(c) + ["wo"]:
+      sd[f"{b}.1.DenseReluDense.{n}.weight"] = lp["mlp"][n]["kernel"].T
+  for i in range(c.num_decoder_layers):
+    b, lp = f"decoder.block.{i}.layer", dec[f"layers_{i}"]
+    sd[f"{b}.0.layer_norm.weight"] = lp["pre_self_attention_layer_norm"]["scale"]
+    sd.update(_attn_out(lp["self_attention"], f"{b}.0.SelfAttention", qkvo))
+    sd[f"{b}.1.layer_norm.weight"] = lp["pre_cross_attention_layer_norm"]["scale"]
+    sd.update(_attn_out(lp["encoder_decoder_attention"], f"{b}.1.EncDecAttention", qkvo))
+    sd[f"{b}.2.layer_norm.weight"] = lp["pre_mlp_layer_norm"]["scale"]
+    for n in _mlp_names(c) + ["wo"]:
+      sd[f"{b}.2.DenseReluDense.{n}.weight"] = lp["mlp"][n]["kernel"].T
+  sd["lm_head.weight"] = (p["token_embedder"]["embedding"] if c.tie_word_embeddings
+                          else dec["logits_dense"]["kernel"].T)
+  return sd
+
+
+_LLAMA_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def llama_params_from_hf(sd: dict[str, np.ndarray], c: LlamaConfig) -> dict:
+  p: dict[str, Any] = {"token_embedder": {"embedding": _need(sd, "model.embed_tokens.weight")},
+                       "final_norm": {"scale": _need(sd, "model.norm.weight")}}
+  for i in range(c.num_layers):
+    b = f"model.layers.{i}"
+    _need(sd, f"{b}.self_attn.q_proj.weight")
+    p[f"layers_{i}"] = {
+        "attention_norm": {"scale": sd[f"{b}.input_layernorm.weight"]},
+        "attention": _attn_in(sd, f"{b}.self_attn", _LLAMA_ATTN, c.num_heads, c.num_kv_heads, c.head_dim),
+        "mlp_norm": {"scale": sd[f"{b}.post_attention_layernorm.weight"]},
+        "mlp": {"wi_0": {"kernel": sd[f"{b}.mlp.gate_proj.weight"].T},
+                "wi_1": {"kernel": sd[f"{b}.mlp.up_proj.weight"].T},
+                "wo": {"kernel": sd[f"{b}.mlp.down_proj.weight"].T}}}
+  if not c.tie_word_embeddings:
+    p["logits_dense"] = {"kernel": _need(sd, "lm_head.weight").T}
+  return p
+
+
+def llama_params_to_hf(p: dict, c: LlamaConfig) -> dict[str, np.ndarray]:
+  sd = {"model.embed_tokens.weight": p["token_embedder"]["embedding"], "model.norm.weight": p["final_norm"]["scale"]}
+  for i in range(c.num_layers):
+    b, lp = f"model.layers.{i}", p[f"layers_{i}"]
+    sd[f"{b}.input_layernorm.weight"] = lp["attention_norm"]["scale"]
+    sd.update(_attn_out(lp["attention"], f"{b}.self_attn", _LLAMA_ATTN))
+    sd[f"{b}.post_attention_layernorm.weight"] = lp["mlp_norm"]["scale"]
+    sd[f"{b}.mlp.gate_proj.weight"] = lp["mlp"]["wi_0"]["kernel"].T
+    sd[f"{b}.mlp.up_proj.weight"] = lp["mlp"]["wi_1"]["kernel"].T
+    sd[f"{b}.mlp.down_proj.weight"] = lp["mlp"]["wo"]["kernel"].T
+  if not c.tie_word_embeddings:
+    sd["lm_head.weight"] = p["logits_dense"]["kernel"].T
+  return sd
+
+
+def hf_config_from(config) -> dict[str, Any]:
+  """config.json content for our config."""
+  if isinstance(config, T5Config):
+    acts = config.mlp_activations
+    if len(acts) == 2 and acts[1] == "linear":
+      proj = "gated-gelu" if acts[0] == "gelu" else f"gated-{_ACT_TO_HF[acts[0]]}"
+    elif len(acts) == 1:
+      proj = _ACT_TO_HF[acts[0]]
+    else:
+      raise InputError(f"mlp_activations {acts} have no Hugging Face equivalent", key="mlp_activations")
+    return {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": config.vocab_size,
+            "d_model": config.d_model, "d_kv": config.head_dim, "d_ff": config.d_ff,
+            "num_layers": config.num_encoder_layers, "num_decoder_layers": config.num_decoder_layers,
+            "num_heads": config.num_heads, "relative_attention_num_buckets": config.relative_attention_num_buckets,
+            "relative_attention_max_distance": config.relative_attention_max_distance,
+            "dropout_rate": config.dropout_rate, "layer_norm_epsilon": config.layer_norm_epsilon,
+            "feed_forward_proj": proj, "tie_word_embeddings": config.tie_word_embeddings,
+            "scale_decoder_outputs": bool(config.tie_word_embeddings if config.scale_decoder_outputs is None
+                                          else config.scale_decoder_outputs),
+            "is_encoder_decoder": True, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
+          "hidden_size": config.d_model, "num_hidden_layers": config.num_layers,
+          "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+          "head_dim": config.head_dim, "intermediate_size": config.d_ff, "rms_norm_eps": config.rms_norm_eps,
+          "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+          "hidden_act": "silu", "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": False,
+          "mlp_bias": False, "max_position_embeddings": 4096}
+
+
+def params_from_hf(sd: dict[str, np.ndarray], config) -> dict:
+  from genret_jax.models import layers
+  p = t5_params_from_hf(sd, config) if isinstance(config, T5Config) else llama_params_from_hf(sd, config)
+  p = _to_float32(p)
+  return layers.stack_layer_params(p) if config.scan_layers else p
+
+
+def params_to_hf(params: dict, config) -> dict[str, np.ndarray]:
+  from genret_jax.models import layers
+  p = layers.unstack_layer_params(_to_float32(params)) if config.scan_layers else _to_float32(params)
+  sd = t5_params_to_hf(p, config) if isinstance(config, T5Config) else llama_params_to_hf(p, config)
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+
+
+def _to_float32(tree):
+  import jax
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+
+def load_hf(hf_dir: str | os.PathLike, **config_overrides) -> tuple[Any, dict]:
+  """(our config, our params) from a HF checkpoint directory."""
+  config = config_from_hf(read_hf_config(hf_dir), **config_overrides)
+  sd = read_hf_weights(hf_dir)
+  if isinstance(config, T5Config) and config.tie_word_embeddings and "lm_head.weight" in sd and not np.array_equal(
+      sd["lm_head.weight"], sd.get("shared.weight")):
+    config = dataclasses.replace(config, tie_word_embeddings=False)  # an untied lm_head is stored: keep it
+  return config, params_from_hf(sd, config)
+
+
+def save_hf(params: dict, config, out_dir: str | os.PathLike) -> None:
+  """config.json + model.safetensors loadable by `AutoModel*.from_pretrained(out_dir)`."""
+  from safetensors.numpy import save_file
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  sd = params_to_hf(params, config)
+  if config.tie_word_embeddings and isinstance(config, LlamaConfig):
+    sd.pop("lm_head.weight", None)
+  (out / "config.json").write_text(json.dumps(hf_config_from(config), indent=2))
+  save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---- gin + orbax -----------------------------------------------------------------------------------------------
+def gin_for_config(config) -> str:
+  """A size gin equivalent to `config` (same layout as gin_configs/models/*)."""
+  is_t5 = isinstance(config, T5Config)
+  cls, wrapper = ("T5Config", "EncoderDecoderModel") if is_t5 else ("LlamaConfig", "DecoderOnlyModel")
+  lines = [f"# Converted from Hugging Face ({config.family}).", "import genret_jax.models", "",
+           f"MODEL = @models.{wrapper}()", "models.get_model.model = %MODEL",
+           f"models.{wrapper}.config = @models.{cls}()"]
+  for f in dataclasses.fields(config):
+    lines.append(f"models.{cls}.{f.name} = {getattr(config, f.name)!r}")
+  return "\n".join(lines) + "\n"
+
+
+def save_params(params: dict, path: str | os.PathLike) -> None:
+  import orbax.checkpoint as ocp
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.abspath(path), {"params": params}, force=True)
+  ckpt.wait_until_finished()
+
+
+def load_params(path: str | os.PathLike, abstract_params: Any | None = None) -> dict:
+  """Restores `{'params': ...}` written by `save_params` (into `abstract_params` shardings when given)."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise InputError("checkpoint not found", path=path)
+  ckpt = ocp.StandardCheckpointer()
+  target = None if abstract_params is None else {"params": abstract_params}
+  return ckpt.restore(path, target)["params"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--hf_dir", help="Hugging Face checkpoint directory (import), or output dir with --to_hf.")
+  parser.add_argument("--out", required=True, help="Output directory.")
+  parser.add_argument("--to_hf", action="store_true", help="Export a genret checkpoint to Hugging Face format.")
+  parser.add_argument("--checkpoint", help="With --to_hf: the orbax params directory (e.g. OUT/params).")
+  parser.add_argument("--scan_layers", action="store_true", help="Import into the scan-over-layers layout.")
+  parser.add_argument("--dtype", default="bfloat16", help="Compute dtype written to the gin config.")
+  from genret_jax.gin_utils import add_gin_arguments
+  add_gin_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+  if args.to_hf:
+    from genret_jax.gin_utils import parse_gin
+    from genret_jax.models.model_api import get_model
+    if not args.checkpoint or not args.gin_file:
+      raise InputError("--to_hf needs --checkpoint and --gin_file", key="--to_hf")
+    parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    config = get_model().config
+    save_hf(load_params(args.checkpoint), config, args.out)
+    print(f"wrote {args.out}/config.json and model.safetensors ({config.family})")
+    return 0
+  if not args.hf_dir:
+    raise InputError("--hf_dir is required (or --to_hf)", key="--hf_dir")
+  config, params = load_hf(args.hf_dir, dtype=args.dtype, scan_layers=args.scan_layers)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  save_params(params, out / "params")
+  (out / "model.gin").write_text(gin_for_config(config))
+  print(f"wrote {out}/params (orbax) and {out}/model.gin ({config.family})")
+  return 0

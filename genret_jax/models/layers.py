@@ -1,0 +1,314 @@
+"""Building blocks shared by the T5 and LLaMA families: norm, embedding, projections, attention with a KV cache,
+gated MLP, rotary embeddings, and the layer-stacking helper (python loop or `nn.scan`, optional remat).
+
+Conventions:
+* every parameter is created with `nn.with_logical_partitioning` (logical names resolved by `partitioning.py`);
+* compute runs in `dtype` (e.g. bfloat16), parameters live in `param_dtype` (float32); norms and softmax run in
+  float32;
+* attention masks are booleans broadcastable to [batch, 1, q_len, kv_len], True = may attend.
+
+KV cache (flax `cache` collection). A self-attention layer in `decode` mode holds, all with the batch leading:
+`cached_key`/`cached_value` [B, Lc, kv_heads, head_dim], `key_mask` [B, Lc] (1 = slot holds a real token),
+`cache_index` [B] (next slot to write). The first `decode` call only creates the (zero) cache; each later call
+appends its T tokens at every row's own index and attends causally over the valid slots, so one code path serves
+a multi-token prefill (left padding marked by `token_mask`) and single-token steps. Cross-attention caches the
+projected encoder keys/values and the encoder mask on the first call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+
+NEG_INF = -1.0e10  # finite so that fully masked rows (padding queries) give a uniform softmax, never NaN
+
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def as_dtype(name: str | DType) -> DType:
+  return jnp.dtype(name) if isinstance(name, str) else name
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+def kernel_init(scale: float, num_in: int, num_out: int) -> Callable:
+  """Fan-in variance scaling for a kernel whose first `num_in` axes contract and last `num_out` axes are outputs."""
+  return nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
+                                          in_axis=tuple(range(num_in)),
+                                          out_axis=tuple(range(num_in, num_in + num_out)))
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square layer norm without bias or mean subtraction (T5 and LLaMA)."""
+  epsilon: float = 1e-6
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """Token embedding [vocab, embed]; `attend` reuses it as the output projection (tied embeddings)."""
+  num_embeddings: int
+  features: int
+  init_std: float = 1.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ("vocab", "embed")),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(jnp.asarray(self.embedding), ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), jnp.asarray(self.embedding).astype(self.dtype))
+
+
+class DenseGeneral(nn.Module):
+  """Bias-free projection contracting the last `num_contract` input axes into `features`."""
+  features: tuple[int, ...]
+  axes: tuple[str, ...]  # logical names of the kernel: contracted axes then output axes
+  num_contract: int = 1
+  init_scale: float = 1.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = self.num_contract
+    shape = tuple(x.shape[-c:]) + tuple(self.features)
+    kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init(self.init_scale, c, len(self.features)),
+                                                               self.axes), shape, self.param_dtype)
+    dims = (tuple(range(x.ndim - c, x.ndim)), tuple(range(c)))
+    return jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel).astype(self.dtype), (dims, ((), ())))
+
+
+def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary position embedding, "rotate half" layout (HF LLaMA). x: [B, T, H, D], positions: [B, T]."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def _update_rows(buffer: Array, update: Array, index: Array) -> Array:
+  """Writes update[b] into buffer[b] at offset index[b] along axis 1 (per-row cache write)."""
+
+  def one(buf, upd, i):
+    return jax.lax.dynamic_update_slice(buf, upd.astype(buf.dtype), (i,) + (0,) * (buf.ndim - 1))
+
+  return jax.vmap(one)(buffer, update, index)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query attention with an optional KV cache and rotary embeddings.
+
+  `scale_logits=False` is T5 (the 1/sqrt(d) is folded into the query init); LLaMA scales.
+  """
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+  dropout_rate: float = 0.0
+  scale_logits: bool = True
+  rope_theta: float | None = None  # None: no rotary embedding
+  query_init_scale: float = 1.0
+  init_scale: float = 1.0
+  is_cross_attention: bool = False
+  decode: bool = False
+  cache_length: int = 0
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array | None, mask: Array | None = None,
+               bias: Array | None = None, q_positions: Array | None = None,
+               token_mask: Array | None = None, deterministic: bool = True) -> Array:
+    h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+    dense = functools.partial(DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype)
+    q = dense((h, d), ("embed", "heads", "kv"), init_scale=self.query_init_scale, name="query")(inputs_q)
+    q = constrain(q, ("batch", "length", "heads", "kv"))
+    batch, q_len = inputs_q.shape[0], inputs_q.shape[1]
+
+    if self.is_cross_attention and self.decode:
+      k, v, mask = self._cross_cache(inputs_kv, mask, dense)
+    else:
+      k = dense((hkv, d), ("embed", "kv_heads", "kv"), init_scale=self.init_scale, name="key")(inputs_kv)
+      v = dense((hkv, d), ("embed", "kv_heads", "kv"), init_scale=self.init_scale, name="value")(inputs_kv)
+      if self.rope_theta is not None:
+        q = rotary_embedding(q, q_positions, self.rope_theta)
+        k = rotary_embedding(k, q_positions, self.rope_theta)  # self-attention: keys are the queries' tokens
+      if self.decode:
+        k, v, mask = self._self_cache(k, v, mask, token_mask, batch, q_len)
+    k = constrain(k, ("batch", "length", "kv_heads", "kv"))
+    v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+
+    if self.scale_logits:
+      q = q * jnp.asarray(d ** -0.5, q.dtype)
+    groups = h // hkv
+    qg = q.reshape(batch, q_len, hkv, groups, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
+    kv_len = k.shape[1]
+    if bias is not None:
+      bias = bias[..., :kv_len]  # the cache-creation call gets a bias sized for the cache; it attends to 1 token
+      logits = logits + bias.astype(jnp.float32).reshape(bias.shape[0], hkv, groups, q_len, kv_len)
+    if mask is not None:
+      m = jnp.broadcast_to(mask, (mask.shape[0], 1, q_len, kv_len))[:, :, None]
+      logits = jnp.where(m, logits, NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    if self.dropout_rate > 0.0 and not deterministic:
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, q_len, h, d)
+    out = constrain(out, ("batch", "length", "heads", "kv"))
+    return dense((inputs_q.shape[-1],), ("heads", "kv", "embed"), num_contract=2, init_scale=self.init_scale,
+                 name="out")(out)
+
+  def _self_cache(self, k, v, mask, token_mask, batch, q_len):
+    hkv, d = self.num_kv_heads, self.head_dim
+    initialized = self.has_variable("cache", "cached_key")
+    shape = (batch, self.cache_length, hkv, d)
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+    key_mask = self.variable("cache", "key_mask", jnp.zeros, (batch, self.cache_length), jnp.int32)
+    cache_index = self.variable("cache", "cache_index", jnp.zeros, (batch,), jnp.int32)
+    if not initialized:  # creation call: attend within the given tokens only, cache untouched
+      return k, v, mask
+    index = cache_index.value
+    tm = jnp.ones((batch, q_len), jnp.int32) if token_mask is None else token_mask.astype(jnp.int32)
+    cached_key.value = _update_rows(cached_key.value, k, index)
+    cached_value.value = _update_rows(cached_value.value, v, index)
+    key_mask.value = _update_rows(key_mask.value, tm, index)
+    cache_index.value = index + q_len
+    slots = jnp.arange(self.cache_length)
+    q_slots = index[:, None] + jnp.arange(q_len)[None, :]  # [B, T]
+    cache_mask = (slots[None, None, :] <= q_slots[:, :, None]) & (key_mask.value[:, None, :] > 0)
+    return cached_key.value, cached_value.value, cache_mask[:, None]
+
+  def _cross_cache(self, inputs_kv, mask, dense):
+    """Projects the encoder output once (creation call) and reuses the projections at every step."""
+    hkv, d = self.num_kv_heads, self.head_dim
+    if not self.has_variable("cache", "cross_key"):
+      k = dense((hkv, d), ("embed", "kv_heads", "kv"), init_scale=self.init_scale, name="key")(inputs_kv)
+      v = dense((hkv, d), ("embed", "kv_heads", "kv"), init_scale=self.init_scale, name="value")(inputs_kv)
+      kv_mask = jnp.broadcast_to(mask, (mask.shape[0], 1, 1, inputs_kv.shape[1]))[:, 0, 0].astype(jnp.int32)
+      self.variable("cache", "cross_key", lambda: k)
+      self.variable("cache", "cross_value", lambda: v)
+      self.variable("cache", "cross_mask", lambda: kv_mask)
+    k = self.get_variable("cache", "cross_key")
+    v = self.get_variable("cache", "cross_value")
+    kv_mask = self.get_variable("cache", "cross_mask")
+    return k, v, (kv_mask > 0)[:, None, None, :]
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "linear": lambda x: x,
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=True),  # HF "gelu_new" (T5 v1.1 gated-gelu)
+    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+class MlpBlock(nn.Module):
+  """Feed-forward: product of one projection per activation (gated when >1), then down-projection."""
+  d_ff: int
+  activations: tuple[str, ...] = ("gelu", "linear")
+  dropout_rate: float = 0.0
+  init_scale: float = 1.0
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    dense = functools.partial(DenseGeneral, dtype=self.dtype, param_dtype=self.param_dtype,
+                              init_scale=self.init_scale)
+    hidden = None
+    for i, act in enumerate(self.activations):
+      name = "wi" if len(self.activations) == 1 else f"wi_{i}"
+      y = ACTIVATIONS[act](dense((self.d_ff,), ("embed", "mlp"), name=name)(x))
+      hidden = y if hidden is None else hidden * y
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+    return dense((x.shape[-1],), ("mlp", "embed"), name="wo")(hidden)
+
+
+def apply_layers(layer_cls: type[nn.Module], num_layers: int, x: Array, args: tuple, *, scan: bool,
+                 remat_policy: str, **attrs) -> Array:
+  """Runs `num_layers` layers `layer_cls(**attrs)(x, *args) -> (x, None)` as a loop or a scan.
+
+  Scanned params get a leading `layers` axis; scanned cache leaves are stacked at axis 1 so the batch stays the
+  leading axis of every cache leaf (the beam search contract).
+  """
+  cls = layer_cls
+  if remat_policy != "none":
+    if remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {remat_policy!r}; one of none, {', '.join(REMAT_POLICIES)}")
+    cls = nn.remat(cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+  if scan:
+    stack = nn.scan(cls, variable_axes={"params": 0, "cache": 1}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,) * len(args), length=num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = stack(name="layers", **attrs)(x, *args)
+    return x
+  for i in range(num_layers):
+    x, _ = cls(name=f"layers_{i}", **attrs)(x, *args)
+  return x
+
+
+def segment_mask(q_segments: Array, kv_segments: Array) -> Array:
+  """[B, 1, Tq, Tk]: same non-zero segment (packing-aware padding mask)."""
+  return ((q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] > 0))[:, None]
+
+
+def causal_mask(length: int) -> Array:
+  return jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
+
+
+def stack_layer_params(tree: Any) -> Any:
+  """Converts a loop layout (`layers_0`, `layers_1`, ...) into the `nn.scan` layout (`layers`, leading axis)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: stack_layer_params(v) for k, v in tree.items() if not k.startswith("layers_")}
+  indexed = sorted((int(k.split("_")[1]), v) for k, v in tree.items() if k.startswith("layers_"))
+  if indexed:
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[stack_layer_params(v) for _, v in indexed])
+  return out
+
+
+def unstack_layer_params(tree: Any) -> Any:
+  """Inverse of `stack_layer_params`."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: unstack_layer_params(v) for k, v in tree.items() if k != "layers"}
+  if "layers" in tree:
+    n = jax.tree.leaves(tree["layers"])[0].shape[0]
+    for i in range(n):
+      out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
+  return out

@@ -1,0 +1,285 @@
+"""t5x-style model wrappers: the one interface training, decoding and scaling use (docs/design.md "Model contract").
+
+`EncoderDecoderModel(T5Config)` and `DecoderOnlyModel(LlamaConfig)` expose
+* `init(rng, batch_shapes) -> params` (unboxed), `abstract_params(batch_shapes)` (boxed, with logical axes),
+  `param_shardings(mesh, batch_shapes)`, `init_sharded(rng, batch_shapes, mesh)`;
+* `loss_fn(params, batch, dropout_rng) -> (loss, metrics)`: mean cross-entropy over `decoder_loss_weights`
+  (+ optional z-loss), batch = seqio feature-converter output, packed or not;
+* `score_batch(params, batch) -> (sum_logprob [B], mean_logprob [B])` over `decoder_loss_weights` only;
+* `decode_init(params, inputs, max_decode_len) -> (cache, first_tokens [B])` and
+  `tokens_to_logits(params, cache, tokens [N], step) -> (logits [N, V] float32, cache)`: every cache leaf has the
+  flattened batch as leading axis; per-row positions live in the cache (`step` is informational);
+* `greedy_decode(params, inputs, max_decode_len, eos_id=1) -> tokens [B, max_decode_len]` for self-checks.
+
+All methods enter the logical axis rules, so under `jax.set_mesh(mesh)` activations are constrained to the mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Mapping
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from genret_jax.models import partitioning
+from genret_jax.models.llama import LlamaConfig, LlamaTransformer
+from genret_jax.models.t5 import T5Config, T5Transformer
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+Params = Any
+
+
+def _token_stats(logits: Array, targets: Array, weights: Array, z_loss: float):
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  logprob = target_logit - log_z
+  return logprob, z_loss * jnp.square(log_z) * weights
+
+
+def _rng_context():
+  """On CPU, trace random ops with the classic (non-partitionable) threefry.
+
+  XLA:CPU compiles the partitionable threefry very slowly here (~7 s of CPU per random op, i.e. minutes for a
+  model init); CPU runs are single-host, so partitionable bits buy nothing. Accelerators keep the default.
+  """
+  if jax.default_backend() == "cpu":
+    return jax.threefry_partitionable(False)
+  return contextlib.nullcontext()
+
+
+class BaseModel:
+  """Shared loss / score / sharding logic; subclasses define `_logits`, `_dummy_batch` and decoding."""
+
+  FEATURE_CONVERTER_CLS_NAME = ""
+  family = ""
+
+  def __init__(self, config, z_loss: float = 0.0, label_smoothing: float = 0.0,
+               rules: partitioning.LogicalRules = partitioning.LOGICAL_AXIS_RULES):
+    self.config = config
+    self.z_loss = z_loss
+    self.label_smoothing = label_smoothing
+    self.rules = rules
+    self.module = self._make_module(config)
+
+  # ---- construction -------------------------------------------------------------------------------------
+  def _make_module(self, config) -> nn.Module:
+    raise NotImplementedError
+
+  def _dummy_batch(self, batch_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Array]:
+    raise NotImplementedError
+
+  def _init_boxed(self, rng: Array, batch_shapes) -> Params:
+    batch = self._dummy_batch(batch_shapes)
+    with nn.logical_axis_rules(self.rules), _rng_context():
+      return self.module.init({"params": rng}, **batch)["params"]
+
+  def init(self, rng: Array, batch_shapes: Mapping[str, tuple[int, ...]] | None = None) -> Params:
+    """Unboxed float params; `batch_shapes` maps feature names to shapes (defaults to a [1, 8] batch)."""
+    return nn.meta.unbox(self._init_boxed(rng, batch_shapes))
+
+  def abstract_params(self, batch_shapes=None) -> Params:
+    """Boxed `nn.LogicallyPartitioned` ShapeDtypeStructs: shapes and logical axes, no allocation."""
+    return jax.eval_shape(lambda r: self._init_boxed(r, batch_shapes), jax.random.key(0))
+
+  def param_shardings(self, mesh: jax.sharding.Mesh, batch_shapes=None) -> Params:
+    return partitioning.param_shardings(self.abstract_params(batch_shapes), mesh, self.rules)
+
+  def init_sharded(self, rng: Array, mesh: jax.sharding.Mesh, batch_shapes=None) -> Params:
+    """Params created directly in their shardings (never materialised on one device)."""
+    shardings = self.param_shardings(mesh, batch_shapes)
+    with jax.set_mesh(mesh):
+      return jax.jit(lambda r: self.init(r, batch_shapes), out_shardings=shardings)(rng)
+
+  def _apply(self, params: Params, *args, rngs=None, **kwargs):
+    with nn.logical_axis_rules(self.rules), _rng_context():
+      return self.module.apply({"params": params}, *args, rngs=rngs, **kwargs)
+
+  # ---- training and scoring -----------------------------------------------------------------------------
+  def _logits(self, params: Params, batch: Batch, dropout_rng: Array | None) -> Array:
+    raise NotImplementedError
+
+  def loss_fn(self, params: Params, batch: Batch, dropout_rng: Array | None) -> tuple[Array, dict[str, Array]]:
+    """Mean token cross-entropy over `decoder_loss_weights` (dropout on iff `dropout_rng` is given)."""
+    logits = self._logits(params, batch, dropout_rng)
+    targets = batch["decoder_target_tokens"]
+    weights = batch.get("decoder_loss_weights", (targets > 0)).astype(jnp.float32)
+    logprob, z = _token_stats(logits, targets, weights, self.z_loss)
+    ce = -logprob
+    if self.label_smoothing > 0.0:
+      smooth = -jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=-1)
+      ce = (1.0 - self.label_smoothing) * ce + self.label_smoothing * smooth
+    num_tokens = jnp.sum(weights)
+    denom = jnp.maximum(num_tokens, 1.0)
+    cross_ent = jnp.sum(ce * weights) / denom
+    z_loss = jnp.sum(z) / denom
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denom
+    loss = cross_ent + z_loss
+    return loss, {"loss": loss, "cross_ent_loss": cross_ent, "z_loss": z_loss, "accuracy": accuracy,
+                  "num_tokens": num_tokens}
+
+  def score_batch(self, params: Params, batch: Batch) -> tuple[Array, Array]:
+    """(sum, mean) teacher-forced target log-likelihood per example, over `decoder_loss_weights` only."""
+    logits = self._logits(params, batch, None)
+    targets = batch["decoder_target_tokens"]
+    weights = batch.get("decoder_loss_weights", (targets > 0)).astype(jnp.float32)
+    logprob, _ = _token_stats(logits, targets, weights, 0.0)
+    total = jnp.sum(logprob * weights, axis=-1)
+    return total, total / jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
+
+  # ---- decoding -----------------------------------------------------------------------------------------
+  def decode_init(self, params: Params, inputs: Array, max_decode_len: int) -> tuple[Any, Array]:
+    raise NotImplementedError
+
+  def tokens_to_logits(self, params: Params, cache: Any, tokens: Array, step: Array | int) -> tuple[Array, Any]:
+    raise NotImplementedError
+
+  def greedy_decode(self, params: Params, inputs: Array, max_decode_len: int, eos_id: int = 1) -> Array:
+    """Argmax decoding with the KV cache; after EOS a row emits 0 (padding). Returns [B, max_decode_len]."""
+    cache, tok = self.decode_init(params, inputs, max_decode_len)
+    batch = inputs.shape[0]
+
+    def body(step, carry):
+      cache, tok, out, done = carry
+      logits, cache = self.tokens_to_logits(params, cache, tok, step)
+      nxt = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+      out = out.at[:, step].set(nxt)
+      return cache, nxt, out, done | (nxt == eos_id)
+
+    init = (cache, tok, jnp.zeros((batch, max_decode_len), jnp.int32), jnp.zeros((batch,), jnp.bool_))
+    return jax.lax.fori_loop(0, max_decode_len, body, init)[2]
+
+
+def _cache_length(cache: Mapping[str, Any]) -> int:
+  """Static cache length, read off the shape of any self-attention `key_mask` leaf."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(cache["cache"])[0]:
+    if getattr(path[-1], "key", None) == "key_mask":
+      return leaf.shape[-1]
+  raise ValueError("cache has no key_mask leaf")
+
+
+@gin.configurable(module="models")
+class EncoderDecoderModel(BaseModel):
+  """T5 encoder-decoder; batches from seqio `EncDecFeatureConverter`."""
+
+  FEATURE_CONVERTER_CLS_NAME = "EncDecFeatureConverter"
+  family = "t5"
+
+  def __init__(self, config: T5Config = gin.REQUIRED, z_loss: float = 0.0, label_smoothing: float = 0.0,
+               rules: partitioning.LogicalRules = partitioning.LOGICAL_AXIS_RULES):
+    super().__init__(config, z_loss, label_smoothing, rules)
+
+  def _make_module(self, config):
+    return T5Transformer(config)
+
+  def _dummy_batch(self, batch_shapes):
+    shapes = dict(batch_shapes or {})
+    enc = shapes.get("encoder_input_tokens", (1, 8))
+    dec = shapes.get("decoder_input_tokens", (1, 8))
+    return {"encoder_input_tokens": jnp.ones(enc, jnp.int32), "decoder_input_tokens": jnp.ones(dec, jnp.int32)}
+
+  def _logits(self, params, batch, dropout_rng):
+    return self._apply(params, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                       encoder_segment_ids=batch.get("encoder_segment_ids"),
+                       decoder_segment_ids=batch.get("decoder_segment_ids"),
+                       deterministic=dropout_rng is None,
+                       rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+
+  def decode_init(self, params, inputs, max_decode_len):
+    """Encodes `inputs` [B, Lin] once; the cache holds the projected encoder keys/values and mask per layer."""
+    inputs = jnp.asarray(inputs, jnp.int32)
+    batch = inputs.shape[0]
+    segments = (inputs > 0).astype(jnp.int32)
+    encoded = self._apply(params, inputs, method=T5Transformer.encode)
+    first = jnp.zeros((batch,), jnp.int32)  # decoder_start_token_id = 0
+    with nn.logical_axis_rules(self.rules):
+      _, variables = self.module.apply(
+          {"params": params}, encoded, segments, first[:, None], decode=True, cache_length=max_decode_len,
+          method=T5Transformer.decode, mutable=["cache"])
+    return {"cache": variables["cache"], "position": jnp.zeros((batch,), jnp.int32)}, first
+
+  def tokens_to_logits(self, params, cache, tokens, step):
+    del step  # per-row positions are in the cache
+    with nn.logical_axis_rules(self.rules):
+      logits, variables = self.module.apply(
+          {"params": params, "cache": cache["cache"]}, None, None, tokens[:, None],
+          decoder_positions=cache["position"][:, None], decode=True, cache_length=_cache_length(cache),
+          method=T5Transformer.decode, mutable=["cache"])
+    return logits[:, 0], {"cache": variables["cache"], "position": cache["position"] + 1}
+
+
+@gin.configurable(module="models")
+class DecoderOnlyModel(BaseModel):
+  """LLaMA prefix-LM; batches from seqio `DecoderFeatureConverter` (PrefixLM: inputs and targets concatenated,
+  `decoder_loss_weights` on the targets only). Attention is causal everywhere."""
+
+  FEATURE_CONVERTER_CLS_NAME = "DecoderFeatureConverter"
+  family = "llama"
+
+  def __init__(self, config: LlamaConfig = gin.REQUIRED, z_loss: float = 0.0, label_smoothing: float = 0.0,
+               rules: partitioning.LogicalRules = partitioning.LOGICAL_AXIS_RULES):
+    super().__init__(config, z_loss, label_smoothing, rules)
+
+  def _make_module(self, config):
+    return LlamaTransformer(config)
+
+  def _dummy_batch(self, batch_shapes):
+    shape = dict(batch_shapes or {}).get("decoder_input_tokens", (1, 8))
+    return {"decoder_input_tokens": jnp.ones(shape, jnp.int32)}
+
+  def _logits(self, params, batch, dropout_rng):
+    return self._apply(params, batch["decoder_input_tokens"], decoder_positions=batch.get("decoder_positions"),
+                       decoder_segment_ids=batch.get("decoder_segment_ids"),
+                       deterministic=dropout_rng is None,
+                       rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+
+  def decode_init(self, params, inputs, max_decode_len):
+    """Prefills the prompt `[0] + inputs[b, :n_b]` (0 = the shift-right start token of the feature converter).
+
+    Prompts are left-padded to a common length Lin + 1, so every row's last prompt token sits in the same column:
+    the first Lin columns are prefilled (padding masked out of the cache), the last prompt token is returned as
+    `first_tokens`, and rotary positions count from each row's real start.
+    """
+    inputs = jnp.asarray(inputs, jnp.int32)
+    batch, lin = inputs.shape
+    n = jnp.sum(inputs > 0, axis=1).astype(jnp.int32)
+    full = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), inputs], axis=1)  # [B, Lin + 1]
+    pad = (lin - n)[:, None]
+    cols = jnp.arange(lin + 1)[None]
+    valid = cols >= pad
+    prompt = jnp.where(valid, jnp.take_along_axis(full, jnp.maximum(cols - pad, 0), axis=1), 0)
+    positions = jnp.maximum(cols - pad, 0)
+    cache_length = lin + max_decode_len
+    with nn.logical_axis_rules(self.rules):
+      _, variables = self.module.apply({"params": params}, prompt[:, :1], positions[:, :1], decode=True,
+                                       cache_length=cache_length, mutable=["cache"])
+      _, variables = self.module.apply({"params": params, "cache": variables["cache"]}, prompt[:, :lin],
+                                       positions[:, :lin], token_mask=valid[:, :lin], decode=True,
+                                       cache_length=cache_length, mutable=["cache"])
+    return {"cache": variables["cache"], "position": n}, prompt[:, lin]
+
+  def tokens_to_logits(self, params, cache, tokens, step):
+    del step  # per-row positions are in the cache
+    with nn.logical_axis_rules(self.rules):
+      logits, variables = self.module.apply(
+          {"params": params, "cache": cache["cache"]}, tokens[:, None], cache["position"][:, None], decode=True,
+          cache_length=_cache_length(cache), mutable=["cache"])
+    return logits[:, 0], {"cache": variables["cache"], "position": cache["position"] + 1}
+
+
+@gin.configurable(module="models")
+def get_model(model: BaseModel = gin.REQUIRED) -> BaseModel:
+  """The model a gin config describes (`models.get_model.model = %MODEL` in every size gin)."""
+  return model
+
+
+def model_for_config(config) -> BaseModel:
+  """The wrapper matching a config object's family."""
+  if isinstance(config, T5Config):
+    return EncoderDecoderModel(config)
+  if isinstance(config, LlamaConfig):
+    return DecoderOnlyModel(config)
+  raise TypeError(f"unknown model config {type(config).__name__}")
