@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 from typing import Sequence
@@ -35,6 +36,24 @@ def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
                       help="Extra directories to resolve --gin_file and `include` against.")
 
 
+class _QuietSearchPaths(logging.Filter):
+  """gin logs 'Path not found' at ERROR for every search path it tries before the one that resolves."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Path not found")
+
+
+logging.getLogger().addFilter(_QuietSearchPaths())
+
+
+def _resolve(path: str, search_paths: Sequence[str]) -> str | None:
+  for base in ["", *search_paths]:
+    candidate = os.path.join(base, path) if base else path
+    if os.path.exists(candidate):
+      return os.path.abspath(candidate)
+  return None
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
               finalize: bool = False) -> None:
   """Parses configs with clear errors naming the file or binding that is wrong.
@@ -45,13 +64,14 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
   gin.clear_config()
   for p in [PACKAGE_GIN_DIR, os.getcwd(), *search_paths]:
     gin.add_config_file_search_path(p)
+  resolved = []
   for f in gin_files:
-    found = os.path.exists(f) or any(os.path.exists(os.path.join(p, f))
-                                     for p in [PACKAGE_GIN_DIR, *search_paths])
-    if not found:
+    r = _resolve(f, [PACKAGE_GIN_DIR, *search_paths])
+    if r is None:
       raise InputError(f"gin file not found (searched ., {PACKAGE_GIN_DIR}, {list(search_paths)})", path=f)
+    resolved.append(r)
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=finalize)
+    gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=finalize)
   except (ValueError, SyntaxError, KeyError, ImportError) as e:
     raise InputError(f"invalid gin config: {e}", key=" ".join(bindings) or None) from e
 

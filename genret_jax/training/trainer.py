@@ -27,7 +27,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from genret_jax.errors import InputError
 from genret_jax.models import params_io, partitioning
 from genret_jax.training import checkpoints as ckpt_lib
-from genret_jax.training import data as data_lib
 from genret_jax.training import lora as lora_lib
 from genret_jax.training import optimizers
 
@@ -200,6 +199,9 @@ def train(*,
   mesh = (mesh_config or MeshConfig()).build()
   schedule = learning_rate if learning_rate is not None else optimizers.make_schedule(total_steps=train_steps)
   tx = optimizer if optimizer is not None else optimizers.make_optimizer(learning_rate=schedule)
+  # seqio/TensorFlow load only when a run needs data: the train step itself is importable without them
+  # (benchmarks on accelerator hosts that have no TF).
+  from genret_jax.training import data as data_lib
   converter = data_lib.feature_converter_for(model.family, pack=pack)
   base_rng = jax.random.key(seed)
   init_rng, lora_rng = jax.random.split(jax.random.fold_in(base_rng, 1))
@@ -319,6 +321,7 @@ def train(*,
 
 def evaluate(eval_fn, trainable, frozen, task, lengths, split, batch_size, converter, seed, max_batches,
              use_cached) -> float | None:
+  from genret_jax.training import data as data_lib
   try:
     ds = data_lib.get_dataset(task, lengths, split, batch_size, converter, seed=seed, shuffle=False, num_epochs=1,
                               use_cached=use_cached)

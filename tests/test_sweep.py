@@ -1,0 +1,66 @@
+"""The sweep end to end on the embedded corpus (tiny rungs, few steps): results table, per-query files, report,
+restart skipping finished models, and a model without result.json (killed half way) redone."""
+
+import json
+import os
+
+import pytest
+
+from genret_jax import gin_utils
+from genret_jax.scaling import results as results_lib
+from genret_jax.scaling import sweep as sweep_lib
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+  gin_utils.parse_gin(["sweeps/demo.gin"], [
+      'SweepConfig.rungs = {"t5": ["models/t5_1_1/cpu_ladder/r0.gin"], "llama": ["models/llama/cpu_ladder/r0.gin"]}',
+      "SweepConfig.data_fractions = (0.6, 1.0)", "SweepConfig.fraction_rungs = (0,)",
+      "SweepConfig.beams = (1, 3)", "SweepConfig.default_beam = 2", "SweepConfig.max_eval_queries = 4",
+      "SweepConfig.min_train_steps = 8", "SweepConfig.max_train_steps = 8"])
+  cfg = sweep_lib.SweepConfig()
+  out = str(tmp_path_factory.mktemp("sweep"))
+  rows = sweep_lib.run_sweep(cfg, out, config_path="sweeps/demo.gin")
+  return cfg, out, rows
+
+
+def test_results_table_and_per_query(tiny_sweep):
+  cfg, out, rows = tiny_sweep
+  plan = sweep_lib.plan(cfg)
+  assert [c["model_id"] for c in plan] == ["t5-r0-f060", "t5-r0-f100", "llama-r0-f060", "llama-r0-f100"]
+  table = results_lib.load_results(out)
+  assert len(table) == len(rows) == 2 * (1 + 2)   # per family: f=0.6 at the default beam, f=1.0 at beams 1 and 3
+  chance = 0.0038986
+  for r in table:
+    assert 0 < r["cgl"] < 3 * chance and r["n_nonembed"] > 0 and r["D"] > 0 and r["train_flops"] > 0
+    assert 0.0 <= r["recall@10"] <= 1.0 and r["decode_flops_per_query"] > 0
+    pq = json.load(open(results_lib.per_query_path(out, r["cell_id"])))
+    assert len(pq["cgl"]) == len(pq["query_ids"]) == 4
+  by_f = {(r["family"], r["data_fraction"]): r["D"] for r in table}
+  assert by_f[("t5", 0.6)] < by_f[("t5", 1.0)]
+  # Decode FLOPs grow with the beam.
+  t5_rows = sorted((r for r in table if r["family"] == "t5" and r["data_fraction"] == 1.0), key=lambda r: r["beam"])
+  assert t5_rows[0]["decode_flops_per_query"] < t5_rows[1]["decode_flops_per_query"]
+  # Every model saw the same negatives.
+  assert os.path.exists(os.path.join(out, "negatives.json"))
+
+
+def test_restart_skips_finished_and_redoes_unfinished(tiny_sweep, capsys):
+  cfg, out, _ = tiny_sweep
+  killed = os.path.join(out, results_lib.CELLS_DIR, "llama-r0-f060", sweep_lib.RESULT_JSON)
+  os.remove(killed)   # as if the process died before the model's evaluation was written
+  mtime = os.path.getmtime(os.path.join(out, results_lib.CELLS_DIR, "t5-r0-f100", sweep_lib.RESULT_JSON))
+  rows = sweep_lib.run_sweep(cfg, out)
+  printed = capsys.readouterr().out
+  assert printed.count("already done") == 3 and "llama-r0-f060: training + evaluation" in printed
+  assert os.path.exists(killed)
+  assert os.path.getmtime(os.path.join(out, results_lib.CELLS_DIR, "t5-r0-f100", sweep_lib.RESULT_JSON)) == mtime
+  assert len(rows) == 6
+
+
+def test_report_from_sweep(tiny_sweep):
+  from genret_jax.scaling import report
+  _, out, _ = tiny_sweep
+  path = report.make_report(out, report.ReportConfig(bootstrap_resamples=20, restarts=5))
+  text = open(path).read()
+  assert "CGL" in text and os.path.exists(os.path.join(out, "plots"))
