@@ -197,7 +197,7 @@ def evaluate_cgl(model, params, collection: Collection, scheme: IdentifierScheme
                  target_length: int | None = None, query_prefix: str = "", min_grade: int = 1,
                  averaging: str = "token", mesh=None, batch_size: int = scoring.DEFAULT_BATCH_SIZE,
                  inputs_per_batch: int | None = None, share_inputs: bool = True,
-                 allow_fewer_negatives: bool = False,
+                 allow_fewer_negatives: bool = False, length_buckets: Sequence[int] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> CGLEvaluation:
   """CGL (and contrastive entropy) of `model` with `params` on `queries`; see the module docstring."""
   t0 = time.perf_counter()
@@ -208,7 +208,7 @@ def evaluate_cgl(model, params, collection: Collection, scheme: IdentifierScheme
                          allow_fewer_negatives=allow_fewer_negatives)
   build_s = time.perf_counter() - t0
   scorer = scoring.PairScorer(model, params, mesh=mesh, batch_size=batch_size, inputs_per_batch=inputs_per_batch,
-                              share_inputs=share_inputs)
+                              share_inputs=share_inputs, length_buckets=length_buckets)
   scored = scorer.score(seqs.inputs, seqs.targets, input_index=seqs.row_query, progress=progress)
   result = reduce_scores(seqs, scored.nll, scored.num_tokens, averaging)
   stats = dict(scored.stats, build_seconds=build_s,

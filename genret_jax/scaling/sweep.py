@@ -46,6 +46,8 @@ class SweepConfig:
   data_fractions: Sequence[float] = (1.0,)
   # Which rungs (indices into each family's list) also train at the smaller data fractions: default the last.
   fraction_rungs: Sequence[int] = (-1,)
+  # Families that get the data sweep (empty = all).
+  fraction_families: Sequence[str] = ()
   beams: Sequence[int] = (1, 5, 10, 20)
   # Which rungs get the whole beam sweep; the others are decoded at `default_beam` only.
   beam_rungs: Sequence[int] = (-1,)
@@ -77,7 +79,8 @@ def plan(cfg: SweepConfig) -> list[dict]:
   fractions = sorted(set(float(f) for f in cfg.data_fractions) | {1.0})
   for family, rungs in cfg.rungs.items():
     n = len(rungs)
-    frac_idx = {i % n for i in cfg.fraction_rungs}
+    frac_idx = ({i % n for i in cfg.fraction_rungs}
+                if not cfg.fraction_families or family in cfg.fraction_families else set())
     beam_idx = {i % n for i in cfg.beam_rungs}
     for i, rung in enumerate(rungs):
       for f in fractions:
