@@ -314,7 +314,7 @@ def train(*,
       pbar.close()
     full = lora_lib.merge(frozen, state.params, lora) if lora is not None else state.params
     if step >= train_steps and jax.process_index() == 0:
-      params_io.save_params(model_dir, full, model_gin=_model_gin_text())
+      params_io.save_params(model_dir, full, model_gin=_model_gin_text(model))
   return TrainResult(step=step, last_loss=last_loss, losses=losses, eval_loss=eval_loss, params=full,
                      model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from)
 
@@ -354,9 +354,16 @@ def _train_flops_per_token(model, batch) -> float:
   return float(accounting.train_flops_per_token(model.config, lin, lt).total)
 
 
-def _model_gin_text() -> str:
-  """The operative config, so `<MODEL_DIR>/model.gin` rebuilds the same model for inference."""
-  return gin.config_str()
+def _model_gin_text(model) -> str:
+  """A gin that rebuilds the same model for inference: the size gin of its config (exact even when training
+  was called from Python without gin), followed by the run's config for reference."""
+  from genret_jax.models import hf_convert
+  text = hf_convert.gin_for_config(model.config).replace("# Converted from Hugging Face", "# Trained model", 1)
+  run_config = gin.config_str()
+  if run_config.strip():
+    text += "\n# ---- operative config of the training run (for reference) ----\n" + "\n".join(
+        "# " + line for line in run_config.splitlines())
+  return text
 
 
 class _NullWriter:
