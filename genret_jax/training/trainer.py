@@ -355,15 +355,13 @@ def _train_flops_per_token(model, batch) -> float:
 
 
 def _model_gin_text(model) -> str:
-  """A gin that rebuilds the same model for inference: the size gin of its config (exact even when training
-  was called from Python without gin), followed by the run's config for reference."""
-  from genret_jax.models import hf_convert
-  text = hf_convert.gin_for_config(model.config).replace("# Converted from Hugging Face", "# Trained model", 1)
+  """A gin that rebuilds the model for inference: the run's operative config when the model came from gin
+  (`genret cgl` / `retrieve` also read MIXTURE_OR_TASK_NAME etc. from it), else the size gin of its config."""
   run_config = gin.config_str()
-  if run_config.strip():
-    text += "\n# ---- operative config of the training run (for reference) ----\n" + "\n".join(
-        "# " + line for line in run_config.splitlines())
-  return text
+  if "models.get_model.model" in run_config or "MODEL =" in run_config:
+    return run_config
+  from genret_jax.models import hf_convert
+  return hf_convert.gin_for_config(model.config).replace("# Converted from Hugging Face", "# Trained model", 1)
 
 
 class _NullWriter:
