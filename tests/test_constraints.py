@@ -69,21 +69,31 @@ def test_index_save_load_roundtrip_and_errors(tmp_path):
 
 # --- exact masking ------------------------------------------------------------------------------
 
-@SETTINGS
-@given(docs=docs_st, seed=st.integers(0, 10**6))
-def test_bounded_check_selects_like_the_full_mask(docs, seed):
-  """The bounded check + fallback must give the same top candidates as the full-vocabulary mask."""
-  index, sc = build(docs)
-  rng = np.random.default_rng(seed)
-  k, c, n = 3, 6, 6
-  # States: random corpus n-grams (valid intervals) and the empty n-gram.
+# Paths of the exact check: default (bigram table + enumeration), no bigram table with a one-round
+# enumeration of one-token windows (most large rows fall back to the V-wide check), no enumeration.
+CONFIGS = {"default": {}, "no_pairs_short_enum": {"pair_budget_bytes": 0, "enum_window": 1, "enum_iters": 1},
+           "no_enum": {"enum_iters": 0}}
+
+
+def _random_states(index, docs, rng, n):
+  grams = [()] + [tuple(d[j:j + m]) for d in docs for m in (1, 2, 3) for j in range(len(d) - m + 1)]
   states = []
   for _ in range(n):
-    grams = [()] + [tuple(d[j:j + m]) for d in docs for m in (1, 2) for j in range(len(d) - m + 1)]
     g = grams[rng.integers(len(grams))]
     lo, hi = index.range(g)
     states.append((lo, hi, len(g)))
-  state = SubstringState(*(jnp.asarray([s[i] for s in states], jnp.int32) for i in range(3)))
+  return states, SubstringState(*(jnp.asarray([s[i] for s in states], jnp.int32) for i in range(3)))
+
+
+@SETTINGS
+@given(docs=docs_st, seed=st.integers(0, 10**6), config=st.sampled_from(sorted(CONFIGS)))
+def test_bounded_check_selects_like_the_full_mask(docs, seed, config):
+  """The bounded check + fallback must give the same top candidates as the full-vocabulary mask."""
+  index, sc = build(docs, **CONFIGS[config])
+  rng = np.random.default_rng(seed)
+  k, c, n = 3, 6, 6
+  # States: random corpus n-grams (valid intervals) and the empty n-gram.
+  states, state = _random_states(index, docs, rng, n)
   logp = jax.nn.log_softmax(jnp.asarray(rng.standard_normal((n, V)) * 3, jnp.float32))
   beam_scores = jnp.asarray(rng.uniform(-5, 0, n), jnp.float32)
   masked = np.asarray(_mask(sc, state, logp, beam_scores, k, c))
@@ -108,6 +118,41 @@ def _mask(sc, state, logp, beam_scores, k, c):
   return sc.mask_log_probs(state, logp, beam_scores, num_beams=k, num_candidates=c)
 
 
+@SETTINGS
+@given(docs=docs_st, seed=st.integers(0, 10**6))
+def test_precomputed_tables_and_enumeration_are_exact(docs, seed):
+  """Depth-0 mask, depth-1 bigram rows and interval table, and every row the jump enumeration marks
+  done hold exactly the true allowed set."""
+  index, sc = build(docs, enum_window=2, enum_iters=2, enum_chunk=4)
+  allowed = substring_allowed_fn(docs, vocab_size=V, sep_id=SEP, eos_id=EOS, allow_eos=False)
+  for t in range(V):
+    assert t in (SEP, EOS) or (int(sc.unigram_lo[t]), int(sc.unigram_lo[t + 1])) == index.range([t])
+  assert set(np.nonzero(np.asarray(sc.root_allowed))[0]) == allowed(())
+  rng = np.random.default_rng(seed)
+  states, state = _random_states(index, docs, rng, 8)
+  logp = jnp.asarray(rng.standard_normal((8, V)), jnp.float32)
+  dense = np.asarray(sc._dense_allowed(state, V))
+  masked, done = _enumerate(sc, state, logp, jnp.ones((8,), bool))
+  masked, done = np.asarray(masked), np.asarray(done)
+  for row, (lo, hi, depth) in enumerate(states):
+    gram = tuple(int(x) for x in index.tokens[index.sa[lo]:index.sa[lo] + depth]) if hi > lo else ()
+    want = allowed(gram)
+    if depth <= 1:
+      assert set(np.nonzero(dense[row])[0]) == want
+    # A row whose cursor reached its interval's end has its whole allowed set; others may not.
+    got = set(np.nonzero(masked[row] > NEG_INF / 2)[0])
+    assert got <= want
+    if done[row]:
+      assert got == want
+    if len(want) <= 2:     # one round of a 2-token window reads at least min(2, #continuations) blocks
+      assert done[row]
+
+
+@jax.jit
+def _enumerate(sc, state, logp, need):
+  return sc.apply_enumeration(state, logp, jnp.full_like(logp, NEG_INF), need)
+
+
 # --- constrained beam search ---------------------------------------------------------------------
 
 def _query(seed, batch=2):
@@ -118,9 +163,9 @@ def _query(seed, batch=2):
 
 
 @SETTINGS
-@given(docs=docs_st, seed=st.integers(0, 10**6))
-def test_substring_search_equals_true_mask_reference(docs, seed):
-  index, sc = build(docs)
+@given(docs=docs_st, seed=st.integers(0, 10**6), config=st.sampled_from(["default", "no_pairs_short_enum"]))
+def test_substring_search_equals_true_mask_reference(docs, seed, config):
+  index, sc = build(docs, **CONFIGS[config])
   model, h0, cache, first = _query(seed)
   out = run(model.params, cache, first, sc, num_beams=3, max_decode_len=4, keep_history=True)
   allowed = substring_allowed_fn(docs, vocab_size=V, sep_id=SEP, eos_id=EOS)

@@ -94,8 +94,9 @@ def lower_bound(key_fn, lo: jax.Array, hi: jax.Array, target: jax.Array, num_ite
   """Vectorised binary search: the first i in [lo, hi) with key_fn(i) >= target (hi if none).
 
   `key_fn` maps an int32 index array to the (non-decreasing on [lo, hi)) keys; all arguments broadcast.
-  `num_iters` must be >= ceil(log2(max interval size + 1)); it is static so the search unrolls into a
-  fixed number of gathers (no data-dependent control flow).
+  `num_iters` must be >= ceil(log2(max interval size + 1)). A Python int gives a fixed number of gathers
+  (unrolled when short); a traced int32 (e.g. `bit_length(max(hi - lo))`, see `interval_iters`) runs only
+  as many rounds as the widest interval of this call needs.
   """
   lo = jnp.asarray(lo, jnp.int32)
   hi = jnp.asarray(hi, jnp.int32)
@@ -108,10 +109,20 @@ def lower_bound(key_fn, lo: jax.Array, hi: jax.Array, target: jax.Array, num_ite
     go_right = key_fn(jnp.where(active, mid, 0)) < target
     return (jnp.where(active & go_right, mid + 1, lo), jnp.where(active & ~go_right, mid, hi))
 
-  # Unrolling short searches helps accelerators; long ones are kept rolled so compiles stay fast.
-  lo, _ = jax.lax.fori_loop(0, num_iters, body, (lo, hi), unroll=num_iters <= 8)
+  if isinstance(num_iters, int):
+    # Unrolling short searches helps accelerators; long ones are kept rolled so compiles stay fast.
+    lo, _ = jax.lax.fori_loop(0, num_iters, body, (lo, hi), unroll=num_iters <= 8)
+  else:
+    lo, _ = jax.lax.fori_loop(0, num_iters, body, (lo, hi))
   return lo
 
 
 def search_iters(size: int) -> int:
   return max(1, int(size).bit_length() + 1)
+
+
+def interval_iters(sizes: jax.Array) -> jax.Array:
+  """Traced binary-search rounds enough for every interval in `sizes` (0 when all are empty):
+  bit_length(max size), as `lower_bound` halves [lo, hi) until it is empty."""
+  m = jnp.maximum(jnp.max(sizes.astype(jnp.int32), initial=0), 0)
+  return (32 - jax.lax.clz(m)).astype(jnp.int32)

@@ -1,0 +1,526 @@
+"""Decode throughput: our jitted beam search vs Hugging Face `generate`, same weights, same run.
+
+  .venv/bin/python benchmarks/decode_throughput.py [--quick] [--device cpu|gpu] [--write_docs]
+
+1. Matmul peak (fp32, jax and torch) measured in the same run, for the "% of peak" column.
+2. Docid (trie) decoding: T5 "tiny" (d_model 128, 2+2 layers, vocab 512) and "base45m" (d_model 512,
+   6+6 layers, vocab 8,192), random init, exported to `T5ForConditionalGeneration` with
+   `genret_jax.models.hf_convert.params_to_hf`. Trie over 5,000 random six-token docids, batch 32,
+   8 new tokens, beams 1/5/20/50: ours (TrieConstraint / unconstrained) vs HF
+   `generate(num_beams=k, prefix_allowed_tokens_fn=<dict trie>)` / unconstrained, timed interleaved.
+   Top-k outputs are compared query by query (length penalty off on both sides).
+3. n-gram decoding: tiny T5 with vocab 8,192 over SciFact (SentencePiece 8,192 trained on the corpus,
+   cached), batch 32 SciFact queries, 10 new tokens, beams 1/5/20: ours SubstringConstraint (with
+   `keep_history`, as retrieval runs it) vs ours unconstrained vs HF unconstrained; with the random
+   model and with its logits biased toward frequent corpus tokens (a stand-in for a trained model,
+   which puts its mass on corpus tokens; ours only).
+
+Model FLOPs come from `genret_jax.models.accounting` (`decode_init_flops` per query + `decode_step_flops`
+per beam and step actually run). With --write_docs the tables replace the "## Decoding" section of
+docs/benchmarks.md (other sections are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gzip
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = pathlib.Path(os.environ.get("GENRET_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CACHE = pathlib.Path(os.environ.get("GENRET_BENCH_CACHE", pathlib.Path.home() / ".cache" / "genret_jax"))
+EOS, PAD = 1, 0
+INPUT_LEN = 32
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="short run: fewer beams/repeats, tiny sizes only")
+  p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+  p.add_argument("--beams", type=int, nargs="*", default=None, help="trie beams (default 1 5 20 50)")
+  p.add_argument("--ngram_beams", type=int, nargs="*", default=None, help="n-gram beams (default 1 5 20)")
+  p.add_argument("--sizes", nargs="*", default=None, help="trie model sizes: tiny base45m")
+  p.add_argument("--parts", nargs="*", default=("peak", "trie", "ngram"))
+  p.add_argument("--repeats", type=int, default=None)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--spm_model", default=None, help="SentencePiece model for SciFact (default: train, cached)")
+  p.add_argument("--json_out", default=None)
+  p.add_argument("--write_docs", action="store_true")
+  return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.device == "cpu":
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from genret_jax.decoding import (SubstringConstraint, SuffixArrayIndex, TrieConstraint,  # pylint: disable=g-import-not-at-top,wrong-import-position
+                                 beam_search, hypotheses)
+from genret_jax.models import accounting  # pylint: disable=g-import-not-at-top,wrong-import-position
+from genret_jax.models.model_api import EncoderDecoderModel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from genret_jax.models.t5 import T5Config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+SIZES = {
+    "tiny": dict(vocab_size=512, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_encoder_layers=2,
+                 num_decoder_layers=2),
+    "base45m": dict(vocab_size=8192, d_model=512, num_heads=8, head_dim=64, d_ff=1024, num_encoder_layers=6,
+                    num_decoder_layers=6),
+    "tiny_v8k": dict(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_encoder_layers=2,
+                     num_decoder_layers=2),
+}
+
+
+# --- environment ------------------------------------------------------------------------------------
+
+def torch_device(requested: str):
+  import torch
+  if requested == "gpu":
+    if torch.cuda.is_available():
+      return torch.device("cuda"), torch.cuda.get_device_name(0)
+    return torch.device("cpu"), "cpu (torch has no CUDA: HF ran on the CPU)"
+  return torch.device("cpu"), "cpu"
+
+
+def sync(dev):
+  import torch
+  if dev.type == "cuda":
+    torch.cuda.synchronize()
+
+
+def environment(tdev_name: str) -> dict:
+  import torch
+  import transformers
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return {"jax": jax.__version__, "jax_backend": jax.default_backend(),
+          "jax_device": str(jax.devices()[0].device_kind), "torch": torch.__version__,
+          "transformers": transformers.__version__, "torch_device": tdev_name, "cpu": cpu,
+          "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def loadavg() -> str:
+  try:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+  except OSError:
+    return "n/a"
+
+
+# --- matmul peak ------------------------------------------------------------------------------------
+
+def matmul_peak(dev, n: int, repeats: int) -> dict:
+  import torch
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(f(a, a))
+  best_j = min(_timed(lambda: jax.block_until_ready(f(a, a))) for _ in range(repeats))
+  t = torch.randn(n, n, device=dev)
+  torch.mm(t, t)
+  sync(dev)
+
+  def run_t():
+    torch.mm(t, t)
+    sync(dev)
+
+  best_t = min(_timed(run_t) for _ in range(repeats))
+  flops = 2.0 * n ** 3
+  return {"n": n, "jax_gflops": flops / best_j / 1e9, "torch_gflops": flops / best_t / 1e9}
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+def build_models(size: str, dev, seed: int = 0):
+  """(our config, model, params, HF model with the same weights)."""
+  import torch
+  import transformers
+  from genret_jax.models import hf_convert
+  # Tied embeddings (T5 v1.0 output: rescaled by d_model^-0.5): transformers 5 ties T5's lm_head to
+  # `shared` whatever the config says (tests/test_hf_parity.py), so an untied model cannot be exported.
+  cfg = T5Config(**SIZES[size], tie_word_embeddings=True, dtype="float32", param_dtype="float32")
+  model = EncoderDecoderModel(cfg)
+  params = model.init(jax.random.PRNGKey(seed),
+                      {"encoder_input_tokens": (1, INPUT_LEN), "decoder_input_tokens": (1, 8)})
+  sd = hf_convert.params_to_hf(params, cfg)
+  hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**hf_convert.hf_config_from(cfg)))
+  # The stacks' embed_tokens share `shared` in the checkpoint format; load_state_dict does not re-tie
+  # them, so they are set explicitly.
+  for stack in ("encoder", "decoder"):
+    sd.setdefault(f"{stack}.embed_tokens.weight", sd["shared.weight"])
+  missing, unexpected = hf.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+  if missing or unexpected:
+    raise RuntimeError(f"HF weight mapping: missing {missing}, unexpected {unexpected}")
+  hf = hf.to(dev).eval()
+  return cfg, model, params, hf
+
+
+def make_search(model, max_decode_len: int, bias=None):
+  @functools.partial(jax.jit, static_argnames=("num_beams", "keep_history"))
+  def search(params, inputs, constraint, *, num_beams, keep_history=False):
+    cache, first = model.decode_init(params, inputs, max_decode_len)
+
+    def t2l(c, t, s):
+      logits, c = model.tokens_to_logits(params, c, t, s)
+      return (logits if bias is None else logits + bias), c
+
+    return beam_search(t2l, cache, first, num_beams=num_beams, max_decode_len=max_decode_len, eos_id=EOS,
+                       pad_id=PAD, constraint=constraint, keep_history=keep_history)
+  return search
+
+
+def model_flops(cfg, batch: int, beams: int, steps: int) -> float:
+  total = batch * accounting.decode_init_flops(cfg, INPUT_LEN).total
+  for s in range(1, steps + 1):
+    total += batch * beams * accounting.decode_step_flops(cfg, s, INPUT_LEN).total
+  return total
+
+
+# --- HF side ------------------------------------------------------------------------------------------
+
+def dict_trie(ids) -> dict:
+  root: dict = {}
+  for s in ids:
+    node = root
+    for t in list(s) + [EOS]:
+      node = node.setdefault(int(t), {})
+  return root
+
+
+def hf_prefix_fn(trie: dict):
+  def allowed(batch_id, input_ids):
+    del batch_id
+    node = trie
+    for t in input_ids.tolist()[1:]:        # skip the decoder start token
+      node = node.get(t)
+      if node is None:
+        return [PAD]
+    return list(node.keys()) or [PAD]
+  return allowed
+
+
+def hf_generate(hf, inputs_t, mask_t, beams, max_new, prefix_fn, dev):
+  import torch
+  with torch.inference_mode():
+    out = hf.generate(input_ids=inputs_t, attention_mask=mask_t, num_beams=beams, num_return_sequences=beams,
+                      max_new_tokens=max_new, do_sample=False, length_penalty=0.0, early_stopping=False,
+                      prefix_allowed_tokens_fn=prefix_fn, output_scores=True, return_dict_in_generate=True,
+                      decoder_start_token_id=0, pad_token_id=PAD, eos_token_id=EOS)
+  sync(dev)
+  return out
+
+
+def hf_hypotheses(out, batch, beams):
+  seqs = out.sequences.cpu().numpy()
+  scores = (out.sequences_scores.cpu().numpy() if getattr(out, "sequences_scores", None) is not None
+            else np.zeros(len(seqs)))
+  res = []
+  for q in range(batch):
+    hyps = []
+    for j in range(beams):
+      s = seqs[q * beams + j, 1:].tolist()
+      if EOS in s:
+        s = s[:s.index(EOS)]
+      hyps.append((tuple(s), float(scores[q * beams + j])))
+    res.append(hyps)
+  return res
+
+
+def agreement(ours, theirs, tol=1e-3):
+  """(fraction of queries whose top-k lists are identical, fraction identical up to near-tie order
+  swaps (|score difference| < tol), number of queries differing beyond that)."""
+  same = tie = 0
+  for a, b in zip(ours, theirs):
+    ta, tb = [h for h, _ in a], [h for h, _ in b]
+    if ta == tb:
+      same += 1
+      tie += 1
+      continue
+    sa = np.array([s for _, s in a])
+    sb = np.array([s for _, s in b])
+    if len(ta) == len(tb) and set(ta) == set(tb) and np.allclose(np.sort(sa), np.sort(sb), atol=tol):
+      tie += 1
+    elif len(ta) == len(tb) and np.allclose(sa, sb, atol=tol):
+      tie += 1     # same scores in the same order: the hypotheses differ only at a near tie at the cut
+  n = max(len(ours), 1)
+  return same / n, tie / n, n - tie
+
+
+def hf_num_steps(out) -> int:
+  return int(out.sequences.shape[1] - 1)
+
+
+# --- benchmarks --------------------------------------------------------------------------------------
+
+def interleaved(methods: dict, repeats: int) -> dict:
+  """methods: name -> callable returning (result, steps). Warms each up, then times them round-robin
+  `repeats` times; returns name -> (median seconds, result, steps)."""
+  res = {}
+  for name, fn in methods.items():
+    res[name] = fn()
+  times = {name: [] for name in methods}
+  for _ in range(repeats):
+    for name, fn in methods.items():
+      t = time.perf_counter()
+      r = fn()
+      times[name].append(time.perf_counter() - t)
+      res[name] = r
+  return {name: (statistics.median(times[name]), *res[name]) for name in methods}
+
+
+def bench_trie(size, beams_list, repeats, batch, dev, log):
+  import torch
+  cfg, model, params, hf = build_models(size, dev)
+  rng = np.random.default_rng(0)
+  v = cfg.vocab_size
+  ids = set()
+  while len(ids) < 5000:
+    ids.add(tuple(int(x) for x in rng.integers(2, v, 6)))
+  ids = sorted(ids)
+  trie = TrieConstraint.build(ids, vocab_size=v, eos_id=EOS)
+  prefix_fn = hf_prefix_fn(dict_trie(ids))
+  inputs = rng.integers(2, v, (batch, INPUT_LEN)).astype(np.int32)
+  inputs[:, -1] = EOS
+  inputs_j = jnp.asarray(inputs)
+  inputs_t = torch.from_numpy(inputs.astype(np.int64)).to(dev)
+  mask_t = torch.ones_like(inputs_t)
+  max_new = 8
+  search = make_search(model, max_new)
+  rows = []
+  for k in beams_list:
+    def ours(constraint):
+      def fn():
+        out = jax.block_until_ready(search(params, inputs_j, constraint, num_beams=k))
+        return hypotheses(out), int(out.num_steps)
+      return fn
+
+    def theirs(pfn):
+      def fn():
+        out = hf_generate(hf, inputs_t, mask_t, k, max_new, pfn, dev)
+        return hf_hypotheses(out, batch, k), hf_num_steps(out)
+      return fn
+
+    r = interleaved({"ours_trie": ours(trie), "hf_trie": theirs(prefix_fn), "ours_free": ours(None),
+                     "hf_free": theirs(None)}, repeats)
+    row = {"size": size, "beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
+    for name, (sec, _, steps) in r.items():
+      row[f"{name}_qps"] = batch / sec
+      row[f"{name}_gflops"] = model_flops(cfg, batch, k, steps) / sec / 1e9
+      row[f"{name}_steps"] = steps
+    for kind in ("trie", "free"):
+      same, tie, bad = agreement(r[f"ours_{kind}"][1], r[f"hf_{kind}"][1])
+      row[f"agree_{kind}"] = same
+      row[f"agree_{kind}_ties"] = tie
+      row[f"disagree_{kind}"] = bad
+    row["speedup_trie"] = row["ours_trie_qps"] / row["hf_trie_qps"]
+    row["ours_trie_overhead"] = row["ours_free_qps"] / row["ours_trie_qps"] - 1
+    row["hf_trie_overhead"] = row["hf_free_qps"] / row["hf_trie_qps"] - 1
+    log(row)
+    rows.append(row)
+  return rows, accounting.count_params(cfg).total
+
+
+def scifact_texts():
+  with gzip.open(DATA / "scifact" / "corpus.jsonl.gz", "rt") as f:
+    docs = [f"{d.get('title', '')} {d.get('text', '')}".strip() for d in map(json.loads, f)]
+  with open(DATA / "scifact" / "queries.jsonl") as f:
+    queries = [json.loads(line)["text"] for line in f]
+  return docs, queries
+
+
+def scifact_spm(path, texts, log):
+  """The SentencePiece model: `path` if given, else a unigram 8,192-piece model trained on SciFact
+  (8,190 pieces + 2: ids shift by 2 so 0 = separator/pad and 1 = EOS stay free), cached."""
+  import sentencepiece as spm
+  if path:
+    return spm.SentencePieceProcessor(model_file=str(path)), f"given: {path}"
+  CACHE.mkdir(parents=True, exist_ok=True)
+  prefix = CACHE / "scifact_unigram_8190"
+  if not (prefix.with_suffix(".model")).exists():
+    t = time.perf_counter()
+    txt = CACHE / "scifact_corpus.txt"
+    txt.write_text("\n".join(texts))
+    spm.SentencePieceTrainer.train(input=str(txt), model_prefix=str(prefix), vocab_size=8190,
+                                   model_type="unigram", input_sentence_size=200000,
+                                   shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+                                   minloglevel=2, seed_sentencepiece_size=200000)
+    log({"spm_trained_seconds": time.perf_counter() - t})
+  return (spm.SentencePieceProcessor(model_file=str(prefix.with_suffix(".model"))),
+          "unigram, 8,190 pieces trained on the SciFact corpus (+2 reserved ids)")
+
+
+def bench_ngram(beams_list, repeats, batch, dev, spm_path, log):
+  import torch
+  docs_text, queries = scifact_texts()
+  sp, sp_desc = scifact_spm(spm_path, docs_text, log)
+  docs = [np.asarray(x, np.int64) + 2 for x in sp.encode(docs_text)]
+  index = SuffixArrayIndex.build(docs, sep_id=PAD)
+  cfg, model, params, hf = build_models("tiny_v8k", dev)
+  v = cfg.vocab_size
+  sc = SubstringConstraint.from_index(index, vocab_size=v, eos_id=EOS)
+  inputs = np.zeros((batch, INPUT_LEN), np.int32)
+  for i, q in enumerate(sp.encode(queries[:batch])):
+    q = (np.asarray(q) + 2)[:INPUT_LEN - 1]
+    inputs[i, :len(q)] = q
+    inputs[i, len(q)] = EOS
+  inputs_j = jnp.asarray(inputs)
+  inputs_t = torch.from_numpy(inputs.astype(np.int64)).to(dev)
+  mask_t = (inputs_t > 0).long()
+  max_new = 10
+  counts = np.bincount(index.tokens.astype(np.int64), minlength=v)[:v].astype(np.float64)
+  counts[[PAD, EOS]] = 0
+  # A trained retrieval model puts most of its mass on corpus tokens; this bias does that crudely.
+  bias = jnp.asarray(4.0 * np.log1p(counts) / max(np.log1p(counts).max(), 1.0), jnp.float32)
+  search = make_search(model, max_new)
+  search_b = make_search(model, max_new, bias)
+  rows = []
+  for k in beams_list:
+    def ours(s, constraint, hist):
+      def fn():
+        out = jax.block_until_ready(s(params, inputs_j, constraint, num_beams=k, keep_history=hist))
+        return hypotheses(out), int(out.num_steps)
+      return fn
+
+    def hf_free():
+      out = hf_generate(hf, inputs_t, mask_t, k, max_new, None, dev)
+      return hf_hypotheses(out, batch, k), hf_num_steps(out)
+
+    r = interleaved({"ours_ngram": ours(search, sc, True), "ours_free": ours(search, None, False),
+                     "hf_free": hf_free, "ours_ngram_biased": ours(search_b, sc, True),
+                     "ours_free_biased": ours(search_b, None, False)}, repeats)
+    row = {"beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
+    for name, (sec, _, steps) in r.items():
+      row[f"{name}_qps"] = batch / sec
+      row[f"{name}_steps"] = steps
+    same, tie, bad = agreement(r["ours_free"][1], r["hf_free"][1])
+    row.update(agree_free=same, agree_free_ties=tie, disagree_free=bad)
+    row["ngram_vs_hf_free"] = row["ours_ngram_qps"] / row["hf_free_qps"]
+    row["ngram_overhead"] = row["ours_free_qps"] / row["ours_ngram_qps"] - 1
+    row["ngram_overhead_biased"] = row["ours_free_biased_qps"] / row["ours_ngram_biased_qps"] - 1
+    log(row)
+    rows.append(row)
+  meta = {"corpus_tokens": index.num_tokens, "docs": index.num_docs, "tokenizer": sp_desc,
+          "constraint_bytes": sc.nbytes, "pair_table": sc.has_pairs}
+  return rows, meta
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+def markdown(res: dict, command: str) -> str:
+  env = res["env"]
+  out = ["## Decoding", "",
+         f"Command: `{command}`  ", f"Machine: {env['cpu']}, {env['cores']} cores; jax {env['jax']} "
+         f"({env['jax_backend']}: {env['jax_device']}), torch {env['torch']} ({env['torch_device']}, "
+         f"{env['torch_threads']} threads), transformers {env['transformers']}.  ",
+         f"Load average at start / end: {res['load_start']} / {res['load_end']} (shared machine: methods "
+         "are timed round-robin in the same run, so compare ratios within a row).", ""]
+  if "peak" in res:
+    p = res["peak"]
+    out += [f"fp32 matmul peak ({p['n']}x{p['n']}): jax {p['jax_gflops']:.0f} GFLOP/s, torch "
+            f"{p['torch_gflops']:.0f} GFLOP/s.", ""]
+  peak = res.get("peak", {}).get("jax_gflops")
+  for size, block in res.get("trie", {}).items():
+    out += [f"### Trie (docids): T5 `{size}` ({block['params'] / 1e6:.1f}M params), 5,000 six-token "
+            "docids, batch 32, 8 new tokens", "",
+            "| beams | ours q/s | HF q/s | ours/HF | ours GFLOP/s | HF GFLOP/s | ours % of jax peak | "
+            "ours free q/s | HF free q/s | trie overhead ours / HF | top-k agree (exact / up to ties) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in block["rows"]:
+      pk = f"{100 * r['ours_trie_gflops'] / peak:.0f}%" if peak else "n/a"
+      out.append(f"| {r['beams']} | {r['ours_trie_qps']:.1f} | {r['hf_trie_qps']:.1f} | "
+                 f"{r['speedup_trie']:.2f}x | {r['ours_trie_gflops']:.1f} | {r['hf_trie_gflops']:.1f} | {pk} | "
+                 f"{r['ours_free_qps']:.1f} | {r['hf_free_qps']:.1f} | {100 * r['ours_trie_overhead']:+.0f}% / "
+                 f"{100 * r['hf_trie_overhead']:+.0f}% | trie {r['agree_trie']:.2f} / {r['agree_trie_ties']:.2f}, "
+                 f"free {r['agree_free']:.2f} / {r['agree_free_ties']:.2f} |")
+    out.append("")
+  if "ngram" in res:
+    m = res["ngram"]["meta"]
+    out += [f"### n-gram (SciFact suffix array): tiny T5, vocab 8,192, batch 32, 10 new tokens", "",
+            f"Corpus: {m['docs']:,} documents, {m['corpus_tokens']:,} indexed tokens; tokenizer: "
+            f"{m['tokenizer']}; device constraint arrays {m['constraint_bytes'] / 2**20:.1f} MiB "
+            f"(bigram table: {m['pair_table']}). Ours n-gram runs with `keep_history=True`.", "",
+            "| beams | ours n-gram q/s | ours free q/s | HF free q/s | n-gram / HF free | n-gram overhead | "
+            "biased model: n-gram q/s | free q/s | overhead | ours vs HF free agree (exact / ties) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["ngram"]["rows"]:
+      out.append(f"| {r['beams']} | {r['ours_ngram_qps']:.1f} | {r['ours_free_qps']:.1f} | "
+                 f"{r['hf_free_qps']:.1f} | {r['ngram_vs_hf_free']:.2f}x | {100 * r['ngram_overhead']:+.0f}% | "
+                 f"{r['ours_ngram_biased_qps']:.1f} | {r['ours_free_biased_qps']:.1f} | "
+                 f"{100 * r['ngram_overhead_biased']:+.0f}% | {r['agree_free']:.2f} / {r['agree_free_ties']:.2f} |")
+    out.append("")
+  out += res.get("notes", [])
+  return "\n".join(out).rstrip() + "\n"
+
+
+def write_section(text: str) -> None:
+  path = ROOT / "docs" / "benchmarks.md"
+  old = path.read_text() if path.exists() else "# Benchmarks\n"
+  start = old.find("## Decoding")
+  if start < 0:
+    new = old.rstrip() + "\n\n" + text
+  else:
+    nxt = old.find("\n## ", start + 1)
+    new = old[:start] + text + ("\n" + old[nxt + 1:] if nxt >= 0 else "")
+  path.write_text(new)
+
+
+def main(args) -> int:
+  quick = args.quick
+  repeats = args.repeats or (1 if quick else 3)
+  beams = args.beams or ([1, 20] if quick else [1, 5, 20, 50])
+  ngram_beams = args.ngram_beams or ([1, 20] if quick else [1, 5, 20])
+  sizes = args.sizes or (["tiny"] if quick else ["tiny", "base45m"])
+  dev, tname = torch_device(args.device)
+  if args.device == "gpu" and jax.default_backend() == "cpu":
+    print("warning: --device gpu but jax found no accelerator; jax runs on the CPU", file=sys.stderr)
+  res = {"env": environment(tname), "load_start": loadavg(), "notes": []}
+  if "no CUDA" in tname:
+    res["notes"].append("Note: torch has no CUDA in this environment, so HF ran on the CPU.")
+
+  def log(x):
+    print(json.dumps(x), flush=True)
+
+  log(res["env"])
+  if "peak" in args.parts:
+    res["peak"] = matmul_peak(dev, 1024 if quick else 2048, 3 if quick else 5)
+    log(res["peak"])
+  if "ngram" in args.parts:
+    rows, meta = bench_ngram(ngram_beams, repeats, args.batch, dev, args.spm_model, log)
+    res["ngram"] = {"rows": rows, "meta": meta}
+  if "trie" in args.parts:
+    res["trie"] = {}
+    for size in sizes:
+      rows, nparams = bench_trie(size, beams, repeats, args.batch, dev, log)
+      res["trie"][size] = {"rows": rows, "params": nparams}
+  res["load_end"] = loadavg()
+  command = ".venv/bin/python benchmarks/decode_throughput.py " + " ".join(sys.argv[1:])
+  if args.json_out:
+    pathlib.Path(args.json_out).write_text(json.dumps(res, indent=2))
+  text = markdown(res, command.strip())
+  print(text)
+  if args.write_docs:
+    write_section(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(ARGS))
