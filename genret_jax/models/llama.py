@@ -41,7 +41,9 @@ class LlamaConfig:
   rms_norm_eps: float = 1e-5
   tie_word_embeddings: bool = False
   dropout_rate: float = 0.0
-  embedding_init_std: float = 1.0
+  # None: 1.0 untied; d_model**-0.5 tied, because tied logits are h . E unscaled (as Hugging Face computes them)
+  # and a unit-std table would start them at std sqrt(d_model) -- an initial loss several times log(vocab).
+  embedding_init_std: float | None = None
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat_policy: str = "none"  # none | full | dots | dots_no_batch
@@ -52,6 +54,8 @@ class LlamaConfig:
   def __post_init__(self):
     if self.head_dim == 0:
       object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+    if self.embedding_init_std is None:
+      object.__setattr__(self, "embedding_init_std", self.d_model ** -0.5 if self.tie_word_embeddings else 1.0)
     if self.num_heads % self.num_kv_heads:
       raise InputError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}",
                        key="LlamaConfig.num_kv_heads")

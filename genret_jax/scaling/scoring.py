@@ -196,6 +196,26 @@ def place_params(model: model_api.BaseModel, params: Any, mesh: jax.sharding.Mes
   return jax.device_put(params, shardings)
 
 
+def _merge_small_groups(groups: dict[tuple[int, int], list[int]], batch_size: int,
+                        index: np.ndarray) -> dict[tuple[int, int], list[int]]:
+  """Buckets holding less than one batch are folded into one bucket padded to their largest lengths.
+
+  Each bucket shape is one XLA compilation (seconds), while a part-filled batch pays for its padding anyway;
+  for small jobs (a few queries) the compilations dominate, for large ones every bucket is full and kept.
+  """
+  small = [key for key, rows in groups.items() if len(rows) < batch_size]
+  if len(small) < 2:
+    return groups
+  merged_key = (max(k[0] for k in small), max(k[1] for k in small))
+  out = {key: rows for key, rows in groups.items() if key not in small}
+  merged = out.setdefault(merged_key, [])
+  for key in small:
+    merged.extend(groups[key])
+  # Rows of one input stay together (shared mode packs a batch by input), as in `_bucketed`.
+  merged.sort(key=lambda row: (int(index[row]), row))
+  return out
+
+
 class PairScorer:
   """Scores (input, target) token sequences with one model; see the module docstring.
 
@@ -314,7 +334,7 @@ class PairScorer:
     # Stable order by input, so rows of one input stay together in shared mode.
     for row in np.lexsort((np.arange(len(tgts)), index)):
       groups.setdefault((int(in_len[row]), int(tgt_len[row])), []).append(int(row))
-    return groups
+    return _merge_small_groups(groups, self.batch_size, index)
 
   def _plain_batches(self, ins, tgts, index):
     family_encdec = isinstance(self.model, model_api.EncoderDecoderModel)

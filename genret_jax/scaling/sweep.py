@@ -189,6 +189,7 @@ class Sweep:
 
     t0 = time.time()
     model, train_result, d, steps = self.train_model(cell)
+    stage_s = {"train": time.time() - t0}
     counts = accounting.count_params(model.config)
     lin, lt = self.cfg.task_feature_lengths["inputs"], self.cfg.task_feature_lengths["targets"]
     train_flops = accounting.train_flops_per_example(model.config, lin, lt).total * steps * self.cfg.batch_size
@@ -199,6 +200,7 @@ class Sweep:
     scored = scoring.PairScorer(model, train_result.params).score(seqs.inputs, seqs.targets,
                                                                    input_index=seqs.row_query)
     cgl_res = cgl_eval.reduce_scores(seqs, scored.nll, scored.num_tokens)
+    stage_s["cgl"] = time.time() - t0 - sum(stage_s.values())
     queries = [q for q in queries if q.query_id in set(seqs.query_ids)]
     retriever = Retriever(model, train_result.params, self.artefacts.identifier_scheme(), vocab, collection,
                           RetrievalConfig(inputs_length=lin))
@@ -206,7 +208,9 @@ class Sweep:
     rows, per_query_rows = [], {}
     cgl_pq = cgl_res.per_query(list(seqs.query_ids))
     for beam in cell["beams"]:
+      t_beam = time.time()
       res = retriever.retrieve(queries, beam=beam, progress=self.progress)
+      stage_s[f"beam{beam}"] = time.time() - t_beam
       run = {r.query_id: list(r.doc_ids) for r in res}
       m = metrics_lib.evaluate_run(run, qrels, query_ids=[q.query_id for q in queries])
       agg = m.aggregate
@@ -230,8 +234,10 @@ class Sweep:
                                               for q in seqs.query_ids],
                                 "num_negatives": self.cfg.num_negatives}
     wall = time.time() - t0
+    logging.info("%s stage seconds: %s", cell["model_id"], {k: round(v, 1) for k, v in stage_s.items()})
     for row in rows:
       row["wall_s"] = wall
+      row["stage_s"] = json.dumps({k: round(v, 1) for k, v in stage_s.items()})
     for row_id, pq in per_query_rows.items():
       results_lib.write_per_query(self.out_dir, row_id, pq)
     cell_dir = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"])
