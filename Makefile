@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(BIN)/genret demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
