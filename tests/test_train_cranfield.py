@@ -40,8 +40,8 @@ def test_training_beats_untrained_on_retrieval_loss(cranfield_names, tmp_path, f
                                                    num_kv_heads=2, d_ff=128, dtype="float32",
                                                    tie_word_embeddings=True))
   res = trainer.train(model=model, mixture_or_task_name=cranfield_names["mixture"], task_feature_lengths=LENGTHS,
-                      train_steps=150, model_dir=str(tmp_path / "run"), batch_size=32, seed=0,
-                      optimizer=optax.adamw(3e-3), mesh_config=trainer.MeshConfig(data=1), progress=False,
+                      train_steps=80, model_dir=str(tmp_path / "run"), batch_size=32, seed=0,
+                      optimizer=optax.adamw(6e-3), mesh_config=trainer.MeshConfig(data=1), progress=False,
                       write_config=False, checkpoint_every=1000)
   assert np.mean(res.losses[-10:]) < np.mean(res.losses[:10]) - 1.0
   converter = data_lib.feature_converter_for(model.family)
@@ -56,4 +56,5 @@ def test_training_beats_untrained_on_retrieval_loss(cranfield_names, tmp_path, f
                             converter, seed=0, max_batches=4, use_cached=False)
 
   trained_loss, untrained_loss = retrieval_loss(res.params), retrieval_loss(untrained)
+  print(f"{family}: retrieval loss trained {trained_loss:.3f} untrained {untrained_loss:.3f}")
   assert trained_loss < untrained_loss - 1.0, (trained_loss, untrained_loss)
