@@ -76,3 +76,13 @@ def test_flops_training_is_three_forward_and_decode_step_is_cheaper():
   assert 0 < step.total < fwd.total / 16
   summary = accounting.summary(config)
   assert summary["params_total"] > summary["params_non_embedding"] > 0
+
+
+def test_demo_ladder_matched_and_growing():
+  ns = []
+  for r in range(4):
+    t5 = accounting.count_params(_config(f"t5_1_1/demo_ladder/d{r}.gin")).non_embedding
+    ll = accounting.count_params(_config(f"llama/demo_ladder/d{r}.gin")).non_embedding
+    assert abs(t5 - ll) / t5 < 0.02, (r, t5, ll)
+    ns.append(t5)
+  assert ns == sorted(ns) and ns[-1] / ns[0] > 8

@@ -328,7 +328,12 @@ class PairScorer:
   def _bucketed(self, ins, tgts, index):
     in_edges = self._edges(max(a.size for a in ins))
     tgt_edges = self._edges(max(a.size for a in tgts))
-    in_len = np.array([bucket_length(ins[i].size, in_edges) for i in index])
+    if self.share_inputs:
+      # Each distinct input runs once per batch, so its padding is cheap next to the targets': one input length
+      # (the longest) instead of one compilation per input bucket.
+      in_len = np.full(len(index), bucket_length(max(a.size for a in ins), in_edges))
+    else:
+      in_len = np.array([bucket_length(ins[i].size, in_edges) for i in index])
     tgt_len = np.array([bucket_length(t.size, tgt_edges) for t in tgts])
     groups: dict[tuple[int, int], list[int]] = {}
     # Stable order by input, so rows of one input stay together in shared mode.
