@@ -100,3 +100,18 @@ def test_report_cli_and_bad_input(tmp_path, capsys):
     results.load_results(tmp_path)
   assert cli.main(["report", str(tmp_path)]) == 2
   assert "results.csv:4" in capsys.readouterr().err
+
+
+def test_clean_laws_unflagged_and_noise_flagged(run_dir):
+  fits = json.loads((run_dir / "fits.json").read_text())
+  for family in TRUE:
+    problems = fits["families"][family]["fit_problems"]
+    assert "joint" not in problems and "cgl_vs_N" not in problems, problems
+  from genret_jax.scaling import fits as fits_lib
+  rng = np.random.default_rng(1)
+  x = np.array([1e4, 3e4, 1e5, 3e5, 1e6])
+  flat = 0.0039 + 1e-5 * rng.standard_normal(x.size)   # no trend: noise around chance
+  f = fits_lib.fit("power", x, flat, restarts=5, seed=0)
+  assert report.fit_problem(f)
+  exact = fits_lib.fit("power", x[:3], [3.0, 2.0, 1.5], restarts=5, seed=0)
+  assert "3 points for 3 parameters" in report.fit_problem(exact)

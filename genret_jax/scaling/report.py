@@ -256,8 +256,25 @@ def _fits_section(fitted: dict, cfg: ReportConfig) -> list[str]:
         p = f.predictions[0]
         x = p["x"] if not isinstance(p["x"], list) else "(" + ", ".join(_fmt(float(v)) for v in p["x"]) + ")"
         pred = f"x = {_fmt(x) if not isinstance(x, str) else x}: {_fmt(p['y'])} {_ci(p['ci'])}"
-      lines.append(f"| {family} | {title} | `{f.formula()}` | {f.r2:.5f} | {f.num_points} | {params} | {pred} |")
+      law = f"`{f.formula()}`"
+      problem = fit_problem(f)
+      if problem:
+        law += f" **unreliable: {problem}**"
+      lines.append(f"| {family} | {title} | {law} | {f.r2:.5f} | {f.num_points} | {params} | {pred} |")
   return lines
+
+
+def fit_problem(f) -> str:
+  """Why a fitted law should not be read as a trend ('' when nothing is wrong). Noisy, flat or tiny series still
+  give *some* least-squares optimum; the report says so instead of printing it as a law."""
+  values = [float(v) for v in f.params.values()]
+  if not all(math.isfinite(v) for v in values):
+    return "a parameter is not finite (no power-law trend in these points)"
+  if not math.isfinite(f.r2) or f.r2 < 0.5:
+    return f"R² = {f.r2:.3g} (the law explains little of the variation)"
+  if f.num_points <= len(values):
+    return f"{f.num_points} points for {len(values)} parameters (an interpolation, not evidence)"
+  return ""
 
 
 def _chance(rows: Sequence[dict], run_dir: pathlib.Path) -> float:
@@ -287,7 +304,9 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
                                                 float(max(r["n_nonembed"] for r in rows if r["family"] == fam))],
                                           "D": [float(min(r["D"] for r in rows if r["family"] == fam)),
                                                 float(max(r["D"] for r in rows if r["family"] == fam))]},
-                                "fits": {k: (v.to_dict() if v is not None else None) for k, v in fam_fits.items()}}
+                                "fits": {k: (v.to_dict() if v is not None else None) for k, v in fam_fits.items()},
+                                "fit_problems": {k: fit_problem(v) for k, v in fam_fits.items()
+                                                 if v is not None and fit_problem(v)}}
                           for fam, fam_fits in fitted.items()},
              "matched_pairs": pairs, "notes": notes}
   fits_lib.write_json_atomic(run_dir / FITS_JSON, payload)
