@@ -15,7 +15,7 @@ from genret_jax.scaling import sweep as sweep_lib
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
   gin_utils.parse_gin(["sweeps/demo.gin"], [
-      'SweepConfig.rungs = {"t5": ["models/t5_1_1/cpu_ladder/r0.gin"], "llama": ["models/llama/cpu_ladder/r0.gin"]}',
+      'SweepConfig.rungs = {"t5": ["models/t5_1_1/demo_ladder/d0.gin"], "llama": ["models/llama/demo_ladder/d0.gin"]}',
       "SweepConfig.data_fractions = (0.6, 1.0)", "SweepConfig.fraction_rungs = (0,)",
       'SweepConfig.fraction_families = ("t5",)', "SweepConfig.num_negatives = 64",
       "SweepConfig.beams = (1, 3)", "SweepConfig.default_beam = 2", "SweepConfig.max_eval_queries = 4",
@@ -29,7 +29,7 @@ def tiny_sweep(tmp_path_factory):
 def test_results_table_and_per_query(tiny_sweep):
   cfg, out, rows = tiny_sweep
   plan = sweep_lib.plan(cfg)
-  assert [c["model_id"] for c in plan] == ["t5-r0-f060", "t5-r0-f100", "llama-r0-f100"]
+  assert [c["model_id"] for c in plan] == ["t5-d0-f060", "t5-d0-f100", "llama-d0-f100"]
   table = results_lib.load_results(out)
   # t5: f=0.6 at the default beam, f=1.0 at beams 1 and 3; llama: f=1.0 at beams 1 and 3.
   assert len(table) == len(rows) == 1 + 2 + 2
@@ -50,14 +50,14 @@ def test_results_table_and_per_query(tiny_sweep):
 
 def test_restart_skips_finished_and_redoes_unfinished(tiny_sweep, capsys):
   cfg, out, _ = tiny_sweep
-  killed = os.path.join(out, results_lib.CELLS_DIR, "t5-r0-f060", sweep_lib.RESULT_JSON)
+  killed = os.path.join(out, results_lib.CELLS_DIR, "t5-d0-f060", sweep_lib.RESULT_JSON)
   os.remove(killed)   # as if the process died before the model's evaluation was written
-  mtime = os.path.getmtime(os.path.join(out, results_lib.CELLS_DIR, "t5-r0-f100", sweep_lib.RESULT_JSON))
+  mtime = os.path.getmtime(os.path.join(out, results_lib.CELLS_DIR, "t5-d0-f100", sweep_lib.RESULT_JSON))
   rows = sweep_lib.run_sweep(cfg, out)
   printed = capsys.readouterr().out
-  assert printed.count("already done") == 2 and "t5-r0-f060: training + evaluation" in printed
+  assert printed.count("already done") == 2 and "t5-d0-f060: training + evaluation" in printed
   assert os.path.exists(killed)
-  assert os.path.getmtime(os.path.join(out, results_lib.CELLS_DIR, "t5-r0-f100", sweep_lib.RESULT_JSON)) == mtime
+  assert os.path.getmtime(os.path.join(out, results_lib.CELLS_DIR, "t5-d0-f100", sweep_lib.RESULT_JSON)) == mtime
   assert len(rows) == 5
 
 

@@ -44,7 +44,13 @@ def restore_params(directory: str, abstract_params: Any | None = None) -> Any:
                      f"`genret convert-hf`)", path=directory)
   with ocp.StandardCheckpointer() as ckptr:
     if abstract_params is None:
-      return ckptr.restore(path)
+      # Onto this process's first device, whatever mesh wrote it (e.g. a multi-host run): orbax refuses to
+      # reuse saved shardings whose devices are not here.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      meta = ckptr.metadata(path)
+      tree = getattr(meta, "item_metadata", meta)
+      tree = getattr(tree, "tree", tree)
+      abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     return ckptr.restore(path, abstract_params)
 
 

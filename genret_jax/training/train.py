@@ -19,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  distributed.initialize_from_args(args)
+  if distributed.initialize_from_args(args):
+    import jax
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local of "
+          f"{jax.device_count()} global devices", flush=True)
   # Importing the trainer registers its configurables before the gin files are parsed.
   from genret_jax.training import trainer  # noqa: F401
   from genret_jax.models import model_api  # noqa: F401

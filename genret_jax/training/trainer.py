@@ -59,6 +59,13 @@ def _batch_specs(batch: Mapping[str, np.ndarray], mesh) -> dict[str, NamedShardi
   return {k: partitioning.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
 
+def _global_batch(batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding] | None):
+  """Multi-host: each process holds its own rows (its seqio shard); jit needs one global array per feature."""
+  if shardings is None or jax.process_count() == 1:
+    return batch
+  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
 def _split_microbatches(batch, n: int):
   return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
@@ -272,7 +279,7 @@ def train(*,
     last_loss = float("nan")
     tokens_per_s = 0.0
     while step < train_steps:
-      state, metrics = step_fn(state, batch, frozen, base_rng)
+      state, metrics = step_fn(state, _global_batch(batch, batch_sh), frozen, base_rng)
       consumed += 1
       step += 1
       m = jax.device_get(metrics)
@@ -298,7 +305,7 @@ def train(*,
         pbar.update(1)
       if eval_every and eval_split and (step % eval_every == 0 or step == train_steps):
         eval_loss = evaluate(eval_fn, state.params, frozen, mixture_or_task_name, task_feature_lengths, eval_split,
-                             batch_size, converter, seed, eval_batches, use_cached_tasks)
+                             batch_size, converter, seed, eval_batches, use_cached_tasks, batch_sh)
         if eval_loss is not None:
           writer.write_scalars(step, {"eval_loss": eval_loss})
       if step % checkpoint_every == 0 or step == train_steps:
@@ -313,14 +320,15 @@ def train(*,
     if pbar is not None:
       pbar.close()
     full = lora_lib.merge(frozen, state.params, lora) if lora is not None else state.params
-    if step >= train_steps and jax.process_index() == 0:
-      params_io.save_params(model_dir, full, model_gin=_model_gin_text(model))
+    if step >= train_steps:   # every process takes part in the orbax save; process 0 writes model.gin
+      params_io.save_params(model_dir, full,
+                            model_gin=_model_gin_text(model) if jax.process_index() == 0 else None)
   return TrainResult(step=step, last_loss=last_loss, losses=losses, eval_loss=eval_loss, params=full,
                      model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from)
 
 
 def evaluate(eval_fn, trainable, frozen, task, lengths, split, batch_size, converter, seed, max_batches,
-             use_cached) -> float | None:
+             use_cached, batch_shardings=None) -> float | None:
   from genret_jax.training import data as data_lib
   try:
     ds = data_lib.get_dataset(task, lengths, split, batch_size, converter, seed=seed, shuffle=False, num_epochs=1,
@@ -332,7 +340,7 @@ def evaluate(eval_fn, trainable, frozen, task, lengths, split, batch_size, conve
   for i, batch in enumerate(data_lib.numpy_batches(ds)):
     if i >= max_batches:
       break
-    m = jax.device_get(eval_fn(trainable, frozen, batch))
+    m = jax.device_get(eval_fn(trainable, frozen, _global_batch(batch, batch_shardings)))
     tot += float(m["loss_sum"])
     n += float(m["num_tokens"])
   return tot / n if n else None
