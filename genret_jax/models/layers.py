@@ -102,8 +102,13 @@ class DenseGeneral(nn.Module):
     shape = tuple(x.shape[-c:]) + tuple(self.features)
     kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init(self.init_scale, c, len(self.features)),
                                                                self.axes), shape, self.param_dtype)
-    dims = (tuple(range(x.ndim - c, x.ndim)), tuple(range(c)))
-    return jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel).astype(self.dtype), (dims, ((), ())))
+    # One 2-D matmul with reshapes around it: XLA:CPU emits a single GEMM for it, where a multi-axis dot_general
+    # (e.g. the attention output's (heads, kv) contraction) costs extra transposes, most of them in the backward.
+    lead = x.shape[:x.ndim - c]
+    k_in = int(np.prod(shape[:c]))
+    y = jnp.dot(x.astype(self.dtype).reshape(-1, k_in),
+                jnp.asarray(kernel).astype(self.dtype).reshape(k_in, -1))
+    return y.reshape(lead + tuple(self.features))
 
 
 def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
@@ -173,19 +178,26 @@ class Attention(nn.Module):
     if self.scale_logits:
       q = q * jnp.asarray(d ** -0.5, q.dtype)
     groups = h // hkv
-    qg = q.reshape(batch, q_len, hkv, groups, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
     kv_len = k.shape[1]
+    if groups > 1:   # grouped-query: a group axis so K/V are shared without being repeated in memory
+      qg = q.reshape(batch, q_len, hkv, groups, d)
+      logits = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
+      logits = logits.reshape(batch, h, q_len, kv_len)
+    else:            # multi-head: plain 4-D einsums (fewer transposes on CPU than the 5-D form)
+      logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32)
     if bias is not None:
       bias = bias[..., :kv_len]  # the cache-creation call gets a bias sized for the cache; it attends to 1 token
-      logits = logits + bias.astype(jnp.float32).reshape(bias.shape[0], hkv, groups, q_len, kv_len)
+      logits = logits + bias.astype(jnp.float32)
     if mask is not None:
-      m = jnp.broadcast_to(mask, (mask.shape[0], 1, q_len, kv_len))[:, :, None]
-      logits = jnp.where(m, logits, NEG_INF)
+      logits = jnp.where(mask, logits, NEG_INF)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     if self.dropout_rate > 0.0 and not deterministic:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(batch, q_len, h, d)
+    if groups > 1:
+      wg = weights.reshape(batch, hkv, groups, q_len, kv_len)
+      out = jnp.einsum("bkgts,bskd->btkgd", wg, v).reshape(batch, q_len, h, d)
+    else:
+      out = jnp.einsum("bhts,bshd->bthd", weights, v)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     return dense((inputs_q.shape[-1],), ("heads", "kv", "embed"), num_contract=2, init_scale=self.init_scale,
                  name="out")(out)
