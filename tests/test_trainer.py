@@ -110,30 +110,7 @@ def test_lora_trains_only_adapters(tmp_path):
   assert np.mean(res.losses[-3:]) < np.mean(res.losses[:3])
 
 
-GIN = """
-import toy_tasks
-import genret_jax.models.model_api
-import genret_jax.training.trainer
-MODEL = @models.EncoderDecoderModel()
-models.EncoderDecoderModel.config = @models.T5Config()
-models.T5Config.vocab_size = 1024
-models.T5Config.d_model = 32
-models.T5Config.num_heads = 2
-models.T5Config.head_dim = 16
-models.T5Config.d_ff = 64
-models.T5Config.num_encoder_layers = 1
-models.T5Config.num_decoder_layers = 1
-models.T5Config.dtype = "float32"
-train.model = %MODEL
-train.mixture_or_task_name = "genret_test_reverse"
-train.task_feature_lengths = {"inputs": 16, "targets": 16}
-train.train_steps = 120
-train.batch_size = 8
-train.checkpoint_every = 10
-train.progress = False
-train.mesh_config = @MeshConfig()
-MeshConfig.data = 1
-"""
+GIN = toy_tasks.train_gin(steps=120, mesh_data=1)
 
 
 def _cmd(model_dir, gin_path):

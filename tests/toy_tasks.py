@@ -39,3 +39,34 @@ if TASK not in seqio.TaskRegistry.names():
       preprocessors=[seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
                      seqio.preprocessors.append_eos_after_trim],
       output_features={"inputs": seqio.Feature(VOCAB, add_eos=True), "targets": seqio.Feature(VOCAB, add_eos=True)})
+
+
+# A `genret train` config on this task with a one-layer T5 (for the subprocess tests: kill-restart, multi-host).
+_TRAIN_GIN = """
+import toy_tasks
+import genret_jax.models.model_api
+import genret_jax.training.trainer
+MODEL = @models.EncoderDecoderModel()
+models.EncoderDecoderModel.config = @models.T5Config()
+models.T5Config.vocab_size = 1024
+models.T5Config.d_model = 32
+models.T5Config.num_heads = 2
+models.T5Config.head_dim = 16
+models.T5Config.d_ff = 64
+models.T5Config.num_encoder_layers = 1
+models.T5Config.num_decoder_layers = 1
+models.T5Config.dtype = "float32"
+train.model = %MODEL
+train.mixture_or_task_name = "genret_test_reverse"
+train.task_feature_lengths = {"inputs": 16, "targets": 16}
+train.train_steps = {steps}
+train.batch_size = 8
+train.checkpoint_every = 10
+train.progress = False
+train.mesh_config = @MeshConfig()
+MeshConfig.data = {mesh_data}
+"""
+
+
+def train_gin(steps: int, mesh_data: int) -> str:
+  return _TRAIN_GIN.replace("{steps}", str(steps)).replace("{mesh_data}", str(mesh_data))
