@@ -305,8 +305,8 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
                                           "D": [float(min(r["D"] for r in rows if r["family"] == fam)),
                                                 float(max(r["D"] for r in rows if r["family"] == fam))]},
                                 "fits": {k: (v.to_dict() if v is not None else None) for k, v in fam_fits.items()},
-                                "fit_problems": {k: fit_problem(v) for k, v in fam_fits.items()
-                                                 if v is not None and fit_problem(v)}}
+                                "fit_problems": {k: p for k, v in fam_fits.items()
+                                                 if v is not None and (p := fit_problem(v))}}
                           for fam, fam_fits in fitted.items()},
              "matched_pairs": pairs, "notes": notes}
   fits_lib.write_json_atomic(run_dir / FITS_JSON, payload)
