@@ -170,3 +170,35 @@ def test_sharded_batch_equals_unsharded():
     assert out.tokens.sharding.spec[0] == "data"
   for name in ("tokens", "scores", "valid", "lengths"):
     np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)))
+
+
+def test_t5_per_query_encoder_cache_equals_cache_repeated_per_beam():
+  """T5 keeps the projected encoder keys/values once per query (`cache["per_query"]`); folding the beams
+  into cross-attention's query axis must give the search it gives with those leaves repeated per beam."""
+  import flax.traverse_util as tu
+  import jax.numpy as jnp
+  from genret_jax.models.model_api import EncoderDecoderModel
+  from genret_jax.models.t5 import T5Config
+
+  cfg = T5Config(vocab_size=40, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
+                 num_decoder_layers=2, dtype="float32", param_dtype="float32")
+  model = EncoderDecoderModel(cfg)
+  params = model.init(jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 6), "decoder_input_tokens": (1, 4)})
+  inputs = np.array(jax.random.randint(jax.random.PRNGKey(1), (3, 6), 2, 40), np.int32)
+  inputs[:, 4:] = 0   # padding the cross-attention mask must hide in both layouts
+  inputs[:, 3] = EOS
+
+  @functools.partial(jax.jit, static_argnames=("shared",))
+  def search(params, inputs, shared):
+    cache, first = model.decode_init(params, inputs, 5)
+    assert cache["per_query"] and all(x.shape[0] == 3 for x in jax.tree.leaves(cache["per_query"]))
+    if not shared:
+      merged = {**tu.flatten_dict(cache["cache"]), **tu.flatten_dict(cache["per_query"])}
+      cache = {"cache": tu.unflatten_dict(merged), "position": cache["position"]}
+    return beam_search(functools.partial(model.tokens_to_logits, params), cache, first, num_beams=4,
+                       max_decode_len=5, eos_id=EOS, pad_id=PAD)
+
+  shared, repeated = search(params, inputs, True), search(params, inputs, False)
+  np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(repeated.tokens))
+  np.testing.assert_allclose(np.asarray(shared.scores), np.asarray(repeated.scores), rtol=1e-5, atol=1e-5)
+  assert bool(jnp.all(shared.valid))

@@ -81,6 +81,18 @@ def _gather_beams(tree: PyTree, idx: jax.Array, batch: int, width: int) -> PyTre
   return jax.tree.map(one, tree)
 
 
+# Cache entry whose leaves keep one row per query (the same for every beam): never repeated or gathered.
+PER_QUERY = "per_query"
+
+
+def _map_beam_rows(fn: Callable[[PyTree], PyTree], cache: PyTree) -> PyTree:
+  """Applies `fn` to the cache except its per-query entry (see `PER_QUERY`)."""
+  if isinstance(cache, dict) and PER_QUERY in cache:
+    rest = fn({key: val for key, val in cache.items() if key != PER_QUERY})
+    return {**rest, PER_QUERY: cache[PER_QUERY]}
+  return fn(cache)
+
+
 def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
   """x [B, W, ...], idx [B, J] -> [B, J, ...]."""
   return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0))(x, idx)
@@ -113,7 +125,9 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
     tokens_to_logits: `(cache, tokens [N], step) -> (logits [N, V], cache)`, the model contract with
       params bound (e.g. `functools.partial(model.tokens_to_logits, params)`); `step` is the 0-based
       index of the token being predicted.
-    cache: from `decode_init`; every leaf has the batch B as leading axis (expanded to B*K here).
+    cache: from `decode_init`; every leaf has the batch B as leading axis and is expanded to B*K rows
+      here, except under `cache["per_query"]`: those leaves stay [B, ...] (they are the same for all
+      beams of a query; the model must accept them, as T5's cross-attention does).
     first_tokens: [B] int32, the token fed at step 0 (decoder start / last prompt token).
     num_beams: K (static).
     max_decode_len: maximum generated tokens, EOS included (static).
@@ -136,7 +150,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
   n = b * k
 
   expand = lambda x: jnp.repeat(x, k, axis=0)
-  cache = jax.tree.map(expand, cache)
+  cache = _map_beam_rows(lambda c: jax.tree.map(expand, c), cache)
   cstate = (constraint.init_state(n) if constraint_state is None
             else jax.tree.map(expand, constraint_state))
   # Only beam 0 of each query is live at first, so the K beams never duplicate one prefix.
@@ -209,7 +223,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
     live_ok = valid & ~is_eos & ~last
     live_logp, live_sel = jax.lax.top_k(jnp.where(live_ok, top_scores, NEG_INF), k)
     live_logp = jnp.where(live_logp > NEG_INF / 2, live_logp, NEG_INF)
-    new_cache = _gather_beams(cache, _take(parent, live_sel), b, k)
+    cache_idx = _take(parent, live_sel)
+    new_cache = _map_beam_rows(lambda c: _gather_beams(c, cache_idx, b, k), cache)
     new_cstate = _gather_beams(cand_cstate, live_sel, b, c)
 
     history = s.history

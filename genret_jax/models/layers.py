@@ -12,7 +12,8 @@ KV cache (flax `cache` collection). A self-attention layer in `decode` mode hold
 `cache_index` [B] (next slot to write). The first `decode` call only creates the (zero) cache; each later call
 appends its T tokens at every row's own index and attends causally over the valid slots, so one code path serves
 a multi-token prefill (left padding marked by `token_mask`) and single-token steps. Cross-attention caches the
-projected encoder keys/values and the encoder mask on the first call.
+projected encoder keys/values and the encoder mask on the first call; they may keep one row per query while the
+queries have one row per beam (see `Attention.__call__`).
 """
 
 from __future__ import annotations
@@ -177,6 +178,14 @@ class Attention(nn.Module):
 
     if self.scale_logits:
       q = q * jnp.asarray(d ** -0.5, q.dtype)
+    rows = batch
+    if k.shape[0] != batch:
+      # Beam search keeps one row of encoder keys per query (the same for all its beams): the beams of a
+      # query become extra query positions, so [B*K, T] queries attend [B, S] keys without repeating them.
+      if batch % k.shape[0]:
+        raise ValueError(f"attention: {batch} query rows do not divide over {k.shape[0]} key rows")
+      batch, q_len = k.shape[0], (batch // k.shape[0]) * q_len
+      q = q.reshape(batch, q_len, h, d)
     groups = h // hkv
     kv_len = k.shape[1]
     if groups > 1:   # grouped-query: a group axis so K/V are shared without being repeated in memory
@@ -198,7 +207,7 @@ class Attention(nn.Module):
       out = jnp.einsum("bkgts,bskd->btkgd", wg, v).reshape(batch, q_len, h, d)
     else:
       out = jnp.einsum("bhts,bshd->bthd", weights, v)
-    out = constrain(out, ("batch", "length", "heads", "kv"))
+    out = constrain(out.reshape(rows, -1, h, d), ("batch", "length", "heads", "kv"))
     return dense((inputs_q.shape[-1],), ("heads", "kv", "embed"), num_contract=2, init_scale=self.init_scale,
                  name="out")(out)
 

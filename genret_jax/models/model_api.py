@@ -8,7 +8,10 @@
 * `score_batch(params, batch) -> (sum_logprob [B], mean_logprob [B])` over `decoder_loss_weights` only;
 * `decode_init(params, inputs, max_decode_len) -> (cache, first_tokens [B])` and
   `tokens_to_logits(params, cache, tokens [N], step) -> (logits [N, V] float32, cache)`: every cache leaf has the
-  flattened batch as leading axis; per-row positions live in the cache (`step` is informational);
+  flattened batch as leading axis; per-row positions live in the cache (`step` is informational). Leaves under
+  `cache["per_query"]` (T5's projected encoder keys/values) keep one row per query even when the search runs
+  N = B * K rows: they are the same for every beam of a query, so the beam search neither repeats nor gathers
+  them, and cross-attention folds the K beams into its query axis;
 * `greedy_decode(params, inputs, max_decode_len, eos_id=1) -> tokens [B, max_decode_len]` for self-checks.
 
 All methods enter the logical axis rules, so under `jax.set_mesh(mesh)` activations are constrained to the mesh.
@@ -20,6 +23,7 @@ import contextlib
 from typing import Any, Mapping
 
 import flax.linen as nn
+import flax.traverse_util
 import gin
 import jax
 import jax.numpy as jnp
@@ -161,6 +165,18 @@ def _cache_length(cache: Mapping[str, Any]) -> int:
   raise ValueError("cache has no key_mask leaf")
 
 
+# Cache leaves that depend only on the encoder output, hence are the same for every beam of a query.
+_PER_QUERY_LEAVES = ("cross_key", "cross_value", "cross_mask")
+
+
+def _split_per_query(cache: Mapping[str, Any]) -> tuple[dict, dict]:
+  """flax `cache` collection -> (per-row leaves, per-query leaves), both nested dicts."""
+  flat = flax.traverse_util.flatten_dict(cache)
+  rows = {k: v for k, v in flat.items() if k[-1] not in _PER_QUERY_LEAVES}
+  shared = {k: v for k, v in flat.items() if k[-1] in _PER_QUERY_LEAVES}
+  return flax.traverse_util.unflatten_dict(rows), flax.traverse_util.unflatten_dict(shared)
+
+
 @gin.configurable(module="models")
 class EncoderDecoderModel(BaseModel):
   """T5 encoder-decoder; batches from seqio `EncDecFeatureConverter`."""
@@ -199,16 +215,22 @@ class EncoderDecoderModel(BaseModel):
       _, variables = self.module.apply(
           {"params": params}, encoded, segments, first[:, None], decode=True, cache_length=max_decode_len,
           method=T5Transformer.decode, mutable=["cache"])
-    return {"cache": variables["cache"], "position": jnp.zeros((batch,), jnp.int32)}, first
+    rows, per_query = _split_per_query(variables["cache"])
+    return {"cache": rows, "per_query": per_query, "position": jnp.zeros((batch,), jnp.int32)}, first
 
   def tokens_to_logits(self, params, cache, tokens, step):
     del step  # per-row positions are in the cache
+    rows = flax.traverse_util.flatten_dict(cache["cache"])
+    full = {**rows, **flax.traverse_util.flatten_dict(cache.get("per_query", {}))}
     with nn.logical_axis_rules(self.rules):
       logits, variables = self.module.apply(
-          {"params": params, "cache": cache["cache"]}, None, None, tokens[:, None],
+          {"params": params, "cache": flax.traverse_util.unflatten_dict(full)}, None, None, tokens[:, None],
           decoder_positions=cache["position"][:, None], decode=True, cache_length=_cache_length(cache),
           method=T5Transformer.decode, mutable=["cache"])
-    return logits[:, 0], {"cache": variables["cache"], "position": cache["position"] + 1}
+    # The returned cache keeps the caller's split (the per-query leaves never change).
+    new = flax.traverse_util.flatten_dict(variables["cache"])
+    new_rows = flax.traverse_util.unflatten_dict({key: new[key] for key in rows})
+    return logits[:, 0], {**cache, "cache": new_rows, "position": cache["position"] + 1}
 
 
 @gin.configurable(module="models")
