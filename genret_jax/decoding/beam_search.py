@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genret_jax.decoding.constraints import NEG_INF, Unconstrained
+from genret_jax.decoding.constraints import NEG_INF, Unconstrained, top_k
 
 PyTree = Any
 TokensToLogits = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, PyTree]]
@@ -196,7 +196,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
     masked = constraint.mask_log_probs(s.cstate, logp, s.live_logp.reshape(n), num_beams=k,
                                        num_candidates=c)
     cand = (s.live_logp[:, :, None] + masked.reshape(b, k, vocab)).reshape(b, k * vocab)
-    top_scores, top_idx = jax.lax.top_k(cand, c)
+    top_scores, top_idx = top_k(cand, c)
     parent, tok = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
     valid = top_scores > NEG_INF / 2
     cand_cstate = constraint.advance(_gather_beams(s.cstate, parent, b, k), tok.reshape(b * c))
@@ -210,7 +210,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
     new_fin = valid & (is_eos | (last & constraint.truncated_is_valid))
     fin_cand = jnp.where(new_fin, top_scores / length_penalty(i + 1, alpha), NEG_INF)
     pool_scores = jnp.concatenate([s.fin_scores, fin_cand], axis=1)
-    fin_scores, sel = jax.lax.top_k(pool_scores, r)
+    fin_scores, sel = top_k(pool_scores, r)
     cat = lambda old, new: _take(jnp.concatenate([old, new], axis=1), sel)
     fin_seqs = cat(s.fin_seqs, cand_seqs)
     fin_logp = cat(s.fin_logp, top_scores)
@@ -221,7 +221,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
 
     # Live beams: the best K valid non-EOS candidates (none after the last step).
     live_ok = valid & ~is_eos & ~last
-    live_logp, live_sel = jax.lax.top_k(jnp.where(live_ok, top_scores, NEG_INF), k)
+    live_logp, live_sel = top_k(jnp.where(live_ok, top_scores, NEG_INF), k)
     live_logp = jnp.where(live_logp > NEG_INF / 2, live_logp, NEG_INF)
     cache_idx = _take(parent, live_sel)
     new_cache = _map_beam_rows(lambda c: _gather_beams(c, cache_idx, b, k), cache)

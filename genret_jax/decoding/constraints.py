@@ -75,6 +75,13 @@ class Unconstrained:
     return jnp.full(state.shape, -1, jnp.int32)
 
 
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` behind an optimization barrier. XLA:CPU turns top-k into its fast TopK kernel only when the
+  sort's results are used through slices starting at 0; a later `values[:, k - 1]` gets folded into the sort
+  and leaves a full sort of every row (measured: 180 ms instead of 5 ms for [64, 8192], k = 65)."""
+  return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+
+
 def next_pow2(n: int, minimum: int = 1) -> int:
   """Smallest power of two >= max(n, minimum); used to bucket array sizes so shapes (and compiled
   programs) are shared between indexes of similar size."""

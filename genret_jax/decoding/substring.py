@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genret_jax.decoding.constraints import (NEG_INF, interval_iters, lower_bound, next_pow2, pad_to,
+                                             top_k,
                                              search_iters)
 from genret_jax.decoding.suffix_array import SuffixArrayIndex
 
@@ -264,7 +265,7 @@ class SubstringConstraint:
       c, masked, chk, nxt = carry
       sel = jax.lax.dynamic_slice(idx, (c * chunk,), (chunk,))
       safe = jnp.minimum(sel, n - 1)
-      top_lp, top_tok = jax.lax.top_k(log_probs[safe], m + 1)
+      top_lp, top_tok = top_k(log_probs[safe], m + 1)
       b_tok, b_lp = top_tok[:, :m], top_lp[:, :m]
       lo, depth = state.lo[safe], state.depth[safe]
       hi = jnp.where(sel < n, state.hi[safe], lo)
@@ -292,7 +293,7 @@ class SubstringConstraint:
     checked = jnp.where(checked > NEG_INF / 2, checked + beam_scores[:, None], NEG_INF)
     per_query = checked.reshape(n // num_beams, -1)
     k = min(num_candidates, per_query.shape[1])
-    threshold = jnp.repeat(jax.lax.top_k(per_query, k)[0][:, -1], num_beams)
+    threshold = jnp.repeat(top_k(per_query, k)[0][:, -1], num_beams)
     # (a) enough allowed among the checked tokens, or (b) the best unchecked cannot reach the
     # query's num_candidates-th best checked score.
     num_ok = (chk > NEG_INF / 2).sum(axis=1) + (eos_lp > NEG_INF / 2).astype(jnp.int32)
@@ -320,30 +321,33 @@ class SubstringConstraint:
       lo, depth = state.lo[safe], state.depth[safe]
       hi = jnp.where(active, state.hi[safe], lo)
       key = self._key(depth)
-      lp = log_probs[safe]
-      rows = jnp.broadcast_to(sel[:, None], (chunk, self.enum_window))
+      local = jnp.broadcast_to(jnp.arange(chunk)[:, None], (chunk, self.enum_window))
 
       def jump_cond(inner):
         it, p, _ = inner
         return (it < self.enum_iters) & jnp.any(p < hi)
 
+      # The jumps mark a [chunk, V] bitmap, not the [N, V] log-probs: a while loop carrying the big
+      # array may copy it every round on CPU.
       def jump_body(inner):
-        it, p, masked = inner
+        it, p, found = inner
         pos = p[:, None] + w
         ok = pos < hi[:, None]
         tok = jnp.where(ok, self._key(depth[:, None])(pos), -1)   # every one is a continuation
         ok = ok & self._content_ok(tok)
-        vals = jnp.take_along_axis(lp, jnp.clip(tok, 0, v - 1), axis=1)
-        masked = masked.at[rows, jnp.where(ok, tok, v)].set(vals, mode="drop")
+        found = found.at[local, jnp.where(ok, tok, v)].set(True, mode="drop")
         # Skip the rest of the last read token's block: the next row starts a new token.
         last = jnp.minimum(p + self.enum_window, hi) - 1
         live = p < hi
         last = jnp.where(live, last, p)
         end_hi = jnp.where(live, hi, p)
         nxt = lower_bound(key, last, end_hi, key(last) + 1, interval_iters(end_hi - last))
-        return it + 1, jnp.where(live, nxt, p), masked
+        return it + 1, jnp.where(live, nxt, p), found
 
-      _, p, masked = jax.lax.while_loop(jump_cond, jump_body, (jnp.int32(0), lo, masked))
+      _, p, found = jax.lax.while_loop(jump_cond, jump_body,
+                                       (jnp.int32(0), lo, jnp.zeros((chunk, v), bool)))
+      rows = jnp.where(found, log_probs[safe], masked[safe])
+      masked = masked.at[sel].set(rows, mode="drop")
       done = done.at[sel].set(p >= hi, mode="drop")
       return c + 1, masked, done
 
