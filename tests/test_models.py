@@ -41,13 +41,14 @@ class Jitted:
 
 @pytest.fixture(scope="module")
 def t5():
-  model = EncoderDecoderModel(T5_CFG)
+  # Explicit z_loss / label smoothing: a gin file parsed by an earlier test in this worker may bind them.
+  model = EncoderDecoderModel(T5_CFG, z_loss=0.0, label_smoothing=0.0)
   return Jitted(model), random_params(model, 0)
 
 
 @pytest.fixture(scope="module")
 def llama():
-  model = DecoderOnlyModel(LLAMA_CFG)
+  model = DecoderOnlyModel(LLAMA_CFG, z_loss=0.0, label_smoothing=0.0)
   return Jitted(model), random_params(model, 1)
 
 
