@@ -43,8 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genret_jax.decoding.constraints import (NEG_INF, interval_iters, lower_bound, next_pow2, pad_to,
-                                             top_k,
-                                             search_iters)
+                                             search_iters, top_k)
 from genret_jax.decoding.suffix_array import SuffixArrayIndex
 
 # The bigram bit table costs V * V / 8 bytes: 8 MiB at V = 8,192, 128 MiB at T5's 32,128.
