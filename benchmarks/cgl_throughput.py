@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
+
+from _common import cpu_model, write_section
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(REPO, "docs", "benchmarks.md")
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--ref_seconds", type=float, default=4.0, help="seconds of reference scoring per chunk")
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+  p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                 help="gpu: jax's default accelerator and torch on CUDA, written as a '### GPU: <card>' subsection")
   p.add_argument("--no_write_docs", action="store_true")
   return p.parse_args(argv)
 
@@ -80,7 +83,7 @@ def workload(args, vocab: int):
   return queries, pairs
 
 
-def hf_model(model, params):
+def hf_model(model, params, device):
   import numpy as np
   import torch
   import transformers
@@ -94,27 +97,29 @@ def hf_model(model, params):
   missing = [m for m in missing if not m.endswith("embed_tokens.weight")]  # tied to `shared`
   if missing or unexpected:
     raise RuntimeError(f"HF export mismatch: missing {missing}, unexpected {unexpected}")
-  return hf.eval()
+  return hf.eval().to(device)
 
 
 def reference_pair_nll(hf, query, spans):
   """One forward for one (query, document): per-span summed NLL (as the reference batches it)."""
   import torch
+  dev = hf.device
   n = len(spans)
   width = max(len(s) for s in spans)
   labels = torch.full((n, width), -100, dtype=torch.long)
   for i, s in enumerate(spans):
     labels[i, :len(s)] = torch.tensor(s)
   ids = torch.tensor([query] * n, dtype=torch.long)
+  labels, ids = labels.to(dev), ids.to(dev)
   with torch.inference_mode():
     logits = hf(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).logits
     logp = torch.log_softmax(logits.float(), -1)
     mask = labels >= 0
     tok = torch.gather(logp, -1, labels.clamp(min=0)[..., None])[..., 0]
-    return (-(tok * mask).sum(-1)).numpy()
+    return (-(tok * mask).sum(-1)).cpu().numpy()   # the copy back waits for the GPU
 
 
-def jax_matmul_peak(n: int = 1024) -> float:
+def jax_matmul_peak(n: int) -> float:
   import jax
   import jax.numpy as jnp
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
@@ -130,20 +135,24 @@ def jax_matmul_peak(n: int = 1024) -> float:
   return best
 
 
-def torch_matmul_peak(n: int = 1024) -> float:
+def torch_matmul_peak(n: int, device) -> float:
   import torch
-  a = torch.randn(n, n)
+  a = torch.randn(n, n, device=device)
   a @ a
   best = 0.0
   for _ in range(5):
+    if device.type == "cuda":
+      torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(4):
       a @ a
+    if device.type == "cuda":
+      torch.cuda.synchronize()
     best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
   return best
 
 
-def measure_rung(rung: str, args) -> dict:
+def measure_rung(rung: str, args, device) -> dict:
   import jax
   import numpy as np
 
@@ -158,7 +167,7 @@ def measure_rung(rung: str, args) -> dict:
     flat_t += spans
     flat_q += [q] * len(spans)
   scorer = scoring.PairScorer(model, params, batch_size=args.batch, inputs_per_batch=max(1, args.batch // 256))
-  hf = hf_model(model, params)
+  hf = hf_model(model, params, device)
 
   # Agreement on the first pairs, and warm-up of both sides.
   ours = scorer.score(queries, flat_t, input_index=flat_q)
@@ -197,22 +206,11 @@ def measure_rung(rung: str, args) -> dict:
           "padding": ours.stats["target_padding_fraction"], "batches": ours.stats["num_batches"]}
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
-
-
 def fmt(n: float) -> str:
   return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
-def render(results, peak, peaks, args) -> str:
+def render(results, peak, peaks, args, machine: str, n_peak: int) -> str:
   import jax
   import torch
   rows = ["| rung | params (non-emb.) | ours seq/s | reference seq/s | ratio | ours GFLOP/s (% of peak) | "
@@ -224,10 +222,8 @@ def render(results, peak, peaks, args) -> str:
                 f"{rf / 1e9:.1f} ({100 * rf / peak:.0f}%) |")
   cmd = "python benchmarks/cgl_throughput.py " + " ".join(sys.argv[1:])
   return "\n".join([
-      SECTION, "",
-      f"`{cmd}` on {cpu_model()} ({os.cpu_count()} logical CPUs, shared with other jobs while measured), "
-      f"jax {jax.__version__} ({jax.device_count()} device(s)), torch {torch.__version__} "
-      f"({torch.get_num_threads()} threads).", "",
+      f"`{cmd}` on {machine}, jax {jax.__version__} ({jax.device_count()} {jax.default_backend()} device(s)), "
+      f"torch {torch.__version__} ({torch.get_num_threads()} threads).", "",
       f"Workload: {args.queries} queries x {args.negatives + 1} documents x {args.spans} spans (T5, fp32), "
       f"queries {args.query_len}+1 tokens, spans ~{args.span_len}+1 tokens. Ours: `scoring.PairScorer`, "
       f"{args.batch} rows per jitted forward, each query encoded once. Reference way: one HF forward per "
@@ -235,44 +231,49 @@ def render(results, peak, peaks, args) -> str:
       f"{max(r['max_rel_err'] for r in results):.1e} relative. Medians of {args.repeats} interleaved chunks; "
       "ratio = median of per-chunk ratios.", "",
       *rows, "",
-      f"Peak = best fp32 1024^3 matmul measured in this run: jax {peaks['jax'] / 1e9:.1f}, torch "
+      f"Peak = best fp32 {n_peak}^3 matmul measured in this run: jax {peaks['jax'] / 1e9:.1f}, torch "
       f"{peaks['torch'] / 1e9:.1f} GFLOP/s. FLOPs per sequence from `accounting.forward_flops_per_example`; "
       "ours counts the encoder once per query (what it executes), the reference once per sequence.", ""])
-
-
-def write_doc(block: str) -> None:
-  text = open(DOC_PATH).read() if os.path.exists(DOC_PATH) else "# Benchmarks\n"
-  start = text.find(SECTION + "\n")
-  if start >= 0:
-    end = text.find("\n## ", start + len(SECTION))
-    text = text[:start] + block + (text[end + 1:] if end >= 0 else "")
-  else:
-    text = text.rstrip("\n") + "\n\n" + block
-  tmp = DOC_PATH + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, DOC_PATH)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if args.device == "cpu":
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  else:   # fp32 on both sides: no TF32 matmuls in jax's default precision nor in torch
+    os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+  import jax
   import torch
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = False
   if args.threads:
     torch.set_num_threads(args.threads)
-  peaks = {"jax": jax_matmul_peak(), "torch": torch_matmul_peak()}
+  device = torch.device("cpu")
+  gpu_card = None
+  machine = f"{cpu_model()} ({os.cpu_count()} logical CPUs, shared with other jobs while measured)"
+  if args.device == "gpu":
+    if jax.default_backend() == "cpu":
+      raise SystemExit("--device gpu but jax found no accelerator")
+    if not torch.cuda.is_available():
+      raise SystemExit("--device gpu but torch has no CUDA here")
+    device = torch.device("cuda")
+    gpu_card = f"{jax.devices()[0].device_kind} (jax) / {torch.cuda.get_device_name(0)} (torch)"
+    machine = f"GPU {gpu_card}, host {cpu_model()}"
+  n_peak = 4096 if args.device == "gpu" else 1024
+  peaks = {"jax": jax_matmul_peak(n_peak), "torch": torch_matmul_peak(n_peak, device)}
   results = []
   for rung in args.rungs.split(","):
-    results.append(measure_rung(rung, args))
+    results.append(measure_rung(rung, args, device))
     r = results[-1]
     print(f"{rung}: ours {r['ours_seq_s']:.0f} seq/s, reference {r['ref_seq_s']:.0f} seq/s, "
           f"ratio {r['ratio']:.1f}x", flush=True)
-    peaks["jax"] = max(peaks["jax"], jax_matmul_peak())
-    peaks["torch"] = max(peaks["torch"], torch_matmul_peak())
-  block = render(results, max(peaks.values()), peaks, args)
+    peaks["jax"] = max(peaks["jax"], jax_matmul_peak(n_peak))
+    peaks["torch"] = max(peaks["torch"], torch_matmul_peak(n_peak, device))
+  block = render(results, max(peaks.values()), peaks, args, machine, n_peak)
   print(block)
   if not args.no_write_docs:
-    write_doc(block)
+    write_section(DOC_PATH, SECTION, block, gpu_card)
   return 0
 
 

@@ -53,6 +53,9 @@ def parse_args(argv=None):
   p.add_argument("--spm_model", default=None, help="SentencePiece model for SciFact (default: train, cached)")
   p.add_argument("--json_out", default=None)
   p.add_argument("--write_docs", action="store_true")
+  p.add_argument("--from_json", nargs="*", default=None,
+                 help="no measuring: merge the --json_out files of earlier runs (e.g. one per --parts, run "
+                      "separately on a lent GPU) and print / --write_docs their tables")
   return p.parse_args(argv)
 
 
@@ -66,6 +69,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from genret_jax.decoding import (SubstringConstraint, SuffixArrayIndex, TrieConstraint,  # pylint: disable=g-import-not-at-top,wrong-import-position
                                  beam_search, hypotheses)
+from _common import demote_headings, write_section  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.models import accounting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.models.model_api import EncoderDecoderModel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.models.t5 import T5Config  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -471,19 +475,42 @@ def markdown(res: dict, command: str) -> str:
   return "\n".join(out).rstrip() + "\n"
 
 
-def write_section(text: str) -> None:
-  path = ROOT / "docs" / "benchmarks.md"
-  old = path.read_text() if path.exists() else "# Benchmarks\n"
-  start = old.find("## Decoding")
-  if start < 0:
-    new = old.rstrip() + "\n\n" + text
-  else:
-    nxt = old.find("\n## ", start + 1)
-    new = old[:start] + text + ("\n" + old[nxt + 1:] if nxt >= 0 else "")
-  path.write_text(new)
+def write_docs(text: str, gpu_card: str | None) -> None:
+  """The "## Decoding" section of docs/benchmarks.md; a GPU run writes its own "### GPU: <card>" subsection."""
+  body = text.split("\n", 1)[1]   # drop the "## Decoding" line
+  if gpu_card:
+    body = demote_headings(body)
+  write_section(str(ROOT / "docs" / "benchmarks.md"), "## Decoding", body, gpu_card)
+
+
+def merge_results(paths) -> tuple[dict, str]:
+  """One result dict from several --json_out files of the same machine (later files win per key)."""
+  res, commands = {"notes": []}, []
+  for path in paths:
+    part = json.loads(pathlib.Path(path).read_text())
+    commands.append(part.pop("command", f"(command not recorded in {path})"))
+    res.setdefault("env", part["env"])
+    res.setdefault("load_start", part.get("load_start", "n/a"))
+    res["load_end"] = part.get("load_end", "n/a")
+    res["notes"] += part.get("notes", [])
+    for key in ("peak", "ngram"):
+      if key in part:
+        res[key] = part[key]
+    if "trie" in part:
+      res.setdefault("trie", {}).update(part["trie"])
+  return res, "` + `".join(commands)
 
 
 def main(args) -> int:
+  if args.from_json:
+    res, command = merge_results(args.from_json)
+    text = markdown(res, command)
+    print(text)
+    if args.write_docs:
+      env = res["env"]
+      write_docs(text, f"{env['jax_device']} (jax) / {env['torch_device']} (torch)"
+                 if env["jax_backend"] != "cpu" else None)
+    return 0
   quick = args.quick
   repeats = args.repeats or (1 if quick else 3)
   beams = args.beams or ([1, 20] if quick else [1, 5, 20, 50])
@@ -513,12 +540,14 @@ def main(args) -> int:
       res["trie"][size] = {"rows": rows, "params": nparams}
   res["load_end"] = loadavg()
   command = ".venv/bin/python benchmarks/decode_throughput.py " + " ".join(sys.argv[1:])
+  res["command"] = command.strip()
   if args.json_out:
     pathlib.Path(args.json_out).write_text(json.dumps(res, indent=2))
   text = markdown(res, command.strip())
   print(text)
   if args.write_docs:
-    write_section(text)
+    on_gpu = args.device == "gpu" and jax.default_backend() != "cpu"
+    write_docs(text, f"{res['env']['jax_device']} (jax) / {tname} (torch)" if on_gpu else None)
   return 0
 
 

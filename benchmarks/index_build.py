@@ -19,13 +19,13 @@ import gzip
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
 import jax
 import numpy as np
 
+from _common import cpu_model, write_section
 from genret_jax.decoding import SubstringConstraint, SuffixArrayIndex, beam_search
 from genret_jax.decoding.fake_model import FakeModel, fake_tokens_to_logits
 
@@ -125,20 +125,16 @@ def main(argv=None) -> int:
   cmd = "PYTHONPATH=. .venv/bin/python benchmarks/" + " ".join([pathlib.Path(__file__).name] +
                                                                (argv if argv else sys.argv[1:]))
   section = ["## Index build", "",
-             f"Command: `{cmd}`  ", f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores "
-             f"(shared with other jobs), jax {jax.__version__}, backend {jax.default_backend()}.", "",
+             f"Command: `{cmd}`  ", f"Machine: {cpu_model()}, {os.cpu_count()} cores (the build runs there; "
+             f"load average {os.getloadavg()[0]:.1f} at the end), jax {jax.__version__}, decode on "
+             f"{jax.default_backend()} ({jax.devices()[0].device_kind}).", "",
              "Suffix-array build on SciFact (pydivsufsort; best of 3; separators counted as tokens):", "",
              *lines, *dec, ""]
   text = "\n".join(section)
   print(text)
   if args.write_docs:
-    path = ROOT / "docs" / "benchmarks.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find("## Index build")
-    if start >= 0:
-      end = old.find("\n## ", start + 1)
-      old = old[:start] + (old[end + 1:] if end >= 0 else "")
-    path.write_text(old.rstrip("\n") + "\n\n" + text)
+    gpu = None if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
+    write_section(str(ROOT / "docs" / "benchmarks.md"), "## Index build", text.split("\n", 1)[1], gpu)
   return 0
 
 

@@ -485,6 +485,56 @@ def main(argv=None) -> int:
   n_peak = 2048 if args.device == "gpu" else 1024
   peaks = {"jax": jax_matmul_peak(n_peak), "torch": torch_matmul_peak(n_peak, torch_device)}
   results = []
+
+  def report(results, final: bool) -> None:
+    peak = max(peaks.values())
+    for r in results:   # MFU against the final (best) peak reading
+      r.ours_mfu, r.hf_mfu = r.ours_tok_s * r.flops_per_token / peak, r.hf_tok_s * r.flops_per_token / peak
+
+    tbl = table(results, args.seq_len, args.target_len, args.family)
+    if final:
+      print(tbl)
+    elapsed = time.perf_counter() - t_start
+    load_end = os.getloadavg()
+    if args.device == "gpu":
+      dev = jax.devices()[0].device_kind
+      machine = f"GPU: {dev} (jax); torch on {torch_device}" + (
+          f" ({torch.cuda.get_device_name(0)})" if torch_device == "cuda" else " (torch has no CUDA: HF on CPU)")
+    else:
+      machine = f"CPU: {cpu_model()}, {cores} cores (jax and torch each use all {cores})"
+    cmd = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    sources = "; ".join(sorted({f"{r.family}/{r.rung}: {r.source}" for r in results}))
+    hf_sides = ", ".join(sorted({r.hf_side for r in results}))
+    notes = [
+        f"Machine: {machine}; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end (on a shared "
+        "machine read the ratio, measured interleaved; absolute tokens/s move with the load).",
+        f"Versions: jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, python {platform.python_version()}.",
+        f"fp32 compute and params on both sides; AdamW (lr {args.lr}, betas 0.9/0.999, eps 1e-8, weight decay "
+        f"{args.weight_decay} on matrices only), global-norm clipping {args.grad_clip}; no dropout, no z-loss. Ours: "
+        "`trainer.make_train_step` under `jax.jit(donate_argnums=0)` on one device. HF: eager PyTorch "
+        f"({hf_sides}), loss from full float32 logits exactly as ours.",
+        f"Synthetic full-length batches shaped like seqio feature-converter output (T5: encoder {args.seq_len} + "
+        f"decoder {args.target_len}; LLaMA prefix-LM: {args.seq_len} + {args.target_len} concatenated, loss on the "
+        f"targets). tokens/s counts every input and target position; median of {args.repeats} alternating chunks "
+        f"of {args.seconds / args.repeats:.1f} s per side.",
+        "MFU = tokens/s x training FLOPs/token (`accounting.train_flops_per_token`) / peak; peak = best fp32 "
+        f"{n_peak}^3 matmul measured in this run: jax {peaks['jax'] / 1e9:.1f} GFLOP/s, torch "
+        f"{peaks['torch'] / 1e9:.1f} GFLOP/s.",
+        f"Configs: {sources}." + (f" Stubbed for import (absent here): {', '.join(stubbed)}." if stubbed else ""),
+        f"Whole run: {elapsed:.0f} s." if final else
+        f"Partial: written after {len(results)} of {len(families) * len(rungs)} rungs ({elapsed:.0f} s); the run "
+        "did not reach its end (e.g. stopped at a lent GPU's time limit).",
+    ]
+    body = ("Command (from the repository root, with the venv's python):\n\n```\n" + cmd + "\n```\n\n"
+            + "\n".join(f"- {n}" for n in notes) + "\n\n" + tbl + "\n")
+    if not args.no_write_docs:
+      heading = (f"### GPU: {jax.devices()[0].device_kind}" if args.device == "gpu"
+                 else f"### CPU: {cpu_model()}, {cores} cores")
+      write_doc(args.doc, heading, body)
+      if final:
+        print(f"wrote {os.path.relpath(args.doc, REPO)} ({SECTION})")
+
   for fam in families:
     for rung in rungs:
       # Re-measure the peak around each rung: on a shared machine the best of all readings is the machine's.
@@ -495,49 +545,8 @@ def main(argv=None) -> int:
       print(f"{fam}/{rung}: ours {res.ours_tok_s:,.0f} tok/s  HF {res.hf_tok_s:,.0f} tok/s  "
             f"ratio {res.ratio:.2f}x  chunks ours {[round(x) for x in res.ours_chunks]} "
             f"HF {[round(x) for x in res.hf_chunks]}", flush=True)
-  peak = max(peaks.values())
-  for r in results:   # MFU against the final (best) peak reading
-    r.ours_mfu, r.hf_mfu = r.ours_tok_s * r.flops_per_token / peak, r.hf_tok_s * r.flops_per_token / peak
-
-  tbl = table(results, args.seq_len, args.target_len, args.family)
-  print(tbl)
-  elapsed = time.perf_counter() - t_start
-  load_end = os.getloadavg()
-  if args.device == "gpu":
-    dev = jax.devices()[0].device_kind
-    machine = f"GPU: {dev} (jax); torch on {torch_device}" + (
-        f" ({torch.cuda.get_device_name(0)})" if torch_device == "cuda" else " (torch has no CUDA: HF on CPU)")
-  else:
-    machine = f"CPU: {cpu_model()}, {cores} cores (jax and torch each use all {cores})"
-  cmd = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
-  sources = "; ".join(sorted({f"{r.family}/{r.rung}: {r.source}" for r in results}))
-  hf_sides = ", ".join(sorted({r.hf_side for r in results}))
-  notes = [
-      f"Machine: {machine}; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end (on a shared "
-      "machine read the ratio, measured interleaved; absolute tokens/s move with the load).",
-      f"Versions: jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, transformers "
-      f"{transformers.__version__}, python {platform.python_version()}.",
-      f"fp32 compute and params on both sides; AdamW (lr {args.lr}, betas 0.9/0.999, eps 1e-8, weight decay "
-      f"{args.weight_decay} on matrices only), global-norm clipping {args.grad_clip}; no dropout, no z-loss. Ours: "
-      "`trainer.make_train_step` under `jax.jit(donate_argnums=0)` on one device. HF: eager PyTorch "
-      f"({hf_sides}), loss from full float32 logits exactly as ours.",
-      f"Synthetic full-length batches shaped like seqio feature-converter output (T5: encoder {args.seq_len} + "
-      f"decoder {args.target_len}; LLaMA prefix-LM: {args.seq_len} + {args.target_len} concatenated, loss on the "
-      f"targets). tokens/s counts every input and target position; median of {args.repeats} alternating chunks "
-      f"of {args.seconds / args.repeats:.1f} s per side.",
-      "MFU = tokens/s x training FLOPs/token (`accounting.train_flops_per_token`) / peak; peak = best fp32 "
-      f"{n_peak}^3 matmul measured in this run: jax {peaks['jax'] / 1e9:.1f} GFLOP/s, torch "
-      f"{peaks['torch'] / 1e9:.1f} GFLOP/s.",
-      f"Configs: {sources}." + (f" Stubbed for import (absent here): {', '.join(stubbed)}." if stubbed else ""),
-      f"Whole run: {elapsed:.0f} s.",
-  ]
-  body = ("Command (from the repository root, with the venv's python):\n\n```\n" + cmd + "\n```\n\n"
-          + "\n".join(f"- {n}" for n in notes) + "\n\n" + tbl + "\n")
-  if not args.no_write_docs:
-    heading = (f"### GPU: {jax.devices()[0].device_kind}" if args.device == "gpu"
-               else f"### CPU: {cpu_model()}, {cores} cores")
-    write_doc(args.doc, heading, body)
-    print(f"wrote {os.path.relpath(args.doc, REPO)} ({SECTION})")
+      report(results, final=False)   # a run cut short (a lent GPU's time limit) still leaves its rungs
+  report(results, final=True)
   return 0
 
 

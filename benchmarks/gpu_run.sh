@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, in one call on a lent GPU machine (a bare image with jax/flax/optax/torch/transformers but
+# no seqio, TensorFlow, gin-config or pydivsufsort, and no network). Run from the repository root:
+#
+#   OUT=/some/dir bash benchmarks/gpu_run.sh [seconds]
+#
+# Needs, carried next to the repository (both ignored by git):
+#   .whl/      gin-config and pydivsufsort wheels for the machine's Python (pip download, see docs/benchmarks.md)
+#   .devdata/  data/scifact (BEIR layout) and cache/scifact_unigram_8190.model (the n-gram benchmark's tokenizer)
+# Each step has its own time limit so a slow compile cannot take the others' time; each writes its own
+# docs/benchmarks.md subsection ("### GPU: <card>"), copied to $OUT after every step, so what finished comes back
+# even when the machine's time runs out. The decode parts run separately and are merged by --from_json.
+# Logs and JSON go to $WORK, packed into $OUT/results.tgz after every step ($OUT returns few files).
+set -u
+OUT=${OUT:-/tmp/genret_gpu_out}
+WORK=/tmp/genret_gpu_work
+BUDGET=${1:-560}
+mkdir -p "$OUT" "$WORK"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/gin_config-*.whl .whl/pydivsufsort-*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+export JAX_DEFAULT_MATMUL_PRECISION=highest   # fp32 on both sides: torch's matmuls are not TF32 either
+export GENRET_SHARED_DATA=$PWD/.devdata/data GENRET_BENCH_CACHE=$PWD/.devdata/cache
+START=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$WORK/nvidia_smi.txt"
+python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), 'flax', \
+flax.__version__, 'torch', torch.__version__, torch.cuda.is_available(), 'transformers', transformers.__version__)" \
+  2>&1 | tail -1 | tee "$WORK/env.txt"
+
+step() {   # step NAME SECONDS CMD...: at most SECONDS, never past the budget
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  ((left < limit)) && limit=$left
+  if ((limit < 20)); then echo "== $name skipped: budget spent"; return; fi
+  echo "== $name (limit ${limit}s, $(( $(date +%s) - START ))s in)"
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+  echo "rc=$?" >> "$WORK/$name.log"
+  grep -v "^\s*$" "$WORK/$name.log" | grep -iv "warn" | tail -4
+  save
+}
+save() { cp docs/benchmarks.md "$OUT/benchmarks.md"; tar czf "$OUT/results.tgz" -C "$WORK" .; }
+
+step train 150 python3 benchmarks/train_throughput.py --device gpu --family both --rungs r0,r2 --seconds 3 --repeats 3
+step decode_trie 150 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie --sizes tiny base45m \
+  --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie.json"
+step cgl 70 python3 benchmarks/cgl_throughput.py --device gpu --rungs r0,r5 --repeats 2 --ref_seconds 2
+step decode_ngram 100 python3 benchmarks/decode_throughput.py --device gpu --parts ngram --ngram_beams 1 20 \
+  --repeats 2 --json_out "$WORK/decode_ngram.json"
+step index 70 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --write_docs
+ls "$WORK"/decode_*.json >/dev/null 2>&1 && python3 benchmarks/decode_throughput.py --from_json "$WORK"/decode_*.json \
+  --write_docs > "$WORK/decode_merge.log" 2>&1
+save
+echo "done in $(( $(date +%s) - START ))s"
