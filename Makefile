@@ -34,8 +34,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
+# Every benchmark against its peer, on this machine (an hour or more on 2 cores: run it on a quiet machine);
+# each rewrites its own section of docs/benchmarks.md. On a lent GPU: benchmarks/gpu_run.sh.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/train_throughput.py --family both --rungs r0,r2
+	$(BIN)/python benchmarks/cgl_throughput.py --rungs r0,r5
+	$(BIN)/python benchmarks/decode_throughput.py --repeats 2 --write_docs
+	$(BIN)/python benchmarks/index_build.py --write_docs
+	$(BIN)/python benchmarks/bench_ngram_scoring.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -38,3 +38,13 @@ def pytest_configure(config):
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="genret_jax_cache_"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_gin_config():
+  """Each test module starts from an empty gin config: with --dist loadfile one worker runs many modules, and a
+  binding parsed by an earlier module (e.g. a model's z_loss) must not reach the next one's models."""
+  import gin
+  gin.clear_config()
+  yield
+  gin.clear_config()

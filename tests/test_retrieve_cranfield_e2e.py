@@ -107,11 +107,10 @@ def test_trained_t5_retrieves_better_than_untrained(subset, tmp_path):
                       optimizer=optax.adamw(6e-3), mesh_config=trainer.MeshConfig(data=1), progress=False,
                       write_config=False, checkpoint_every=10_000, eval_split=None)
   t_train = time.perf_counter() - t0
-  # The params trainer.train started from (its init rng and mesh; the same compiled init, so a cache hit).
-  init_rng = jax.random.split(jax.random.fold_in(jax.random.key(SEED), 1))[0]
-  untrained = model.init_sharded(init_rng, trainer.MeshConfig(data=1).build(),
-                                 {"encoder_input_tokens": (1, LENGTHS["inputs"]),
-                                  "decoder_input_tokens": (1, LENGTHS["targets"])})
+  # The params trainer.train started from (same seed and mesh; the same compiled init, so a cache hit).
+  untrained = trainer.initial_params(model, SEED, trainer.MeshConfig(data=1).build(),
+                                     {"encoder_input_tokens": (1, LENGTHS["inputs"]),
+                                      "decoder_input_tokens": (1, LENGTHS["targets"])})
 
   qrels = {q.query_id: collection.qrels.get(q.query_id, {}) for q in queries}
   cfg = RetrievalConfig(beam_size=BEAM, batch_size=32, inputs_length=LENGTHS["inputs"], hits=BEAM)

@@ -162,6 +162,18 @@ def _device_peak_flops() -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+def initial_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(params init rng, LoRA init rng) of a run with this seed: what `train` starts from, so that an
+  "untrained" baseline can be exactly a run's starting point (`initial_params`)."""
+  init_rng, lora_rng = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
+  return init_rng, lora_rng
+
+
+def initial_params(model, seed: int, mesh: jax.sharding.Mesh, batch_shapes) -> Params:
+  """The parameters `train(seed=seed)` starts from when it has no checkpoint to initialise from."""
+  return model.init_sharded(initial_rngs(seed)[0], mesh, batch_shapes)
+
+
 @gin.configurable
 def train(*,
           model=gin.REQUIRED,
@@ -211,7 +223,7 @@ def train(*,
   from genret_jax.training import data as data_lib
   converter = data_lib.feature_converter_for(model.family, pack=pack)
   base_rng = jax.random.key(seed)
-  init_rng, lora_rng = jax.random.split(jax.random.fold_in(base_rng, 1))
+  _, lora_rng = initial_rngs(seed)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(model_dir, "checkpoints"), max_to_keep=keep_checkpoints,
                                async_save=async_checkpointing)
@@ -230,7 +242,7 @@ def train(*,
     if initial_checkpoint_path:
       base_params = load_params(initial_checkpoint_path, model, mesh, batch_shapes)
     else:
-      base_params = model.init_sharded(init_rng, mesh, batch_shapes)
+      base_params = initial_params(model, seed, mesh, batch_shapes)
 
     if lora is not None:
       trainable0 = lora_lib.init_lora(base_params, lora, lora_rng)
