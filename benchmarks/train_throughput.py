@@ -36,6 +36,8 @@ import time
 import types
 from typing import Any, Callable
 
+from _common import cpu_model
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(REPO, "docs", "benchmarks.md")
 SECTION = "## Train throughput"
@@ -404,17 +406,6 @@ def measure_rung(family, rung, args, trainer, torch_device, peak) -> RungResult:
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
 
 def fmt_params(n: int) -> str:
   return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
