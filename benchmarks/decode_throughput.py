@@ -251,8 +251,14 @@ def hf_hypotheses(out, batch, beams):
 
 def agreement(ours, theirs, tol=1e-3):
   """(fraction of queries whose top-k lists are identical, fraction identical up to near-tie order
-  swaps (|score difference| < tol), number of queries differing beyond that)."""
-  same = tie = 0
+  swaps (|score difference| < tol), number of the remaining queries where ours is the better top-k,
+  number differing otherwise).
+
+  "Ours better": the lists differ only in hypotheses that score higher in ours than every hypothesis
+  found only by HF. That is what HF's beam scorer does by design: of the 2K candidates per step it keeps
+  an EOS-ended one only if it ranks among the first K, and at the length limit it finishes only the K
+  live beams, where ours pools every finished candidate of the 2K (so its top-k is exact)."""
+  same = tie = better = 0
   for a, b in zip(ours, theirs):
     ta, tb = [h for h, _ in a], [h for h, _ in b]
     if ta == tb:
@@ -265,8 +271,14 @@ def agreement(ours, theirs, tol=1e-3):
       tie += 1
     elif len(ta) == len(tb) and np.allclose(sa, sb, atol=tol):
       tie += 1     # same scores in the same order: the hypotheses differ only at a near tie at the cut
+    else:
+      da, db = dict(a), dict(b)
+      only_a = [sc for h, sc in a if h not in db]
+      only_b = [sc for h, sc in b if h not in da]
+      if len(ta) >= len(tb) and only_a and (not only_b or min(only_a) >= max(only_b) - tol):
+        better += 1
   n = max(len(ours), 1)
-  return same / n, tie / n, n - tie
+  return same / n, tie / n, better, n - tie - better
 
 
 def hf_num_steps(out) -> int:
@@ -331,9 +343,10 @@ def bench_trie(size, beams_list, repeats, batch, dev, log):
       row[f"{name}_gflops"] = model_flops(cfg, batch, k, steps) / sec / 1e9
       row[f"{name}_steps"] = steps
     for kind in ("trie", "free"):
-      same, tie, bad = agreement(r[f"ours_{kind}"][1], r[f"hf_{kind}"][1])
+      same, tie, better, bad = agreement(r[f"ours_{kind}"][1], r[f"hf_{kind}"][1])
       row[f"agree_{kind}"] = same
       row[f"agree_{kind}_ties"] = tie
+      row[f"ours_better_{kind}"] = better
       row[f"disagree_{kind}"] = bad
     row["speedup_trie"] = row["ours_trie_qps"] / row["hf_trie_qps"]
     row["ours_trie_overhead"] = row["ours_free_qps"] / row["ours_trie_qps"] - 1
@@ -415,8 +428,8 @@ def bench_ngram(beams_list, repeats, batch, dev, spm_path, log):
     for name, (sec, _, steps) in r.items():
       row[f"{name}_qps"] = batch / sec
       row[f"{name}_steps"] = steps
-    same, tie, bad = agreement(r["ours_free"][1], r["hf_free"][1])
-    row.update(agree_free=same, agree_free_ties=tie, disagree_free=bad)
+    same, tie, better, bad = agreement(r["ours_free"][1], r["hf_free"][1])
+    row.update(agree_free=same, agree_free_ties=tie, ours_better_free=better, disagree_free=bad)
     row["ngram_vs_hf_free"] = row["ours_ngram_qps"] / row["hf_free_qps"]
     row["ngram_overhead"] = row["ours_free_qps"] / row["ours_ngram_qps"] - 1
     row["ngram_overhead_biased"] = row["ours_free_biased_qps"] / row["ours_ngram_biased_qps"] - 1
@@ -429,6 +442,15 @@ def bench_ngram(beams_list, repeats, batch, dev, spm_path, log):
 
 # --- report ------------------------------------------------------------------------------------------
 
+def _better(row: dict, kind: str) -> str:
+  """The agreement cell's note on queries where ours is the better top-k (see `agreement`), if any."""
+  n, bad = row.get(f"ours_better_{kind}"), row.get(f"disagree_{kind}", 0)
+  if n is None:   # results from before this count existed
+    return ""
+  out = f" (+{n} ours better)" if n else ""
+  return out + (f" ({bad} other)" if bad else "")
+
+
 def markdown(res: dict, command: str) -> str:
   env = res["env"]
   out = ["## Decoding", "",
@@ -436,7 +458,11 @@ def markdown(res: dict, command: str) -> str:
          f"({env['jax_backend']}: {env['jax_device']}), torch {env['torch']} ({env['torch_device']}, "
          f"{env['torch_threads']} threads), transformers {env['transformers']}.  ",
          f"Load average at start / end: {res['load_start']} / {res['load_end']} (shared machine: methods "
-         "are timed round-robin in the same run, so compare ratios within a row).", ""]
+         "are timed round-robin in the same run, so compare ratios within a row).", "",
+         "Top-k agreement: fraction of queries with identical lists / identical up to near-tie order; "
+         "'+N ours better': queries whose lists differ only by hypotheses that score higher in ours (HF's beam "
+         "scorer keeps an EOS-ended candidate only if it ranks in the first K of its 2K per step and finishes only "
+         "the K live beams at the length limit; ours pools every finished candidate, so its top-k is exact).", ""]
   if "peak" in res:
     p = res["peak"]
     out += [f"fp32 matmul peak ({p['n']}x{p['n']}): jax {p['jax_gflops']:.0f} GFLOP/s, torch "
@@ -453,8 +479,9 @@ def markdown(res: dict, command: str) -> str:
       out.append(f"| {r['beams']} | {r['ours_trie_qps']:.1f} | {r['hf_trie_qps']:.1f} | "
                  f"{r['speedup_trie']:.2f}x | {r['ours_trie_gflops']:.1f} | {r['hf_trie_gflops']:.1f} | {pk} | "
                  f"{r['ours_free_qps']:.1f} | {r['hf_free_qps']:.1f} | {100 * r['ours_trie_overhead']:+.0f}% / "
-                 f"{100 * r['hf_trie_overhead']:+.0f}% | trie {r['agree_trie']:.2f} / {r['agree_trie_ties']:.2f}, "
-                 f"free {r['agree_free']:.2f} / {r['agree_free_ties']:.2f} |")
+                 f"{100 * r['hf_trie_overhead']:+.0f}% | trie {r['agree_trie']:.2f} / {r['agree_trie_ties']:.2f}"
+                 f"{_better(r, 'trie')}, free {r['agree_free']:.2f} / {r['agree_free_ties']:.2f}"
+                 f"{_better(r, 'free')} |")
     out.append("")
   if "ngram" in res:
     m = res["ngram"]["meta"]
@@ -469,7 +496,8 @@ def markdown(res: dict, command: str) -> str:
       out.append(f"| {r['beams']} | {r['ours_ngram_qps']:.1f} | {r['ours_free_qps']:.1f} | "
                  f"{r['hf_free_qps']:.1f} | {r['ngram_vs_hf_free']:.2f}x | {100 * r['ngram_overhead']:+.0f}% | "
                  f"{r['ours_ngram_biased_qps']:.1f} | {r['ours_free_biased_qps']:.1f} | "
-                 f"{100 * r['ngram_overhead_biased']:+.0f}% | {r['agree_free']:.2f} / {r['agree_free_ties']:.2f} |")
+                 f"{100 * r['ngram_overhead_biased']:+.0f}% | {r['agree_free']:.2f} / {r['agree_free_ties']:.2f}"
+                 f"{_better(r, 'free')} |")
     out.append("")
   out += res.get("notes", [])
   return "\n".join(out).rstrip() + "\n"

@@ -226,21 +226,10 @@ def test_trained_model_has_lower_cgl_than_init(cranfield, tmp_path):
 # `genret cgl`
 
 
-MODEL_GIN = """
-import genret_jax.models.model_api
-MODEL = @models.EncoderDecoderModel()
-models.EncoderDecoderModel.config = @models.T5Config()
-models.T5Config.vocab_size = {vocab}
-models.T5Config.d_model = 32
-models.T5Config.num_heads = 2
-models.T5Config.head_dim = 16
-models.T5Config.d_ff = 64
-models.T5Config.num_encoder_layers = 1
-models.T5Config.num_decoder_layers = 2
-models.T5Config.dtype = "float32"
-models.get_model.model = %MODEL
+def model_gin(vocab: int) -> str:
+  return toy_tasks.tiny_t5_model_gin(vocab, decoder_layers=2) + """models.get_model.model = %MODEL
 MIXTURE_OR_TASK_NAME = "genret_cgltest_naive"
-TASK_FEATURE_LENGTHS = {{"inputs": 32, "targets": 32}}
+TASK_FEATURE_LENGTHS = {"inputs": 32, "targets": 32}
 """
 
 
@@ -255,7 +244,7 @@ def test_genret_cgl_command(tmp_path, monkeypatch):
   model = model_api.EncoderDecoderModel(Cfg(vocab_size=vocab_size, d_model=32, num_heads=2, head_dim=16, d_ff=64,
                                             num_encoder_layers=1, num_decoder_layers=2, dtype="float32"))
   ckpt = tmp_path / "run"
-  params_io.save_params(str(ckpt), model.init(jax.random.key(0)), model_gin=MODEL_GIN.format(vocab=vocab_size))
+  params_io.save_params(str(ckpt), model.init(jax.random.key(0)), model_gin=model_gin(vocab_size))
   argv = ["cgl", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH=\"{ckpt}\"", "--gin.SPLIT=\"test\"",
           "--gin.NUM_NEGATIVES=16", "--gin.BATCH_SIZE=64", "--gin.genret.cgl_eval_run.max_queries=4",
           "--gin.genret.cgl_eval_run.bootstrap_resamples=200", "--gin.genret.cgl_eval_run.progress=False"]

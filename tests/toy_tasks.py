@@ -41,24 +41,28 @@ if TASK not in seqio.TaskRegistry.names():
       output_features={"inputs": seqio.Feature(VOCAB, add_eos=True), "targets": seqio.Feature(VOCAB, add_eos=True)})
 
 
-# A `genret train` config on this task with a one-layer T5 (for the subprocess tests: kill-restart, multi-host).
-_TRAIN_GIN = """
-import toy_tasks
-import genret_jax.models.model_api
-import genret_jax.training.trainer
+def tiny_t5_model_gin(vocab_size: int, decoder_layers: int = 1) -> str:
+  """Gin for the tests' tiny T5 (d_model 32, 2 heads, one encoder layer), bound to the macro MODEL."""
+  return f"""import genret_jax.models.model_api
 MODEL = @models.EncoderDecoderModel()
 models.EncoderDecoderModel.config = @models.T5Config()
-models.T5Config.vocab_size = 1024
+models.T5Config.vocab_size = {vocab_size}
 models.T5Config.d_model = 32
 models.T5Config.num_heads = 2
 models.T5Config.head_dim = 16
 models.T5Config.d_ff = 64
 models.T5Config.num_encoder_layers = 1
-models.T5Config.num_decoder_layers = 1
+models.T5Config.num_decoder_layers = {decoder_layers}
 models.T5Config.dtype = "float32"
-train.model = %MODEL
+"""
+
+
+def train_gin(steps: int, mesh_data: int) -> str:
+  """A `genret train` config on this task with the tiny one-decoder-layer T5 (subprocess tests: kill-restart,
+  multi-host)."""
+  return "import toy_tasks\nimport genret_jax.training.trainer\n" + tiny_t5_model_gin(1024) + f"""train.model = %MODEL
 train.mixture_or_task_name = "genret_test_reverse"
-train.task_feature_lengths = {"inputs": 16, "targets": 16}
+train.task_feature_lengths = {{"inputs": 16, "targets": 16}}
 train.train_steps = {steps}
 train.batch_size = 8
 train.checkpoint_every = 10
@@ -66,7 +70,3 @@ train.progress = False
 train.mesh_config = @MeshConfig()
 MeshConfig.data = {mesh_data}
 """
-
-
-def train_gin(steps: int, mesh_data: int) -> str:
-  return _TRAIN_GIN.replace("{steps}", str(steps)).replace("{mesh_data}", str(mesh_data))
