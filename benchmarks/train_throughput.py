@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--grad_clip", type=float, default=1.0)
   p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core this process may use)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--full_logits", action="store_true",
+                 help="LLaMA: ours computes logits at every position like HF (default: only at the targets)")
   p.add_argument("--no_write_docs", action="store_true")
   p.add_argument("--doc", default=DOC_PATH)
   return p.parse_args(argv)
@@ -219,7 +221,9 @@ def build_ours(config, batch_np, args, trainer) -> Side:
   from genret_jax.training import optimizers
 
   device = jax.devices()[0]
-  model = model_for_config(config)
+  # LLaMA: logits only at the target positions (`DecoderOnlyModel.loss_positions`), what the trainer's prefix-LM
+  # runs use; HF's model has no such option and projects every position.
+  model = model_for_config(config, loss_positions=0 if args.full_logits else args.target_len)
   tx = optimizers.make_optimizer(name="adamw", learning_rate=args.lr, grad_clip_norm=args.grad_clip,
                                  weight_decay=args.weight_decay)
   batch_feats = {k: v for k, v in batch_np.items() if k != "decoder_causal_attention"}

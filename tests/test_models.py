@@ -168,6 +168,30 @@ def test_prefix_lm_loss_and_score_count_only_targets(llama):
   np.testing.assert_allclose(jm.score(params, batch2)[0], total, rtol=1e-6)
 
 
+def test_prefix_lm_loss_positions_equal_full_logits(llama):
+  """Logits only at the first P weighted positions give the same loss, gradients and scores as every position;
+  a row with more weighted tokens than P is counted (`dropped_tokens`) and scored NaN, never cut silently."""
+  _, params = llama
+  full = DecoderOnlyModel(LLAMA_CFG, z_loss=1e-4, label_smoothing=0.0)
+  part = DecoderOnlyModel(LLAMA_CFG, z_loss=1e-4, label_smoothing=0.0, loss_positions=4)
+  rows = [_prefix_lm_example([5, 6, 7], [9, 10, 1], 12), _prefix_lm_example([11], [12, 13, 14, 1], 12),
+          _prefix_lm_example([3, 4, 5, 6, 7, 8], [2, 1], 12)]
+  batch = {k: jnp.asarray(np.stack([r[i] for r in rows]))
+           for i, k in enumerate(["decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"])}
+  (l1, m1), (l2, m2) = full.loss_fn(params, batch, None), part.loss_fn(params, batch, None)
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  np.testing.assert_allclose(m2["accuracy"], m1["accuracy"])
+  assert float(m2["num_tokens"]) == float(m1["num_tokens"]) == 9.0 and float(m2["dropped_tokens"]) == 0.0
+  np.testing.assert_allclose(part.score_batch(params, batch)[0], full.score_batch(params, batch)[0], rtol=1e-6)
+  g1, g2 = (jax.grad(lambda p, m=m: m.loss_fn(p, batch, None)[0])(params) for m in (full, part))
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  tight = DecoderOnlyModel(LLAMA_CFG, loss_positions=3)   # row 1 has 4 target tokens
+  assert float(tight.loss_fn(params, batch, None)[1]["dropped_tokens"]) == 1.0
+  scores = np.asarray(tight.score_batch(params, batch)[0])
+  assert np.isnan(scores[1]) and np.isfinite(scores[[0, 2]]).all()
+
+
 def test_packed_equals_unpacked(t5):
   jm, params = t5
   enc = [[5, 6, 7, 1], [8, 9, 1]]

@@ -97,7 +97,11 @@ class LlamaTransformer(nn.Module):
   @nn.compact
   def __call__(self, decoder_input_tokens: Array, decoder_positions: Array | None = None,
                decoder_segment_ids: Array | None = None, token_mask: Array | None = None,
-               deterministic: bool = True, decode: bool = False, cache_length: int = 0) -> Array:
+               deterministic: bool = True, decode: bool = False, cache_length: int = 0,
+               logit_positions: Array | None = None) -> Array:
+    """Logits [B, L, vocab]; with `logit_positions` [B, P] only at those positions ([B, P, vocab]): a prefix-LM
+    loss needs the targets' positions only, and at small widths the vocabulary projection is a large share of
+    the FLOPs."""
     cfg = self.config
     dtype, pdtype = L.as_dtype(cfg.dtype), L.as_dtype(cfg.param_dtype)
     batch, length = decoder_input_tokens.shape
@@ -114,6 +118,8 @@ class LlamaTransformer(nn.Module):
     x = L.apply_layers(DecoderLayer, cfg.num_layers, x, (mask, decoder_positions, token_mask),
                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy, config=cfg,
                        deterministic=deterministic, decode=decode, cache_length=cache_length)
+    if logit_positions is not None:
+      x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
     x = L.RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
     if cfg.tie_word_embeddings:
       logits = embedder.attend(x)

@@ -162,7 +162,15 @@ class Sweep:
     return [f"MIXTURE_OR_TASK_NAME = '{self._mixture(cell['fraction'])}'", f"MODEL_DIR = '{model_dir}'",
             f"TRAIN_STEPS = {steps}", f"BATCH_SIZE = {self.cfg.batch_size}", f"TASK_FEATURE_LENGTHS = {lengths}",
             f"RANDOM_SEED = {self.cfg.seed}", f"VOCAB_SIZE = {self.model_vocab_size()}",
-            f"train.progress = {self.progress}", *self.cfg.extra_bindings]
+            f"train.progress = {self.progress}", *self._loss_positions(cell), *self.cfg.extra_bindings]
+
+  def _loss_positions(self, cell: dict) -> list[str]:
+    """Prefix-LM cells compute logits only at the target positions. With packing (several targets per row) bind
+    `models.DecoderOnlyModel.loss_positions = 0` in extra_bindings (they come later and win); a row with more
+    target tokens than this stops training with an error naming that key, never drops them."""
+    if cell["family"] != "llama":
+      return []
+    return [f"models.DecoderOnlyModel.loss_positions = {int(self.cfg.task_feature_lengths['targets'])}"]
 
   def model_vocab_size(self) -> int:
     """The task vocabulary (corpus pieces + the scheme's added tokens), rounded up to a multiple of 128."""

@@ -90,19 +90,20 @@ def make_train_step(model, tx: optax.GradientTransformation, grad_accum_steps: i
     if grad_accum_steps == 1:
       (wloss, metrics), grads = grad_fn(state.params, frozen, batch, rng)
       ntok, correct = metrics["num_tokens"], metrics["accuracy"] * metrics["num_tokens"]
+      dropped = metrics["dropped_tokens"]
     else:
       micro = _split_microbatches(batch, grad_accum_steps)
 
       def body(carry, xs):
         i, mb = xs
         (wl, m), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(rng, i))
-        acc_g, acc_l, acc_n, acc_c = carry
+        acc_g, acc_l, acc_n, acc_c, acc_d = carry
         return (jax.tree.map(jnp.add, acc_g, g), acc_l + wl, acc_n + m["num_tokens"],
-                acc_c + m["accuracy"] * m["num_tokens"]), None
+                acc_c + m["accuracy"] * m["num_tokens"], acc_d + m["dropped_tokens"]), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, wloss, ntok, correct), _ = jax.lax.scan(
-          body, (zeros, 0.0, 0.0, 0.0), (jnp.arange(grad_accum_steps), micro))
+      (grads, wloss, ntok, correct, dropped), _ = jax.lax.scan(
+          body, (zeros, 0.0, 0.0, 0.0, 0.0), (jnp.arange(grad_accum_steps), micro))
     denom = jnp.maximum(ntok, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = wloss / denom
@@ -114,7 +115,7 @@ def make_train_step(model, tx: optax.GradientTransformation, grad_accum_steps: i
     new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
                            opt_state=keep(new_opt, state.opt_state))
     metrics = {"loss": loss, "accuracy": correct / denom, "num_tokens": ntok, "finite": finite,
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.global_norm(grads), "dropped_tokens": dropped}
     return new_state, metrics
 
   return step_fn
@@ -125,7 +126,7 @@ def make_eval_step(model, lora_cfg=None) -> Callable:
     params = lora_lib.merge(frozen, trainable, lora_cfg) if lora_cfg is not None else trainable
     _, m = model.loss_fn(params, batch, None)
     return {"loss_sum": m["cross_ent_loss"] * m["num_tokens"], "num_tokens": m["num_tokens"],
-            "correct": m["accuracy"] * m["num_tokens"]}
+            "correct": m["accuracy"] * m["num_tokens"], "dropped_tokens": m["dropped_tokens"]}
   return eval_fn
 
 
@@ -300,6 +301,12 @@ def train(*,
         raise NonFiniteLossError(
             f"non-finite loss at step {step} (loss={float(m['loss'])}); the update was not applied and training "
             f"stopped. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+      if float(m["dropped_tokens"]) > 0:
+        ckpt.wait()
+        raise InputError(
+            f"step {step}: {int(m['dropped_tokens'])} target tokens fell outside the model's loss positions "
+            f"({getattr(model, 'loss_positions', '?')} per row): raise it to the longest target of a row (with "
+            "packing, the summed targets of a packed row) or set it to 0", key="models.DecoderOnlyModel.loss_positions")
       last_loss = float(m["loss"])
       losses.append(last_loss)
       tokens_window += float(m["num_tokens"])
@@ -353,6 +360,9 @@ def evaluate(eval_fn, trainable, frozen, task, lengths, split, batch_size, conve
     if i >= max_batches:
       break
     m = jax.device_get(eval_fn(trainable, frozen, _global_batch(batch, batch_shardings)))
+    if float(m["dropped_tokens"]) > 0:
+      raise InputError(f"evaluation of {task}/{split}: {int(m['dropped_tokens'])} target tokens fell outside the "
+                       "model's loss positions", key="models.DecoderOnlyModel.loss_positions")
     tot += float(m["loss_sum"])
     n += float(m["num_tokens"])
   return tot / n if n else None
