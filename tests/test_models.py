@@ -178,17 +178,21 @@ def test_prefix_lm_loss_positions_equal_full_logits(llama):
           _prefix_lm_example([3, 4, 5, 6, 7, 8], [2, 1], 12)]
   batch = {k: jnp.asarray(np.stack([r[i] for r in rows]))
            for i, k in enumerate(["decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"])}
-  (l1, m1), (l2, m2) = full.loss_fn(params, batch, None), part.loss_fn(params, batch, None)
+  # jitted: op-by-op eager execution compiles every primitive on CPU (tens of seconds here)
+  run = lambda m: jax.jit(lambda p: (jax.value_and_grad(lambda q: m.loss_fn(q, batch, None), has_aux=True)(p),
+                                     m.score_batch(p, batch)[0]))(params)
+  ((l1, m1), g1), s1 = run(full)
+  ((l2, m2), g2), s2 = run(part)
   np.testing.assert_allclose(l2, l1, rtol=1e-6)
   np.testing.assert_allclose(m2["accuracy"], m1["accuracy"])
   assert float(m2["num_tokens"]) == float(m1["num_tokens"]) == 9.0 and float(m2["dropped_tokens"]) == 0.0
-  np.testing.assert_allclose(part.score_batch(params, batch)[0], full.score_batch(params, batch)[0], rtol=1e-6)
-  g1, g2 = (jax.grad(lambda p, m=m: m.loss_fn(p, batch, None)[0])(params) for m in (full, part))
+  np.testing.assert_allclose(s2, s1, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
   tight = DecoderOnlyModel(LLAMA_CFG, loss_positions=3)   # row 1 has 4 target tokens
-  assert float(tight.loss_fn(params, batch, None)[1]["dropped_tokens"]) == 1.0
-  scores = np.asarray(tight.score_batch(params, batch)[0])
+  ((_, m3), _), scores = run(tight)
+  assert float(m3["dropped_tokens"]) == 1.0
+  scores = np.asarray(scores)
   assert np.isnan(scores[1]) and np.isfinite(scores[[0, 2]]).all()
 
 
