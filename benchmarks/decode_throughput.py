@@ -67,9 +67,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from _common import demote_headings, write_section  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.decoding import (SubstringConstraint, SuffixArrayIndex, TrieConstraint,  # pylint: disable=g-import-not-at-top,wrong-import-position
                                  beam_search, hypotheses)
-from _common import demote_headings, write_section  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.models import accounting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.models.model_api import EncoderDecoderModel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.models.t5 import T5Config  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -264,10 +264,10 @@ class DecoderOnlyModel(BaseModel):
     if p <= 0 or p >= length:
       return super()._scored_logits(params, batch, dropout_rng)
     # The first P weighted positions of each row, in order (unweighted positions sort after them).
-    order = jnp.where(weights > 0, 0, length) + jnp.arange(length)[None, :]
-    pos = jnp.sort(order, axis=-1)[:, :p] % length
+    first = jnp.sort(jnp.where(weights > 0, 0, length) + jnp.arange(length)[None, :], axis=-1)[:, :p]
+    pos = first % length
     take = lambda x: jnp.take_along_axis(x, pos, axis=1)
-    sel_weights = take(weights) * (jnp.sort(order, axis=-1)[:, :p] < length)
+    sel_weights = take(weights) * (first < length)
     logits = self._apply(params, batch["decoder_input_tokens"], decoder_positions=batch.get("decoder_positions"),
                          decoder_segment_ids=batch.get("decoder_segment_ids"), logit_positions=pos,
                          deterministic=dropout_rng is None,
