@@ -106,16 +106,20 @@ class BaseModel:
   def _logits(self, params: Params, batch: Batch, dropout_rng: Array | None) -> Array:
     raise NotImplementedError
 
-  def _scored_logits(self, params: Params, batch: Batch, dropout_rng: Array | None):
-    """(logits, targets, weights, dropped [B]): the logits the loss reads, with their targets and weights;
-    `dropped` counts weighted tokens a subclass could not score (always 0 here)."""
+  @staticmethod
+  def _targets_and_weights(batch: Batch) -> tuple[Array, Array]:
     targets = batch["decoder_target_tokens"]
-    weights = batch.get("decoder_loss_weights", (targets > 0)).astype(jnp.float32)
-    return self._logits(params, batch, dropout_rng), targets, weights, jnp.zeros(targets.shape[:1], jnp.float32)
+    return targets, batch.get("decoder_loss_weights", (targets > 0)).astype(jnp.float32)
+
+  def _loss_logits(self, params: Params, batch: Batch, dropout_rng: Array | None):
+    """(logits, targets, weights, dropped): the logits `loss_fn` reads with their targets and weights; `dropped`
+    counts weighted tokens left out (a subclass may project fewer positions; here every position, so 0)."""
+    targets, weights = self._targets_and_weights(batch)
+    return self._logits(params, batch, dropout_rng), targets, weights, jnp.zeros((), jnp.float32)
 
   def loss_fn(self, params: Params, batch: Batch, dropout_rng: Array | None) -> tuple[Array, dict[str, Array]]:
     """Mean token cross-entropy over `decoder_loss_weights` (dropout on iff `dropout_rng` is given)."""
-    logits, targets, weights, dropped = self._scored_logits(params, batch, dropout_rng)
+    logits, targets, weights, dropped = self._loss_logits(params, batch, dropout_rng)
     logprob, z = _token_stats(logits, targets, weights, self.z_loss)
     ce = -logprob
     if self.label_smoothing > 0.0:
@@ -128,14 +132,14 @@ class BaseModel:
     accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denom
     loss = cross_ent + z_loss
     return loss, {"loss": loss, "cross_ent_loss": cross_ent, "z_loss": z_loss, "accuracy": accuracy,
-                  "num_tokens": num_tokens, "dropped_tokens": jnp.sum(dropped)}
+                  "num_tokens": num_tokens, "dropped_tokens": dropped}
 
   def score_batch(self, params: Params, batch: Batch) -> tuple[Array, Array]:
     """(sum, mean) teacher-forced target log-likelihood per example, over `decoder_loss_weights` only
-    (NaN for a row with target tokens it could not score: see `DecoderOnlyModel.loss_positions`)."""
-    logits, targets, weights, dropped = self._scored_logits(params, batch, None)
-    logprob, _ = _token_stats(logits, targets, weights, 0.0)
-    total = jnp.where(dropped > 0, jnp.nan, jnp.sum(logprob * weights, axis=-1))
+    (every position: scored targets need not fit a training `loss_positions` bound)."""
+    targets, weights = self._targets_and_weights(batch)
+    logprob, _ = _token_stats(self._logits(params, batch, None), targets, weights, 0.0)
+    total = jnp.sum(logprob * weights, axis=-1)
     return total, total / jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
 
   # ---- decoding -----------------------------------------------------------------------------------------
@@ -247,41 +251,36 @@ class DecoderOnlyModel(BaseModel):
 
   def __init__(self, config: LlamaConfig = gin.REQUIRED, z_loss: float = 0.0, label_smoothing: float = 0.0,
                rules: partitioning.LogicalRules = partitioning.LOGICAL_AXIS_RULES, loss_positions: int = 0):
-    """`loss_positions` P > 0: `loss_fn` / `score_batch` compute logits only at the first P weighted positions
-    of each row (non-packed prefix-LM: the targets length), not at every input position. A row with more
-    weighted tokens is never silently cut: the loss metrics count them (`dropped_tokens`, which the trainer
-    turns into an error) and `score_batch` returns NaN for the row. 0: every position."""
+    """`loss_positions` P > 0: `loss_fn` computes logits only at the first P weighted positions of each row
+    (non-packed prefix-LM: the targets length), not at every input position. A row with more weighted tokens is
+    never silently cut: the loss metrics count them (`dropped_tokens`, which the trainer turns into an error).
+    0: every position. `score_batch` always scores every position."""
     super().__init__(config, z_loss, label_smoothing, rules)
     self.loss_positions = int(loss_positions)
 
   def _make_module(self, config):
     return LlamaTransformer(config)
 
-  def _scored_logits(self, params, batch, dropout_rng):
-    targets = batch["decoder_target_tokens"]
-    weights = batch.get("decoder_loss_weights", (targets > 0)).astype(jnp.float32)
+  def _loss_logits(self, params, batch, dropout_rng):
+    targets, weights = self._targets_and_weights(batch)
     p, length = self.loss_positions, targets.shape[1]
     if p <= 0 or p >= length:
-      return super()._scored_logits(params, batch, dropout_rng)
-    # The first P weighted positions of each row, in order (unweighted positions sort after them).
-    first = jnp.sort(jnp.where(weights > 0, 0, length) + jnp.arange(length)[None, :], axis=-1)[:, :p]
-    pos = first % length
+      return super()._loss_logits(params, batch, dropout_rng)
+    # The first P weighted positions of each row, in order (unweighted positions sort after them and carry
+    # weight 0 where a row has fewer than P).
+    pos = jnp.sort(jnp.where(weights > 0, 0, length) + jnp.arange(length)[None, :], axis=-1)[:, :p] % length
     take = lambda x: jnp.take_along_axis(x, pos, axis=1)
-    sel_weights = take(weights) * (first < length)
-    logits = self._apply(params, batch["decoder_input_tokens"], decoder_positions=batch.get("decoder_positions"),
-                         decoder_segment_ids=batch.get("decoder_segment_ids"), logit_positions=pos,
-                         deterministic=dropout_rng is None,
-                         rngs=None if dropout_rng is None else {"dropout": dropout_rng})
-    dropped = jnp.sum(weights, axis=-1) - jnp.sum(sel_weights, axis=-1)
-    return logits, take(targets), sel_weights, dropped
+    sel_weights = take(weights)
+    logits = self._logits(params, batch, dropout_rng, logit_positions=pos)
+    return logits, take(targets), sel_weights, jnp.sum(weights) - jnp.sum(sel_weights)
 
   def _dummy_batch(self, batch_shapes):
     shape = dict(batch_shapes or {}).get("decoder_input_tokens", (1, 8))
     return {"decoder_input_tokens": jnp.ones(shape, jnp.int32)}
 
-  def _logits(self, params, batch, dropout_rng):
+  def _logits(self, params, batch, dropout_rng, logit_positions=None):
     return self._apply(params, batch["decoder_input_tokens"], decoder_positions=batch.get("decoder_positions"),
-                       decoder_segment_ids=batch.get("decoder_segment_ids"),
+                       decoder_segment_ids=batch.get("decoder_segment_ids"), logit_positions=logit_positions,
                        deterministic=dropout_rng is None,
                        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
 

@@ -25,7 +25,6 @@ available (`share_inputs=False`) and is what tests compare against.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -96,10 +95,6 @@ def _shift_right(targets: np.ndarray) -> np.ndarray:
 
 def plain_nll_fn(model: model_api.BaseModel) -> Callable:
   """(params, batch) -> [B] summed NLL through the model's own `score_batch` (feature-converter batch)."""
-  if getattr(model, "loss_positions", 0):
-    # Scored targets may be longer than the training targets the model's loss positions were sized for.
-    model = copy.copy(model)
-    model.loss_positions = 0
 
   def fn(params, batch):
     total, _ = model.score_batch(params, batch)
