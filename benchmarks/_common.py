@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import time
 
 GPU_PREFIX = "### GPU: "
 
@@ -23,6 +24,51 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# ---- the machine's fp32 matmul peak (the "% of peak" / MFU denominators) ----------------------------------------
+
+def time_reps(fn, min_seconds: float) -> float:
+  """Seconds per call of `fn` (already warm), over at least `min_seconds`."""
+  reps, total = 1, 0.0
+  while True:
+    t0 = time.perf_counter()
+    fn(reps)
+    total = time.perf_counter() - t0
+    if total >= min_seconds:
+      return total / reps
+    reps = max(reps * 2, int(reps * min_seconds / max(total, 1e-6)) + 1)
+
+
+def jax_matmul_peak(n: int) -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+
+  def run(reps):
+    out = None
+    for _ in range(reps):
+      out = f(a)
+    out.block_until_ready()
+
+  return 2 * n ** 3 / time_reps(run, 0.5)
+
+
+def torch_matmul_peak(n: int, device: str) -> float:
+  import torch
+  a = torch.randn(n, n, dtype=torch.float32, device=device)
+  a @ a
+
+  def run(reps):
+    for _ in range(reps):
+      out = a @ a
+    if device.startswith("cuda"):
+      torch.cuda.synchronize()
+    del out
+
+  return 2 * n ** 3 / time_reps(run, 0.5)
 
 
 def _split(text: str, section: str) -> tuple[str, str | None, str]:

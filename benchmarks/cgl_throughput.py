@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 
-from _common import cpu_model, write_section
+from _common import cpu_model, jax_matmul_peak, torch_matmul_peak, write_section
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(REPO, "docs", "benchmarks.md")
@@ -117,39 +117,6 @@ def reference_pair_nll(hf, query, spans):
     mask = labels >= 0
     tok = torch.gather(logp, -1, labels.clamp(min=0)[..., None])[..., 0]
     return (-(tok * mask).sum(-1)).cpu().numpy()   # the copy back waits for the GPU
-
-
-def jax_matmul_peak(n: int) -> float:
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = 0.0
-  for _ in range(5):
-    t0 = time.perf_counter()
-    for _ in range(4):
-      out = f(a)
-    out.block_until_ready()
-    best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
-  return best
-
-
-def torch_matmul_peak(n: int, device) -> float:
-  import torch
-  a = torch.randn(n, n, device=device)
-  a @ a
-  best = 0.0
-  for _ in range(5):
-    if device.type == "cuda":
-      torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(4):
-      a @ a
-    if device.type == "cuda":
-      torch.cuda.synchronize()
-    best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
-  return best
 
 
 def measure_rung(rung: str, args, device) -> dict:
@@ -261,7 +228,7 @@ def main(argv=None) -> int:
     gpu_card = f"{jax.devices()[0].device_kind} (jax) / {torch.cuda.get_device_name(0)} (torch)"
     machine = f"GPU {gpu_card}, host {cpu_model()}"
   n_peak = 4096 if args.device == "gpu" else 1024
-  peaks = {"jax": jax_matmul_peak(n_peak), "torch": torch_matmul_peak(n_peak, device)}
+  peaks = {"jax": jax_matmul_peak(n_peak), "torch": torch_matmul_peak(n_peak, str(device))}
   results = []
   for rung in args.rungs.split(","):
     results.append(measure_rung(rung, args, device))
@@ -269,7 +236,7 @@ def main(argv=None) -> int:
     print(f"{rung}: ours {r['ours_seq_s']:.0f} seq/s, reference {r['ref_seq_s']:.0f} seq/s, "
           f"ratio {r['ratio']:.1f}x", flush=True)
     peaks["jax"] = max(peaks["jax"], jax_matmul_peak(n_peak))
-    peaks["torch"] = max(peaks["torch"], torch_matmul_peak(n_peak, device))
+    peaks["torch"] = max(peaks["torch"], torch_matmul_peak(n_peak, str(device)))
   block = render(results, max(peaks.values()), peaks, args, machine, n_peak)
   print(block)
   if not args.no_write_docs:

@@ -67,7 +67,8 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from _common import demote_headings, write_section  # pylint: disable=g-import-not-at-top,wrong-import-position
+from _common import (cpu_model, demote_headings, jax_matmul_peak, torch_matmul_peak,  # pylint: disable=g-import-not-at-top,wrong-import-position
+                     write_section)
 from genret_jax.decoding import (SubstringConstraint, SuffixArrayIndex, TrieConstraint,  # pylint: disable=g-import-not-at-top,wrong-import-position
                                  beam_search, hypotheses)
 from genret_jax.models import accounting  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -104,17 +105,9 @@ def sync(dev):
 def environment(tdev_name: str) -> dict:
   import torch
   import transformers
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
   return {"jax": jax.__version__, "jax_backend": jax.default_backend(),
           "jax_device": str(jax.devices()[0].device_kind), "torch": torch.__version__,
-          "transformers": transformers.__version__, "torch_device": tdev_name, "cpu": cpu,
+          "transformers": transformers.__version__, "torch_device": tdev_name, "cpu": cpu_model(),
           "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
@@ -127,29 +120,8 @@ def loadavg() -> str:
 
 # --- matmul peak ------------------------------------------------------------------------------------
 
-def matmul_peak(dev, n: int, repeats: int) -> dict:
-  import torch
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(f(a, a))
-  best_j = min(_timed(lambda: jax.block_until_ready(f(a, a))) for _ in range(repeats))
-  t = torch.randn(n, n, device=dev)
-  torch.mm(t, t)
-  sync(dev)
-
-  def run_t():
-    torch.mm(t, t)
-    sync(dev)
-
-  best_t = min(_timed(run_t) for _ in range(repeats))
-  flops = 2.0 * n ** 3
-  return {"n": n, "jax_gflops": flops / best_j / 1e9, "torch_gflops": flops / best_t / 1e9}
-
-
-def _timed(fn) -> float:
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
+def matmul_peak(dev, n: int) -> dict:
+  return {"n": n, "jax_gflops": jax_matmul_peak(n) / 1e9, "torch_gflops": torch_matmul_peak(n, str(dev)) / 1e9}
 
 
 # --- models -------------------------------------------------------------------------------------------
@@ -556,7 +528,7 @@ def main(args) -> int:
 
   log(res["env"])
   if "peak" in args.parts:
-    res["peak"] = matmul_peak(dev, 1024 if quick else 2048, 3 if quick else 5)
+    res["peak"] = matmul_peak(dev, 1024 if quick else 2048)
     log(res["peak"])
   if "ngram" in args.parts:
     rows, meta = bench_ngram(ngram_beams, repeats, args.batch, dev, args.spm_model, log)

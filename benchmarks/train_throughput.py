@@ -36,7 +36,7 @@ import time
 import types
 from typing import Any, Callable
 
-from _common import cpu_model
+from _common import cpu_model, jax_matmul_peak, time_reps, torch_matmul_peak
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(REPO, "docs", "benchmarks.md")
@@ -306,51 +306,6 @@ def build_hf(config, batch_np, args, torch_device: str) -> Side:
   return Side(f"HF torch ({torch_device}, attention {attn})", run, sum(p.numel() for p in params))
 
 
-# ---- peaks -----------------------------------------------------------------------------------------------------
-
-def _time_reps(fn, min_seconds: float) -> float:
-  """Seconds per call of `fn` (already warm), over at least `min_seconds`."""
-  reps, total = 1, 0.0
-  while True:
-    t0 = time.perf_counter()
-    fn(reps)
-    total = time.perf_counter() - t0
-    if total >= min_seconds:
-      return total / reps
-    reps = max(reps * 2, int(reps * min_seconds / max(total, 1e-6)) + 1)
-
-
-def jax_matmul_peak(n: int) -> float:
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-
-  def run(reps):
-    out = None
-    for _ in range(reps):
-      out = f(a)
-    out.block_until_ready()
-
-  return 2 * n ** 3 / _time_reps(run, 0.5)
-
-
-def torch_matmul_peak(n: int, device: str) -> float:
-  import torch
-  a = torch.randn(n, n, dtype=torch.float32, device=device)
-  a @ a
-
-  def run(reps):
-    for _ in range(reps):
-      out = a @ a
-    if device.startswith("cuda"):
-      torch.cuda.synchronize()
-    del out
-
-  return 2 * n ** 3 / _time_reps(run, 0.5)
-
-
 # ---- measurement -------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -391,7 +346,7 @@ def measure_rung(family, rung, args, trainer, torch_device, peak) -> RungResult:
     t0 = time.perf_counter()
     side.step(2)
     t1 = time.perf_counter()
-    per_step = _time_reps(side.step, min(0.5, chunk / 2))
+    per_step = time_reps(side.step, min(0.5, chunk / 2))
     steps.append(max(1, round(chunk / per_step)))
     print(f"  {family}/{rung} {side.name}: warm-up (compile) {t1 - t0:.1f} s, {per_step * 1e3:.1f} ms/step",
           flush=True)
