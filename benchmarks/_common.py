@@ -92,27 +92,45 @@ def demote_headings(block: str) -> str:
   return re.sub(r"^(#{2,5}) ", lambda m: "#" + m.group(1) + " ", block, flags=re.M)
 
 
+def _replace_block(text: str, heading: str, block: str, level: str) -> str:
+  """Replaces the block under `heading` (up to the next heading of the same or a higher level), else appends."""
+  stop = "|".join(re.escape("#" * n + " ") for n in range(2, len(level) + 1))
+  pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^(?:{stop})|\Z)", re.S | re.M)
+  new = f"{heading}\n\n{block.strip()}\n\n"
+  if pattern.search(text):
+    return pattern.sub(lambda _: new, text, count=1)
+  return text.rstrip() + "\n\n" + new
+
+
+def _write(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text.rstrip() + "\n")
+  os.replace(tmp, path)
+
+
+def write_subsection(path: str, section: str, heading: str, body: str, intro: str = "") -> None:
+  """Writes `body` as the `heading` ("### ...") subsection of `section` in the markdown file at `path`, replacing
+  that subsection or appending it; the section's other text and the file's other sections are kept."""
+  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+  before, old, after = _split(text, section)
+  inner = _replace_block(old if old is not None else intro + "\n", heading, body, "###")
+  _write(path, before + f"{section}\n\n{inner.strip()}\n\n" + after.lstrip())
+
+
 def write_section(path: str, section: str, body: str, gpu_card: str | None = None) -> None:
   """Writes `body` into `section` of the markdown file at `path` (created if missing).
 
   gpu_card None (a CPU run): `body` replaces the section's body; its "### GPU: ..." subsections are kept after it.
   gpu_card set: `body` becomes (or replaces) the "### GPU: <gpu_card>" subsection; the rest stays.
   """
+  if gpu_card is not None:
+    write_subsection(path, section, GPU_PREFIX + gpu_card, body)
+    return
   text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
   before, old, after = _split(text, section)
-  old = old or ""
-  gpus = _gpu_blocks(old)
-  if gpu_card is None:
-    main = body.strip()
-  else:
-    first = old.find(GPU_PREFIX)
-    main = (old if first < 0 else old[:first]).strip()
-    gpus[GPU_PREFIX + gpu_card] = f"{GPU_PREFIX}{gpu_card}\n\n{body.strip()}\n"
-  parts = [section, "", main] if main else [section]
-  for block in gpus.values():
+  parts = [section, "", body.strip()]
+  for block in _gpu_blocks(old or "").values():
     parts += ["", block.rstrip()]
-  new = before + "\n".join(parts).rstrip() + "\n\n" + after.lstrip()
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(new.rstrip() + "\n")
-  os.replace(tmp, path)
+  _write(path, before + "\n".join(parts).rstrip() + "\n\n" + after.lstrip())

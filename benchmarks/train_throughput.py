@@ -36,7 +36,7 @@ import time
 import types
 from typing import Any, Callable
 
-from _common import cpu_model, jax_matmul_peak, time_reps, torch_matmul_peak
+from _common import cpu_model, jax_matmul_peak, time_reps, torch_matmul_peak, write_subsection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(REPO, "docs", "benchmarks.md")
@@ -382,31 +382,6 @@ def table(results: list[RungResult], seq_len: int, target_len: int, family: str)
   return "\n".join(lines)
 
 
-def _replace_block(text: str, heading: str, block: str, level: str) -> str:
-  """Replaces the block under `heading` (up to the next heading of the same or a higher level), else appends."""
-  stop = "|".join(re.escape("#" * n + " ") for n in range(2, len(level) + 1))
-  pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^(?:{stop})|\Z)", re.S | re.M)
-  new = f"{heading}\n\n{block.strip()}\n\n"
-  if pattern.search(text):
-    return pattern.sub(lambda _: new, text, count=1)
-  return text.rstrip() + "\n\n" + new
-
-
-def write_doc(path: str, machine_heading: str, body: str) -> None:
-  """Writes `body` as the `machine_heading` subsection of "## Train throughput" in `path`; the other machines'
-  subsections and the other sections of the file are kept."""
-  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nEach section is written by its script.\n"
-  m = re.search(rf"^{re.escape(SECTION)}[ \t]*\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-  intro = ("Written by `benchmarks/train_throughput.py`: one subsection per machine, each replaced by the next "
-           "run on that machine.")
-  section = m.group(1) if m else intro + "\n"
-  section = _replace_block(section, machine_heading, body, "###")
-  text = _replace_block(text, SECTION, section, "##")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    f.write(text.rstrip() + "\n")
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
   cores = configure_environment(args)
@@ -481,7 +456,9 @@ def main(argv=None) -> int:
     if not args.no_write_docs:
       heading = (f"### GPU: {jax.devices()[0].device_kind}" if args.device == "gpu"
                  else f"### CPU: {cpu_model()}, {cores} cores")
-      write_doc(args.doc, heading, body)
+      write_subsection(args.doc, SECTION, heading, body,
+                       intro="Written by `benchmarks/train_throughput.py`: one subsection per machine, each replaced "
+                             "by the next run on that machine.")
       if final:
         print(f"wrote {os.path.relpath(args.doc, REPO)} ({SECTION})")
 
