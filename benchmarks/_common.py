@@ -15,6 +15,17 @@ import time
 GPU_PREFIX = "### GPU: "
 
 
+# T5 shapes the decode and CGL benchmarks share (the issues' "tiny" and "~40M" sizes); tied embeddings, fp32.
+T5_BENCH_SIZES = {
+    "tiny": dict(vocab_size=512, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_encoder_layers=2,
+                 num_decoder_layers=2),
+    "base45m": dict(vocab_size=8192, d_model=512, num_heads=8, head_dim=64, d_ff=1024, num_encoder_layers=6,
+                    num_decoder_layers=6),
+    "tiny_v8k": dict(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_encoder_layers=2,
+                     num_decoder_layers=2),
+}
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:

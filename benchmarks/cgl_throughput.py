@@ -5,8 +5,10 @@ Workload: the CGL sequences of `--queries` queries x (1 positive + `--negatives`
 drawn like Cranfield queries / 10-word spans: `--query_len`, `--span_len` tokens plus EOS) since only the shapes
 matter for speed.
 
-* ours: `genret_jax.scaling.scoring.PairScorer` (encode each query once, cross-attention keys/values projected
-  once, `--batch` target rows per jitted forward, length buckets, padding masked), fp32, all devices of the host;
+* ours: `genret_jax.scaling.scoring.PairScorer` (`--batch` target rows per jitted forward in slots of `--slot_rows`
+  rows continuing one query, which is encoded and its cross-attention keys/values projected once per slot; the
+  vocabulary projection chunked, `layers.projected_token_stats`; length buckets, padding masked), fp32, all
+  devices of the host;
 * reference way (SLGR_BEHAVIOUR.md §5.2, T5): one Hugging Face `T5ForConditionalGeneration` forward per
   (query, document) on a batch of that document's spans, the query repeated per row with an attention mask,
   labels padded with -100 (the reference padded with 0; that only changes the numbers, not the speed), eager
@@ -20,7 +22,7 @@ encoder for every sequence; ours runs it once per query per batch slot, so its c
 decoder-per-sequence + encoder / (sequences per query). The peak is the best fp32 n^3 matmul rate measured in
 this run (jax and torch, re-measured between rungs).
 
-  python benchmarks/cgl_throughput.py --rungs r0,r5 --threads 2
+  python benchmarks/cgl_throughput.py --rungs r0,r5,base45m --threads 2
 
 writes (replaces) the "## CGL throughput" section of docs/benchmarks.md (`--no_write_docs` to skip).
 """
@@ -33,7 +35,7 @@ import statistics
 import sys
 import time
 
-from _common import cpu_model, jax_matmul_peak, torch_matmul_peak, write_section
+from _common import T5_BENCH_SIZES, cpu_model, jax_matmul_peak, torch_matmul_peak, write_section
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(REPO, "docs", "benchmarks.md")
@@ -42,13 +44,16 @@ SECTION = "## CGL throughput"
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--rungs", default="r0,r5", help="T5 CPU-ladder rungs (gin_configs/models/t5_1_1/cpu_ladder)")
+  p.add_argument("--rungs", default="r0,r5,base45m",
+                 help="T5 CPU-ladder rungs (gin_configs/models/t5_1_1/cpu_ladder) or _common.T5_BENCH_SIZES names; "
+                      "base45m is the issue's ~40M rung")
   p.add_argument("--queries", type=int, default=2)
   p.add_argument("--negatives", type=int, default=256)
   p.add_argument("--spans", type=int, default=10)
   p.add_argument("--query_len", type=int, default=20, help="query tokens before EOS")
   p.add_argument("--span_len", type=int, default=14, help="span tokens before EOS")
   p.add_argument("--batch", type=int, default=512, help="our target rows per forward pass")
+  p.add_argument("--slot_rows", type=int, default=64, help="our target rows per input slot (PairScorer)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--ref_seconds", type=float, default=4.0, help="seconds of reference scoring per chunk")
   p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
@@ -59,10 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_t5(rung: str):
+  """A CPU-ladder rung (r0..r5, its gin file) or a shared benchmark size (`_common.T5_BENCH_SIZES`: base45m)."""
   import gin
 
   from genret_jax import gin_utils
   from genret_jax.models import model_api
+  if rung in T5_BENCH_SIZES:
+    from genret_jax.models.t5 import T5Config
+    return model_api.EncoderDecoderModel(T5Config(**T5_BENCH_SIZES[rung], tie_word_embeddings=True,
+                                                  dtype="float32", param_dtype="float32"))
   gin_utils.parse_gin([f"models/t5_1_1/cpu_ladder/{rung}.gin"], [])
   model = model_api.get_model()
   gin.clear_config()
@@ -133,7 +143,7 @@ def measure_rung(rung: str, args, device) -> dict:
   for q, spans in pairs:
     flat_t += spans
     flat_q += [q] * len(spans)
-  scorer = scoring.PairScorer(model, params, batch_size=args.batch, inputs_per_batch=max(1, args.batch // 256))
+  scorer = scoring.PairScorer(model, params, batch_size=args.batch, inputs_per_batch=max(1, args.batch // args.slot_rows))
   hf = hf_model(model, params, device)
 
   # Agreement on the first pairs, and warm-up of both sides.
@@ -163,8 +173,8 @@ def measure_rung(rung: str, args, device) -> dict:
   lin, lt = args.query_len + 1, args.span_len + 1
   per_seq_plain = accounting.forward_flops_per_example(cfg, lin, lt).total
   encoder = accounting.forward_flops_per_example(cfg, lin, 0).total
-  seqs_per_query = len(flat_t) / len(queries)
-  per_seq_ours = per_seq_plain - encoder * (1.0 - 1.0 / seqs_per_query)
+  slots = sum(-(-flat_q.count(q) // scorer.slot_rows) for q in range(len(queries)))  # encoder runs
+  per_seq_ours = per_seq_plain - encoder + encoder * slots / len(flat_t)
   n = accounting.count_params(cfg)
   return {"rung": rung, "params": n.total, "non_embedding": n.non_embedding, "sequences": len(flat_t),
           "ours_seq_s": statistics.median(ours_rates), "ref_seq_s": statistics.median(ref_rates),
@@ -193,14 +203,15 @@ def render(results, peak, peaks, args, machine: str, n_peak: int) -> str:
       f"torch {torch.__version__} ({torch.get_num_threads()} threads).", "",
       f"Workload: {args.queries} queries x {args.negatives + 1} documents x {args.spans} spans (T5, fp32), "
       f"queries {args.query_len}+1 tokens, spans ~{args.span_len}+1 tokens. Ours: `scoring.PairScorer`, "
-      f"{args.batch} rows per jitted forward, each query encoded once. Reference way: one HF forward per "
+      f"{args.batch} rows per jitted forward in slots of {args.slot_rows} rows of one query (its encoder output and "
+      "cross-attention keys/values computed once per slot), vocabulary projected in chunks. Reference way: one HF forward per "
       "(query, document) with the same weights (exported by `hf_convert`); NLLs agree to "
       f"{max(r['max_rel_err'] for r in results):.1e} relative. Medians of {args.repeats} interleaved chunks; "
       "ratio = median of per-chunk ratios.", "",
       *rows, "",
       f"Peak = best fp32 {n_peak}^3 matmul measured in this run: jax {peaks['jax'] / 1e9:.1f}, torch "
       f"{peaks['torch'] / 1e9:.1f} GFLOP/s. FLOPs per sequence from `accounting.forward_flops_per_example`; "
-      "ours counts the encoder once per query (what it executes), the reference once per sequence.", ""])
+      "ours counts the encoder once per slot (what it executes), the reference once per sequence.", ""])
 
 
 def main(argv=None) -> int:
@@ -218,7 +229,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
   device = torch.device("cpu")
   gpu_card = None
-  machine = f"{cpu_model()} ({os.cpu_count()} logical CPUs, shared with other jobs while measured)"
+  load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+  machine = f"{cpu_model()} ({os.cpu_count()} logical CPUs; load average {load} at start)"
   if args.device == "gpu":
     if jax.default_backend() == "cpu":
       raise SystemExit("--device gpu but jax found no accelerator")

@@ -67,22 +67,13 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from _common import (cpu_model, demote_headings, jax_matmul_peak, torch_matmul_peak,  # pylint: disable=g-import-not-at-top,wrong-import-position
+from _common import (T5_BENCH_SIZES, cpu_model, demote_headings, jax_matmul_peak, torch_matmul_peak,  # pylint: disable=g-import-not-at-top,wrong-import-position
                      write_section)
 from genret_jax.decoding import (SubstringConstraint, SuffixArrayIndex, TrieConstraint,  # pylint: disable=g-import-not-at-top,wrong-import-position
                                  beam_search, hypotheses)
 from genret_jax.models import accounting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.models.model_api import EncoderDecoderModel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.models.t5 import T5Config  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-SIZES = {
-    "tiny": dict(vocab_size=512, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_encoder_layers=2,
-                 num_decoder_layers=2),
-    "base45m": dict(vocab_size=8192, d_model=512, num_heads=8, head_dim=64, d_ff=1024, num_encoder_layers=6,
-                    num_decoder_layers=6),
-    "tiny_v8k": dict(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_encoder_layers=2,
-                     num_decoder_layers=2),
-}
 
 
 # --- environment ------------------------------------------------------------------------------------
@@ -133,7 +124,7 @@ def build_models(size: str, dev, seed: int = 0):
   from genret_jax.models import hf_convert
   # Tied embeddings (T5 v1.0 output: rescaled by d_model^-0.5): transformers 5 ties T5's lm_head to
   # `shared` whatever the config says (tests/test_hf_parity.py), so an untied model cannot be exported.
-  cfg = T5Config(**SIZES[size], tie_word_embeddings=True, dtype="float32", param_dtype="float32")
+  cfg = T5Config(**T5_BENCH_SIZES[size], tie_word_embeddings=True, dtype="float32", param_dtype="float32")
   model = EncoderDecoderModel(cfg)
   params = model.init(jax.random.PRNGKey(seed),
                       {"encoder_input_tokens": (1, INPUT_LEN), "decoder_input_tokens": (1, 8)})

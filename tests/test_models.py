@@ -195,6 +195,53 @@ def test_prefix_lm_loss_positions_equal_full_logits(llama):
   np.testing.assert_allclose(scores, s1, rtol=1e-6)
 
 
+@pytest.mark.parametrize("family,tied", [("t5", True), ("t5", False), ("llama", False)])
+def test_chunked_vocab_projection_equals_one_projection(family, tied):
+  """Loss (with z-loss and label smoothing), its gradients, accuracy and scores are the same whether the
+  vocabulary projection runs in one piece or chunk by chunk (`logits_chunk_tokens`; 5 tokens per chunk over 3 rows
+  of 7 positions: 1 position per chunk, the last chunk padded), tied or untied output embedding."""
+  base = dataclasses.replace(T5_CFG if family == "t5" else LLAMA_CFG, tie_word_embeddings=tied)
+  cls = EncoderDecoderModel if family == "t5" else DecoderOnlyModel
+  one = cls(dataclasses.replace(base, logits_chunk_tokens=0), z_loss=1e-3, label_smoothing=0.1)
+  chunked = cls(dataclasses.replace(base, logits_chunk_tokens=5), z_loss=1e-3, label_smoothing=0.1)
+  params = random_params(one, 3)
+  rng = np.random.RandomState(1)
+  targets = rng.randint(1, V, (3, 7)).astype(np.int32)
+  targets[1, 5:] = 0
+  batch = {"decoder_target_tokens": targets, "decoder_loss_weights": (targets > 0).astype(np.int32),
+           "decoder_input_tokens": np.concatenate([np.zeros((3, 1), np.int32), targets[:, :-1]], 1)}
+  if family == "t5":
+    batch["encoder_input_tokens"] = rng.randint(1, V, (3, 5)).astype(np.int32)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  run = lambda m: jax.jit(lambda p: (jax.value_and_grad(lambda q: m.loss_fn(q, batch, None), has_aux=True)(p),
+                                     m.score_batch(p, batch)))(params)
+  ((l1, m1), g1), s1 = run(one)
+  ((l2, m2), g2), s2 = run(chunked)
+  np.testing.assert_allclose(l2, l1, rtol=1e-5)
+  for key in ("cross_ent_loss", "z_loss", "accuracy", "num_tokens"):
+    np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5)
+  for a, b in zip(s1, s2):
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_projected_token_stats_match_log_softmax():
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.normal(size=(4, 9, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(6, 11)), jnp.float32)
+  t = jnp.asarray(rng.randint(0, 11, (4, 9)), jnp.int32)
+  logits = np.asarray(x @ w, np.float64)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  for chunk in (0, 4, 8, 13, 36, 1000):
+    stats = jax.jit(lambda x, w, t, c=chunk: L.projected_token_stats(lambda h: h @ w, x, t, c))(x, w, t)
+    np.testing.assert_allclose(stats.log_prob, np.take_along_axis(logp, np.asarray(t)[..., None], -1)[..., 0],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.mean_log_prob, logp.mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(stats.log_z, logits[..., 0] - logp[..., 0], rtol=1e-5)
+    np.testing.assert_array_equal(stats.correct, logits.argmax(-1) == np.asarray(t))
+
+
 def test_packed_equals_unpacked(t5):
   jm, params = t5
   enc = [[5, 6, 7, 1], [8, 9, 1]]

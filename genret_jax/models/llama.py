@@ -48,6 +48,9 @@ class LlamaConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"  # none | full | dots | dots_no_batch
   scan_layers: bool = False
+  # Tokens per vocabulary-projection chunk when only per-token statistics are needed (loss, scoring):
+  # `layers.projected_token_stats`. 0: one projection of every position.
+  logits_chunk_tokens: int = 1024
 
   family = "llama"
 
@@ -98,10 +101,11 @@ class LlamaTransformer(nn.Module):
   def __call__(self, decoder_input_tokens: Array, decoder_positions: Array | None = None,
                decoder_segment_ids: Array | None = None, token_mask: Array | None = None,
                deterministic: bool = True, decode: bool = False, cache_length: int = 0,
-               logit_positions: Array | None = None) -> Array:
+               logit_positions: Array | None = None, targets: Array | None = None) -> Array | L.TokenStats:
     """Logits [B, L, vocab]; with `logit_positions` [B, P] only at those positions ([B, P, vocab]): a prefix-LM
     loss needs the targets' positions only, and at small widths the vocabulary projection is a large share of
-    the FLOPs."""
+    the FLOPs. With `targets` (shaped like the logits' positions), their per-token `L.TokenStats` instead (the
+    logits are then projected chunk by chunk and never held whole)."""
     cfg = self.config
     dtype, pdtype = L.as_dtype(cfg.dtype), L.as_dtype(cfg.param_dtype)
     batch, length = decoder_input_tokens.shape
@@ -122,8 +126,10 @@ class LlamaTransformer(nn.Module):
       x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
     x = L.RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
     if cfg.tie_word_embeddings:
-      logits = embedder.attend(x)
+      head, project = embedder, embedder.attend
     else:
-      logits = L.DenseGeneral((cfg.vocab_size,), ("embed", "vocab"), dtype=dtype, param_dtype=pdtype,
-                              name="logits_dense")(x)
-    return L.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+      head = L.LogitsDense(cfg.d_model, cfg.vocab_size, dtype=dtype, param_dtype=pdtype, name="logits_dense")
+      project = head
+    if targets is not None:
+      return head.token_stats(x, targets, cfg.logits_chunk_tokens)
+    return L.constrain(project(x).astype(jnp.float32), ("batch", "length", "vocab"))

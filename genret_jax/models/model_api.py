@@ -12,6 +12,9 @@
   `cache["per_query"]` (T5's projected encoder keys/values) keep one row per query even when the search runs
   N = B * K rows: they are the same for every beam of a query, so the beam search neither repeats nor gathers
   them, and cross-attention folds the K beams into its query axis;
+* `continuation_stats(params, cache, tokens [N, T], targets [N, T]) -> layers.TokenStats`: teacher-forced scoring
+  of T tokens at once after a `decode_init` cache (CGL scores thousands of targets per query this way, the query
+  run once);
 * `greedy_decode(params, inputs, max_decode_len, eos_id=1) -> tokens [B, max_decode_len]` for self-checks.
 
 All methods enter the logical axis rules, so under `jax.set_mesh(mesh)` activations are constrained to the mesh.
@@ -28,20 +31,13 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from genret_jax.models import partitioning
+from genret_jax.models import layers, partitioning
 from genret_jax.models.llama import LlamaConfig, LlamaTransformer
 from genret_jax.models.t5 import T5Config, T5Transformer
 
 Array = jax.Array
 Batch = Mapping[str, Array]
 Params = Any
-
-
-def _token_stats(logits: Array, targets: Array, weights: Array, z_loss: float):
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  logprob = target_logit - log_z
-  return logprob, z_loss * jnp.square(log_z) * weights
 
 
 def _rng_context():
@@ -103,7 +99,9 @@ class BaseModel:
       return self.module.apply({"params": params}, *args, rngs=rngs, **kwargs)
 
   # ---- training and scoring -----------------------------------------------------------------------------
-  def _logits(self, params: Params, batch: Batch, dropout_rng: Array | None) -> Array:
+  def _logits(self, params: Params, batch: Batch, dropout_rng: Array | None,
+              targets: Array | None = None) -> Array | layers.TokenStats:
+    """Logits [B, T, vocab] of a feature-converter batch; with `targets`, their `layers.TokenStats` instead."""
     raise NotImplementedError
 
   @staticmethod
@@ -111,25 +109,24 @@ class BaseModel:
     targets = batch["decoder_target_tokens"]
     return targets, batch.get("decoder_loss_weights", (targets > 0)).astype(jnp.float32)
 
-  def _loss_logits(self, params: Params, batch: Batch, dropout_rng: Array | None):
-    """(logits, targets, weights, dropped): the logits `loss_fn` reads with their targets and weights; `dropped`
-    counts weighted tokens left out (a subclass may project fewer positions; here every position, so 0)."""
+  def _loss_stats(self, params: Params, batch: Batch, dropout_rng: Array | None):
+    """(token stats, weights, dropped): the per-token statistics `loss_fn` reads with their weights; `dropped`
+    counts weighted tokens left out (a subclass may score fewer positions; here every position, so 0)."""
     targets, weights = self._targets_and_weights(batch)
-    return self._logits(params, batch, dropout_rng), targets, weights, jnp.zeros((), jnp.float32)
+    stats = self._logits(params, batch, dropout_rng, targets=targets)
+    return stats, weights, jnp.zeros((), jnp.float32)
 
   def loss_fn(self, params: Params, batch: Batch, dropout_rng: Array | None) -> tuple[Array, dict[str, Array]]:
     """Mean token cross-entropy over `decoder_loss_weights` (dropout on iff `dropout_rng` is given)."""
-    logits, targets, weights, dropped = self._loss_logits(params, batch, dropout_rng)
-    logprob, z = _token_stats(logits, targets, weights, self.z_loss)
-    ce = -logprob
+    stats, weights, dropped = self._loss_stats(params, batch, dropout_rng)
+    ce = -stats.log_prob
     if self.label_smoothing > 0.0:
-      smooth = -jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=-1)
-      ce = (1.0 - self.label_smoothing) * ce + self.label_smoothing * smooth
+      ce = (1.0 - self.label_smoothing) * ce - self.label_smoothing * stats.mean_log_prob
     num_tokens = jnp.sum(weights)
     denom = jnp.maximum(num_tokens, 1.0)
     cross_ent = jnp.sum(ce * weights) / denom
-    z_loss = jnp.sum(z) / denom
-    accuracy = jnp.sum((jnp.argmax(logits, -1) == targets) * weights) / denom
+    z_loss = self.z_loss * jnp.sum(jnp.square(stats.log_z) * weights) / denom
+    accuracy = jnp.sum(stats.correct * weights) / denom
     loss = cross_ent + z_loss
     return loss, {"loss": loss, "cross_ent_loss": cross_ent, "z_loss": z_loss, "accuracy": accuracy,
                   "num_tokens": num_tokens, "dropped_tokens": dropped}
@@ -138,8 +135,8 @@ class BaseModel:
     """(sum, mean) teacher-forced target log-likelihood per example, over `decoder_loss_weights` only
     (every position: scored targets need not fit a training `loss_positions` bound)."""
     targets, weights = self._targets_and_weights(batch)
-    logprob, _ = _token_stats(self._logits(params, batch, None), targets, weights, 0.0)
-    total = jnp.sum(logprob * weights, axis=-1)
+    stats = self._logits(params, batch, None, targets=targets)
+    total = jnp.sum(stats.log_prob * weights, axis=-1)
     return total, total / jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
 
   # ---- decoding -----------------------------------------------------------------------------------------
@@ -147,6 +144,15 @@ class BaseModel:
     raise NotImplementedError
 
   def tokens_to_logits(self, params: Params, cache: Any, tokens: Array, step: Array | int) -> tuple[Array, Any]:
+    raise NotImplementedError
+
+  def continuation_stats(self, params: Params, cache: Any, tokens: Array, targets: Array) -> layers.TokenStats:
+    """Per-token stats of `targets` [N, T] teacher-forced after each cache row, in one multi-token step.
+
+    `cache` is a `decode_init` cache made with `max_decode_len >= T`, its per-row leaves (and `position`) repeated
+    to N rows, e.g. R consecutive rows per input (per-query leaves keep one row per input, as in beam search);
+    `tokens` are the decoder inputs: each row's first token from `decode_init`, then `targets[:, :-1]`.
+    """
     raise NotImplementedError
 
   def greedy_decode(self, params: Params, inputs: Array, max_decode_len: int, eos_id: int = 1) -> Array:
@@ -205,11 +211,11 @@ class EncoderDecoderModel(BaseModel):
     dec = shapes.get("decoder_input_tokens", (1, 8))
     return {"encoder_input_tokens": jnp.ones(enc, jnp.int32), "decoder_input_tokens": jnp.ones(dec, jnp.int32)}
 
-  def _logits(self, params, batch, dropout_rng):
+  def _logits(self, params, batch, dropout_rng, targets=None):
     return self._apply(params, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
                        encoder_segment_ids=batch.get("encoder_segment_ids"),
                        decoder_segment_ids=batch.get("decoder_segment_ids"),
-                       deterministic=dropout_rng is None,
+                       deterministic=dropout_rng is None, targets=targets,
                        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
 
   def decode_init(self, params, inputs, max_decode_len):
@@ -240,6 +246,17 @@ class EncoderDecoderModel(BaseModel):
     new_rows = flax.traverse_util.unflatten_dict({key: new[key] for key in rows})
     return logits[:, 0], {**cache, "cache": new_rows, "position": cache["position"] + 1}
 
+  def continuation_stats(self, params, cache, tokens, targets):
+    full = {**flax.traverse_util.flatten_dict(cache["cache"]),
+            **flax.traverse_util.flatten_dict(cache.get("per_query", {}))}
+    positions = cache["position"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    with nn.logical_axis_rules(self.rules):
+      stats, _ = self.module.apply(
+          {"params": params, "cache": flax.traverse_util.unflatten_dict(full)}, None, None, tokens,
+          decoder_positions=positions, decode=True, cache_length=_cache_length(cache), targets=targets,
+          method=T5Transformer.decode, mutable=["cache"])
+    return stats
+
 
 @gin.configurable(module="models")
 class DecoderOnlyModel(BaseModel):
@@ -261,26 +278,27 @@ class DecoderOnlyModel(BaseModel):
   def _make_module(self, config):
     return LlamaTransformer(config)
 
-  def _loss_logits(self, params, batch, dropout_rng):
+  def _loss_stats(self, params, batch, dropout_rng):
     targets, weights = self._targets_and_weights(batch)
     p, length = self.loss_positions, targets.shape[1]
     if p <= 0 or p >= length:
-      return super()._loss_logits(params, batch, dropout_rng)
+      return super()._loss_stats(params, batch, dropout_rng)
     # The first P weighted positions of each row, in order (unweighted positions sort after them and carry
     # weight 0 where a row has fewer than P).
     pos = jnp.sort(jnp.where(weights > 0, 0, length) + jnp.arange(length)[None, :], axis=-1)[:, :p] % length
     take = lambda x: jnp.take_along_axis(x, pos, axis=1)
     sel_weights = take(weights)
-    logits = self._logits(params, batch, dropout_rng, logit_positions=pos)
-    return logits, take(targets), sel_weights, jnp.sum(weights) - jnp.sum(sel_weights)
+    stats = self._logits(params, batch, dropout_rng, logit_positions=pos, targets=take(targets))
+    return stats, sel_weights, jnp.sum(weights) - jnp.sum(sel_weights)
 
   def _dummy_batch(self, batch_shapes):
     shape = dict(batch_shapes or {}).get("decoder_input_tokens", (1, 8))
     return {"decoder_input_tokens": jnp.ones(shape, jnp.int32)}
 
-  def _logits(self, params, batch, dropout_rng, logit_positions=None):
+  def _logits(self, params, batch, dropout_rng, targets=None, logit_positions=None):
     return self._apply(params, batch["decoder_input_tokens"], decoder_positions=batch.get("decoder_positions"),
                        decoder_segment_ids=batch.get("decoder_segment_ids"), logit_positions=logit_positions,
+                       targets=targets,
                        deterministic=dropout_rng is None,
                        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
 
@@ -316,6 +334,13 @@ class DecoderOnlyModel(BaseModel):
           {"params": params, "cache": cache["cache"]}, tokens[:, None], cache["position"][:, None], decode=True,
           cache_length=_cache_length(cache), mutable=["cache"])
     return logits[:, 0], {"cache": variables["cache"], "position": cache["position"] + 1}
+
+  def continuation_stats(self, params, cache, tokens, targets):
+    positions = cache["position"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    with nn.logical_axis_rules(self.rules):
+      stats, _ = self.module.apply({"params": params, "cache": cache["cache"]}, tokens, positions, decode=True,
+                                   cache_length=_cache_length(cache), targets=targets, mutable=["cache"])
+    return stats
 
 
 @gin.configurable(module="models")

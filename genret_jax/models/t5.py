@@ -53,6 +53,9 @@ class T5Config:
   param_dtype: str = "float32"
   remat_policy: str = "none"  # none | full | dots | dots_no_batch
   scan_layers: bool = False
+  # Tokens per vocabulary-projection chunk when only per-token statistics are needed (loss, scoring):
+  # `layers.projected_token_stats`. 0: one projection of every position.
+  logits_chunk_tokens: int = 1024
 
   family = "t5"
 
@@ -178,7 +181,10 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded: Array | None, encoder_segments: Array | None, decoder_input_tokens: Array,
                decoder_positions: Array | None = None, decoder_segment_ids: Array | None = None,
-               deterministic: bool = True, decode: bool = False, cache_length: int = 0) -> Array:
+               deterministic: bool = True, decode: bool = False, cache_length: int = 0,
+               targets: Array | None = None) -> Array | L.TokenStats:
+    """Logits [B, T, vocab]; with `targets` [B, T], their per-token `L.TokenStats` instead (the logits are then
+    projected chunk by chunk and never held whole)."""
     cfg = self.config
     batch, length = decoder_input_tokens.shape
     x = self.shared_embedding(decoder_input_tokens)
@@ -210,11 +216,14 @@ class Decoder(nn.Module):
     if scale:  # T5 v1.0 rescales before the tied projection
       x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
     if cfg.tie_word_embeddings:
-      logits = self.shared_embedding.attend(x)
+      head, project = self.shared_embedding, self.shared_embedding.attend
     else:
-      logits = L.DenseGeneral((cfg.vocab_size,), ("embed", "vocab"), dtype=L.as_dtype(cfg.dtype),
-                              param_dtype=L.as_dtype(cfg.param_dtype), name="logits_dense")(x)
-    return L.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+      head = L.LogitsDense(cfg.d_model, cfg.vocab_size, dtype=L.as_dtype(cfg.dtype),
+                           param_dtype=L.as_dtype(cfg.param_dtype), name="logits_dense")
+      project = head
+    if targets is not None:
+      return head.token_stats(x, targets, cfg.logits_chunk_tokens)
+    return L.constrain(project(x).astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 class T5Transformer(nn.Module):
@@ -234,17 +243,18 @@ class T5Transformer(nn.Module):
 
   def decode(self, encoded: Array | None, encoder_segments: Array | None, decoder_input_tokens: Array,
              decoder_positions: Array | None = None, decoder_segment_ids: Array | None = None,
-             deterministic: bool = True, decode: bool = False, cache_length: int = 0) -> Array:
+             deterministic: bool = True, decode: bool = False, cache_length: int = 0,
+             targets: Array | None = None) -> Array | L.TokenStats:
     return self.decoder(encoded, encoder_segments, decoder_input_tokens, decoder_positions, decoder_segment_ids,
-                        deterministic=deterministic, decode=decode, cache_length=cache_length)
+                        deterministic=deterministic, decode=decode, cache_length=cache_length, targets=targets)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
                encoder_positions: Array | None = None, decoder_positions: Array | None = None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, targets: Array | None = None) -> Array | L.TokenStats:
     del encoder_positions  # relative attention only needs within-segment distances
     encoder_segments = ((encoder_input_tokens > 0).astype(jnp.int32) if encoder_segment_ids is None
                         else encoder_segment_ids)
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, deterministic=deterministic)
     return self.decode(encoded, encoder_segments, decoder_input_tokens, decoder_positions, decoder_segment_ids,
-                       deterministic=deterministic)
+                       deterministic=deterministic, targets=targets)

@@ -13,12 +13,12 @@ length bucket) over fixed-shape batches:
 
 Shared inputs (`share_inputs=True`, the default). CGL scores every query against ~257 documents x ~10 spans,
 so the same input recurs thousands of times. Rather than re-running the input through the model for each
-target, a batch holds `inputs_per_batch` distinct inputs and `batch_size` target rows that point at them:
-* encoder-decoder: each input is encoded once and its cross-attention keys/values projected once (the decoder's
-  `decode=True` cache-creation call), the cache rows are gathered per target, and the decoder runs one
-  multi-token teacher-forced pass over each target against that cache;
-* decoder-only (prefix-LM): each prompt is prefilled once into the KV cache (`decode_init`), the cache rows are
-  gathered per target, and one multi-token step scores the target after the prompt.
+target, a batch holds `inputs_per_batch` slots of R = batch_size / inputs_per_batch target rows each; a slot's
+rows all continue one input (an input with more than R targets takes several slots). Each slot's input runs once
+through `decode_init` (T5: encoded, cross-attention keys/values projected; LLaMA: the prompt prefilled into the KV
+cache), the per-row cache is repeated R times, and `continuation_stats` scores all of a row's target tokens in one
+multi-token step. T5's projected encoder keys/values stay one row per slot: cross-attention folds the slot's R
+rows into its query axis (as beam search folds beams), so they are neither repeated nor gathered.
 Both give the same numbers as the plain path (feature-converter batches through `score_batch`), which remains
 available (`share_inputs=False`) and is what tests compare against.
 """
@@ -26,11 +26,11 @@ available (`share_inputs=False`) and is what tests compare against.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,11 +78,6 @@ class ScoredPairs:
     return self.nll / np.maximum(self.num_tokens, 1)
 
 
-def _token_logprob(logits: Array, targets: Array) -> Array:
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
-
-
 def _shift_right(targets: np.ndarray) -> np.ndarray:
   out = np.zeros_like(targets)
   out[:, 1:] = targets[:, :-1]
@@ -104,63 +99,18 @@ def plain_nll_fn(model: model_api.BaseModel) -> Callable:
 
 
 def shared_nll_fn(model: model_api.BaseModel) -> Callable:
-  """(params, inputs [K, Lin], input_index [B], targets [B, Lt]) -> [B] summed NLL, inputs run once each."""
-  if isinstance(model, model_api.EncoderDecoderModel):
-    return _encdec_shared_fn(model)
-  if isinstance(model, model_api.DecoderOnlyModel):
-    return _prefix_shared_fn(model)
-  raise TypeError(f"no shared-input scoring for {type(model).__name__}")
+  """(params, inputs [K, Lin], targets [K * R, Lt]) -> [K * R] summed NLL; rows j*R .. j*R+R-1 continue input j,
+  which runs through the model once."""
 
-
-def _gather_rows(tree, index: Array):
-  return jax.tree.map(lambda x: jnp.take(x, index, axis=0), tree)
-
-
-def _encdec_shared_fn(model: model_api.EncoderDecoderModel) -> Callable:
-  from genret_jax.models.t5 import T5Transformer
-  module = model.module
-
-  def fn(params, inputs, input_index, targets):
-    num_inputs, target_len = inputs.shape[0], targets.shape[1]
-    rows = targets.shape[0]
-    with nn.logical_axis_rules(model.rules):
-      encoded = module.apply({"params": params}, inputs, method=T5Transformer.encode)
-      segments = (inputs > 0).astype(jnp.int32)
-      # Cache-creation call: projects every input's encoder keys/values once per decoder layer.
-      _, variables = module.apply({"params": params}, encoded, segments, jnp.zeros((num_inputs, 1), jnp.int32),
-                                  decode=True, cache_length=target_len, method=T5Transformer.decode,
-                                  mutable=["cache"])
-      cache = _gather_rows(variables["cache"], input_index)
-      decoder_inputs = jnp.concatenate([jnp.zeros((rows, 1), targets.dtype), targets[:, :-1]], axis=1)
-      positions = jnp.broadcast_to(jnp.arange(target_len, dtype=jnp.int32)[None], (rows, target_len))
-      logits, _ = module.apply({"params": params, "cache": cache}, None, None, decoder_inputs,
-                               decoder_positions=positions, decode=True, cache_length=target_len,
-                               method=T5Transformer.decode, mutable=["cache"])
-    weights = (targets > 0).astype(jnp.float32)
-    return -jnp.sum(_token_logprob(logits, targets) * weights, axis=-1)
-
-  return fn
-
-
-def _prefix_shared_fn(model: model_api.DecoderOnlyModel) -> Callable:
-  module = model.module
-
-  def fn(params, inputs, input_index, targets):
+  def fn(params, inputs, targets):
     rows, target_len = targets.shape
-    # decode_init prefills `[0] + inputs[:-1]` and hands back each prompt's last token; that token predicts
-    # the first target token, exactly as in the prefix-LM feature converter's shifted sequence.
-    cache, last_prompt_token = model.decode_init(params, inputs, target_len)
-    row_cache = _gather_rows(cache["cache"], input_index)
-    first = jnp.take(last_prompt_token, input_index, axis=0)
-    start = jnp.take(cache["position"], input_index, axis=0)
-    tokens = jnp.concatenate([first[:, None], targets[:, :-1]], axis=1)
-    positions = start[:, None] + jnp.arange(target_len, dtype=jnp.int32)[None]
-    cache_length = inputs.shape[1] + target_len
-    with nn.logical_axis_rules(model.rules):
-      logits, _ = module.apply({"params": params, "cache": row_cache}, tokens, positions, decode=True,
-                               cache_length=cache_length, mutable=["cache"])
-    weights = (targets > 0).astype(jnp.float32)
-    return -jnp.sum(_token_logprob(logits, targets) * weights, axis=-1)
+    per_slot = rows // inputs.shape[0]
+    cache, first = model.decode_init(params, inputs, target_len)
+    repeat = lambda x: jnp.repeat(x, per_slot, axis=0)
+    cache = {**cache, "cache": jax.tree.map(repeat, cache["cache"]), "position": repeat(cache["position"])}
+    tokens = jnp.concatenate([repeat(first)[:, None], targets[:, :-1]], axis=1)
+    stats = model.continuation_stats(params, cache, tokens, targets)
+    return -jnp.sum(stats.log_prob * (targets > 0), axis=-1)
 
   return fn
 
@@ -224,8 +174,9 @@ class PairScorer:
     params: its params (placed on `mesh` by the caller, e.g. restored with `params_io`, or via `place_params`).
     mesh: the device mesh; batches are sharded over its (data, fsdp) axes. Default: all devices on `data`.
     batch_size: target rows per forward pass (rounded up to a multiple of the batch shards).
-    inputs_per_batch: distinct inputs per batch in shared mode (default batch_size // 16, at least the number
-      of batch shards); pairs are grouped by input so a query's targets fill whole batches.
+    inputs_per_batch: input slots per batch in shared mode (default batch_size // 16, a multiple of the batch
+      shards); each slot holds batch_size / inputs_per_batch target rows of one input (batch_size is rounded up to
+      a multiple), so fewer slots suit inputs with many targets (CGL: ~2,570 per query) and more suit few.
     share_inputs: run each distinct input once per batch (encode-once / prefix caching) instead of once per pair.
     length_buckets: bucket edges for input and target lengths (default `default_length_buckets`).
   """
@@ -239,9 +190,12 @@ class PairScorer:
     self.params = params
     self.mesh = mesh if mesh is not None else partitioning.make_mesh(data=-1)
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    self.batch_size = int(math.ceil(batch_size / shards) * shards)
     k = inputs_per_batch if inputs_per_batch is not None else max(1, batch_size // 16)
-    self.inputs_per_batch = int(math.ceil(max(1, min(k, self.batch_size)) / shards) * shards)
+    self.inputs_per_batch = int(math.ceil(max(1, min(k, batch_size)) / shards) * shards)
+    # Shared mode: whole slots per batch (hence whole slots per device); plain mode: whole rows per device.
+    multiple = self.inputs_per_batch if share_inputs else shards
+    self.batch_size = int(math.ceil(batch_size / multiple) * multiple)
+    self.slot_rows = self.batch_size // self.inputs_per_batch
     self.share_inputs = share_inputs
     self.length_buckets = list(length_buckets) if length_buckets else None
     self._plain = jax.jit(plain_nll_fn(model))
@@ -291,17 +245,17 @@ class PairScorer:
     pending, shapes, real_tokens, padded_tokens, num_batches = [], set(), 0, 0, 0
     total_batches = len(batches)
     with jax.set_mesh(self.mesh):
-      for rows, args in batches:
+      for rows, slots, args in batches:
         shapes.add(tuple(a.shape for a in jax.tree.leaves(args)))
         out = self._run(args)
-        pending.append((rows, out))
+        pending.append((rows, slots, out))
         num_batches += 1
         if progress is not None:
           progress(num_batches, total_batches)
-      for rows, out in pending:
+      for rows, slots, out in pending:
         values = np.asarray(jax.device_get(out), np.float64)
-        nll[rows] = values[:rows.size]
-    for rows, args in batches:
+        nll[rows] = values[slots]
+    for _, _, args in batches:
       tgt_arr = args["targets"] if "targets" in args else args["decoder_target_tokens"]
       padded_tokens += tgt_arr.size
     real_tokens = int(num_tokens.sum())
@@ -322,7 +276,7 @@ class PairScorer:
   def _run(self, args: dict[str, np.ndarray]) -> Array:
     placed = {k: self._place(v) for k, v in args.items()}
     if self.share_inputs:
-      return self._shared(self.params, placed["inputs"], placed["input_index"], placed["targets"])
+      return self._shared(self.params, placed["inputs"], placed["targets"])
     return self._plain(self.params, placed)
 
   def _bucketed(self, ins, tgts, index):
@@ -363,30 +317,28 @@ class PairScorer:
             weights[i, a.size:a.size + t.size] = t > 0
           args = {"decoder_input_tokens": _shift_right(seq), "decoder_target_tokens": seq,
                   "decoder_loss_weights": weights}
-        out.append((chunk, args))
+        out.append((chunk, np.arange(chunk.size), args))
     return out
 
   def _shared_batches(self, ins, tgts, index):
+    """(pair rows, their batch rows, args) per batch: K input slots x R target rows, a slot's rows continuing one
+    input; padding rows have all-zero targets (no weight), padding slots all-zero inputs."""
     out = []
-    b, k = self.batch_size, self.inputs_per_batch
+    b, k, r = self.batch_size, self.inputs_per_batch, self.slot_rows
     for (lin, lt), rows in sorted(self._bucketed(ins, tgts, index).items()):
-      start = 0
-      while start < len(rows):
-        chunk, slot_of = [], {}
-        for r in rows[start:start + b]:
-          src = int(index[r])
-          if src not in slot_of:
-            if len(slot_of) == k:
-              break
-            slot_of[src] = len(slot_of)
-          chunk.append(r)
-        start += len(chunk)
-        chunk = np.asarray(chunk, np.int64)
-        inputs = _pad_rows([ins[s] for s in slot_of], k, lin)
-        # Padding rows point at slot 0 and have all-zero targets: no weight.
-        input_index = np.zeros(b, np.int32)
-        input_index[:chunk.size] = [slot_of[int(index[r])] for r in chunk]
-        args = {"inputs": inputs, "input_index": input_index,
-                "targets": _pad_rows([tgts[r] for r in chunk], b, lt)}
-        out.append((chunk, args))
+      slots = []   # (input, up to R pair rows); rows arrive grouped by input
+      for src, group in itertools.groupby(rows, key=lambda row: int(index[row])):
+        group = list(group)
+        slots += [(src, group[s:s + r]) for s in range(0, len(group), r)]
+      for first in range(0, len(slots), k):
+        batch_slots = slots[first:first + k]
+        targets = np.zeros((b, lt), np.int32)
+        chunk, places = [], []
+        for j, (_, group) in enumerate(batch_slots):
+          for i, row in enumerate(group):
+            targets[j * r + i, :tgts[row].size] = tgts[row]
+          chunk += group
+          places += range(j * r, j * r + len(group))
+        args = {"inputs": _pad_rows([ins[src] for src, _ in batch_slots], k, lin), "targets": targets}
+        out.append((np.asarray(chunk, np.int64), np.asarray(places, np.int64), args))
     return out
