@@ -12,7 +12,7 @@ KV cache (flax `cache` collection). A self-attention layer in `decode` mode hold
 `cache_index` [B] (next slot to write). The first `decode` call only creates the (zero) cache; each later call
 appends its T tokens at every row's own index and attends causally over the valid slots, so one code path serves
 a multi-token prefill (left padding marked by `token_mask`) and single-token steps. Cross-attention caches the
-projected encoder keys/values and the encoder mask on the first call; they may keep one row per query while the
+projected encoder keys/values (heads first) and the encoder mask on the first call; they may keep one row per query while the
 queries have one row per beam (see `Attention.__call__`).
 """
 
@@ -234,7 +234,8 @@ class Attention(nn.Module):
     q = constrain(q, ("batch", "length", "heads", "kv"))
     batch, q_len = inputs_q.shape[0], inputs_q.shape[1]
 
-    if self.is_cross_attention and self.decode:
+    heads_major = self.is_cross_attention and self.decode   # cached keys/values [B, kv_heads, S, head_dim]
+    if heads_major:
       k, v, mask = self._cross_cache(inputs_kv, mask, dense)
     else:
       k = dense((hkv, d), ("embed", "kv_heads", "kv"), init_scale=self.init_scale, name="key")(inputs_kv)
@@ -244,8 +245,9 @@ class Attention(nn.Module):
         k = rotary_embedding(k, q_positions, self.rope_theta)  # self-attention: keys are the queries' tokens
       if self.decode:
         k, v, mask = self._self_cache(k, v, mask, token_mask, batch, q_len)
-    k = constrain(k, ("batch", "length", "kv_heads", "kv"))
-    v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+    kv_axes = ("batch", "kv_heads", "length", "kv") if heads_major else ("batch", "length", "kv_heads", "kv")
+    k, v = constrain(k, kv_axes), constrain(v, kv_axes)
+    ks = "bksd" if heads_major else "bskd"   # einsum subscripts of the keys / values
 
     if self.scale_logits:
       q = q * jnp.asarray(d ** -0.5, q.dtype)
@@ -258,13 +260,13 @@ class Attention(nn.Module):
       batch, q_len = k.shape[0], (batch // k.shape[0]) * q_len
       q = q.reshape(batch, q_len, h, d)
     groups = h // hkv
-    kv_len = k.shape[1]
+    kv_len = k.shape[2] if heads_major else k.shape[1]
     if groups > 1:   # grouped-query: a group axis so K/V are shared without being repeated in memory
       qg = q.reshape(batch, q_len, hkv, groups, d)
-      logits = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
+      logits = jnp.einsum(f"btkgd,{ks}->bkgts", qg, k).astype(jnp.float32)
       logits = logits.reshape(batch, h, q_len, kv_len)
     else:            # multi-head: plain 4-D einsums (fewer transposes on CPU than the 5-D form)
-      logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32)
+      logits = jnp.einsum(f"btkd,{ks}->bkts", q, k).astype(jnp.float32)
     if bias is not None:
       bias = bias[..., :kv_len]  # the cache-creation call gets a bias sized for the cache; it attends to 1 token
       logits = logits + bias.astype(jnp.float32)
@@ -275,9 +277,9 @@ class Attention(nn.Module):
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
     if groups > 1:
       wg = weights.reshape(batch, hkv, groups, q_len, kv_len)
-      out = jnp.einsum("bkgts,bskd->btkgd", wg, v).reshape(batch, q_len, h, d)
+      out = jnp.einsum(f"bkgts,{ks}->btkgd", wg, v).reshape(batch, q_len, h, d)
     else:
-      out = jnp.einsum("bhts,bshd->bthd", weights, v)
+      out = jnp.einsum(f"bkts,{ks}->btkd", weights, v)
     out = constrain(out.reshape(rows, -1, h, d), ("batch", "length", "heads", "kv"))
     return dense((inputs_q.shape[-1],), ("heads", "kv", "embed"), num_contract=2, init_scale=self.init_scale,
                  name="out")(out)
@@ -304,11 +306,13 @@ class Attention(nn.Module):
     return cached_key.value, cached_value.value, cache_mask[:, None]
 
   def _cross_cache(self, inputs_kv, mask, dense):
-    """Projects the encoder output once (creation call) and reuses the projections at every step."""
+    """Projects the encoder output once (creation call) and reuses the projections at every step, stored heads
+    first ([B, kv_heads, S, head_dim]: the layout the attention products read, so no step transposes them)."""
     hkv, d = self.num_kv_heads, self.head_dim
     if not self.has_variable("cache", "cross_key"):
       k = dense((hkv, d), ("embed", "kv_heads", "kv"), init_scale=self.init_scale, name="key")(inputs_kv)
       v = dense((hkv, d), ("embed", "kv_heads", "kv"), init_scale=self.init_scale, name="value")(inputs_kv)
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
       kv_mask = jnp.broadcast_to(mask, (mask.shape[0], 1, 1, inputs_kv.shape[1]))[:, 0, 0].astype(jnp.int32)
       self.variable("cache", "cross_key", lambda: k)
       self.variable("cache", "cross_value", lambda: v)
