@@ -104,6 +104,27 @@ def test_padding_never_counted_and_shared_equals_plain(model_and_params):
   assert np.all(plain.nll > 0)
 
 
+def test_automatic_slot_size_equals_plain(model_and_params):
+  """Without `inputs_per_batch` the slot size is chosen from the data; the numbers are the plain path's."""
+  model, params = model_and_params
+  inputs, targets = _pairs(seed=2, n=30, num_inputs=3)
+  plain = _scorer(model, params, share=False).score(inputs, targets)
+  auto = scoring.PairScorer(model, params, mesh=mesh1(), batch_size=8, length_buckets=BUCKETS).score(inputs, targets)
+  assert auto.stats["slot_rows"] in (1, 2, 4, 8)
+  np.testing.assert_allclose(auto.nll, plain.nll, rtol=1e-5)
+
+
+def test_choose_slot_rows():
+  # CGL n-gram shape: one query, 2,570 spans of ~15 tokens, 21-token query, 256 rows per device.
+  assert scoring.choose_slot_rows(np.array([2570]), 15.0, 21.0, 256) == 64
+  # Docid CGL: 257 identifiers per query.
+  assert scoring.choose_slot_rows(np.array([257, 257]), 6.0, 21.0, 256) == 32   # 9 slots x 32 rows
+  # One target per input: one row per slot; idle inputs (0 targets) cost nothing.
+  assert scoring.choose_slot_rows(np.array([1, 1, 0, 1]), 10.0, 20.0, 64) == 1
+  # Only divisors of the per-device batch.
+  assert 24 % scoring.choose_slot_rows(np.array([100]), 10.0, 5.0, 24) == 0
+
+
 def test_sharded_equals_single_device(model_and_params):
   model, params = model_and_params
   assert jax.device_count() == 8

@@ -166,6 +166,24 @@ def _merge_small_groups(groups: dict[tuple[int, int], list[int]], batch_size: in
   return out
 
 
+def choose_slot_rows(targets_per_input: np.ndarray, target_len: float, input_len: float,
+                     per_device_batch: int) -> int:
+  """Rows per input slot R (a divisor of the per-device batch) that minimises the tokens a shared-mode pass runs:
+  the targets' rows including each input's part-filled last slot, plus one input per slot. Many targets per input
+  (CGL: ~2,570 spans per query) favour large slots, few favour small ones; ties go to the larger slot."""
+  counts = np.asarray(targets_per_input, np.int64)
+  counts = counts[counts > 0]
+  best, best_cost = 1, None
+  for r in range(1, per_device_batch + 1):
+    if per_device_batch % r:
+      continue
+    slots = int(np.sum(-(-counts // r)))
+    cost = slots * (r * target_len + input_len)
+    if best_cost is None or cost <= best_cost:
+      best, best_cost = r, cost
+  return best
+
+
 class PairScorer:
   """Scores (input, target) token sequences with one model; see the module docstring.
 
@@ -174,9 +192,10 @@ class PairScorer:
     params: its params (placed on `mesh` by the caller, e.g. restored with `params_io`, or via `place_params`).
     mesh: the device mesh; batches are sharded over its (data, fsdp) axes. Default: all devices on `data`.
     batch_size: target rows per forward pass (rounded up to a multiple of the batch shards).
-    inputs_per_batch: input slots per batch in shared mode (default batch_size // 16, a multiple of the batch
-      shards); each slot holds batch_size / inputs_per_batch target rows of one input (batch_size is rounded up to
-      a multiple), so fewer slots suit inputs with many targets (CGL: ~2,570 per query) and more suit few.
+    inputs_per_batch: input slots per batch in shared mode (a multiple of the batch shards); each slot holds
+      batch_size / inputs_per_batch target rows of one input (batch_size is rounded up to a multiple). Default:
+      chosen per `score` call from the data (`choose_slot_rows`): few large slots for inputs with many targets
+      (CGL n-gram: ~2,570 per query), many small ones for inputs with few.
     share_inputs: run each distinct input once per batch (encode-once / prefix caching) instead of once per pair.
     length_buckets: bucket edges for input and target lengths (default `default_length_buckets`).
   """
@@ -190,12 +209,16 @@ class PairScorer:
     self.params = params
     self.mesh = mesh if mesh is not None else partitioning.make_mesh(data=-1)
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    k = inputs_per_batch if inputs_per_batch is not None else max(1, batch_size // 16)
-    self.inputs_per_batch = int(math.ceil(max(1, min(k, batch_size)) / shards) * shards)
-    # Shared mode: whole slots per batch (hence whole slots per device); plain mode: whole rows per device.
-    multiple = self.inputs_per_batch if share_inputs else shards
-    self.batch_size = int(math.ceil(batch_size / multiple) * multiple)
-    self.slot_rows = self.batch_size // self.inputs_per_batch
+    self.shards = shards
+    if inputs_per_batch is None:   # slots sized per call; every divisor of the per-device batch is a choice
+      self.inputs_per_batch = self.slot_rows = None
+      self.batch_size = int(math.ceil(batch_size / shards) * shards)
+    else:
+      self.inputs_per_batch = int(math.ceil(max(1, min(inputs_per_batch, batch_size)) / shards) * shards)
+      # Shared mode: whole slots per batch (hence whole slots per device); plain mode: whole rows per device.
+      multiple = self.inputs_per_batch if share_inputs else shards
+      self.batch_size = int(math.ceil(batch_size / multiple) * multiple)
+      self.slot_rows = self.batch_size // self.inputs_per_batch
     self.share_inputs = share_inputs
     self.length_buckets = list(length_buckets) if length_buckets else None
     self._plain = jax.jit(plain_nll_fn(model))
@@ -240,7 +263,12 @@ class PairScorer:
     if n == 0:
       return ScoredPairs(nll, num_tokens, {"num_pairs": 0, "num_batches": 0})
     t0 = time.perf_counter()
-    batches = (self._shared_batches(ins, tgts, index) if self.share_inputs
+    slot_rows = None
+    if self.share_inputs:
+      slot_rows = self.slot_rows or choose_slot_rows(
+          np.bincount(index, minlength=len(ins)), float(np.mean([t.size for t in tgts])),
+          float(np.mean([a.size for a in ins])), self.batch_size // self.shards)
+    batches = (self._shared_batches(ins, tgts, index, slot_rows) if self.share_inputs
                else self._plain_batches(ins, tgts, index))
     pending, shapes, real_tokens, padded_tokens, num_batches = [], set(), 0, 0, 0
     total_batches = len(batches)
@@ -262,7 +290,7 @@ class PairScorer:
     stats = {"num_pairs": n, "num_inputs": len(ins), "num_batches": num_batches,
              "num_shapes": len(shapes), "target_tokens": real_tokens,
              "target_padding_fraction": 1.0 - real_tokens / max(padded_tokens, 1),
-             "seconds": time.perf_counter() - t0, "share_inputs": self.share_inputs}
+             "seconds": time.perf_counter() - t0, "share_inputs": self.share_inputs, "slot_rows": slot_rows}
     return ScoredPairs(nll, num_tokens, stats)
 
   # ---- internals --------------------------------------------------------------------------------------
@@ -320,11 +348,12 @@ class PairScorer:
         out.append((chunk, np.arange(chunk.size), args))
     return out
 
-  def _shared_batches(self, ins, tgts, index):
+  def _shared_batches(self, ins, tgts, index, slot_rows: int):
     """(pair rows, their batch rows, args) per batch: K input slots x R target rows, a slot's rows continuing one
     input; padding rows have all-zero targets (no weight), padding slots all-zero inputs."""
     out = []
-    b, k, r = self.batch_size, self.inputs_per_batch, self.slot_rows
+    b, r = self.batch_size, slot_rows
+    k = b // r
     for (lin, lt), rows in sorted(self._bucketed(ins, tgts, index).items()):
       slots = []   # (input, up to R pair rows); rows arrive grouped by input
       for src, group in itertools.groupby(rows, key=lambda row: int(index[row])):
