@@ -26,6 +26,12 @@ T5_BENCH_SIZES = {
 }
 
 
+def bench_t5_config(size: str):
+  """The `T5_BENCH_SIZES[size]` T5Config (tied embeddings, fp32 compute and params)."""
+  from genret_jax.models.t5 import T5Config
+  return T5Config(**T5_BENCH_SIZES[size], tie_word_embeddings=True, dtype="float32", param_dtype="float32")
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:

@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 
-from _common import T5_BENCH_SIZES, cpu_model, jax_matmul_peak, torch_matmul_peak, write_section
+from _common import T5_BENCH_SIZES, bench_t5_config, cpu_model, jax_matmul_peak, torch_matmul_peak, write_section
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(REPO, "docs", "benchmarks.md")
@@ -70,9 +70,7 @@ def load_t5(rung: str):
   from genret_jax import gin_utils
   from genret_jax.models import model_api
   if rung in T5_BENCH_SIZES:
-    from genret_jax.models.t5 import T5Config
-    return model_api.EncoderDecoderModel(T5Config(**T5_BENCH_SIZES[rung], tie_word_embeddings=True,
-                                                  dtype="float32", param_dtype="float32"))
+    return model_api.EncoderDecoderModel(bench_t5_config(rung))
   gin_utils.parse_gin([f"models/t5_1_1/cpu_ladder/{rung}.gin"], [])
   model = model_api.get_model()
   gin.clear_config()
@@ -143,7 +141,8 @@ def measure_rung(rung: str, args, device) -> dict:
   for q, spans in pairs:
     flat_t += spans
     flat_q += [q] * len(spans)
-  scorer = scoring.PairScorer(model, params, batch_size=args.batch, inputs_per_batch=max(1, args.batch // args.slot_rows))
+  scorer = scoring.PairScorer(model, params, batch_size=args.batch,
+                              inputs_per_batch=max(1, args.batch // args.slot_rows))
   hf = hf_model(model, params, device)
 
   # Agreement on the first pairs, and warm-up of both sides.
@@ -203,9 +202,9 @@ def render(results, peak, peaks, args, machine: str, n_peak: int) -> str:
       f"torch {torch.__version__} ({torch.get_num_threads()} threads).", "",
       f"Workload: {args.queries} queries x {args.negatives + 1} documents x {args.spans} spans (T5, fp32), "
       f"queries {args.query_len}+1 tokens, spans ~{args.span_len}+1 tokens. Ours: `scoring.PairScorer`, "
-      f"{args.batch} rows per jitted forward in slots of {args.slot_rows} rows of one query (its encoder output and "
-      "cross-attention keys/values computed once per slot), vocabulary projected in chunks. Reference way: one HF forward per "
-      "(query, document) with the same weights (exported by `hf_convert`); NLLs agree to "
+      f"{args.batch} rows per jitted forward in slots of {args.slot_rows} rows of one query (its encoder output "
+      "and cross-attention keys/values computed once per slot), vocabulary projected in chunks. Reference way: "
+      "one HF forward per (query, document) with the same weights (exported by `hf_convert`); NLLs agree to "
       f"{max(r['max_rel_err'] for r in results):.1e} relative. Medians of {args.repeats} interleaved chunks; "
       "ratio = median of per-chunk ratios.", "",
       *rows, "",

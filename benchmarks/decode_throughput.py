@@ -67,13 +67,12 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from _common import (T5_BENCH_SIZES, cpu_model, demote_headings, jax_matmul_peak, torch_matmul_peak,  # pylint: disable=g-import-not-at-top,wrong-import-position
-                     write_section)
+from _common import (bench_t5_config, cpu_model, demote_headings,  # pylint: disable=g-import-not-at-top,wrong-import-position
+                     jax_matmul_peak, torch_matmul_peak, write_section)
 from genret_jax.decoding import (SubstringConstraint, SuffixArrayIndex, TrieConstraint,  # pylint: disable=g-import-not-at-top,wrong-import-position
                                  beam_search, hypotheses)
 from genret_jax.models import accounting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.models.model_api import EncoderDecoderModel  # pylint: disable=g-import-not-at-top,wrong-import-position
-from genret_jax.models.t5 import T5Config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 # --- environment ------------------------------------------------------------------------------------
@@ -124,7 +123,7 @@ def build_models(size: str, dev, seed: int = 0):
   from genret_jax.models import hf_convert
   # Tied embeddings (T5 v1.0 output: rescaled by d_model^-0.5): transformers 5 ties T5's lm_head to
   # `shared` whatever the config says (tests/test_hf_parity.py), so an untied model cannot be exported.
-  cfg = T5Config(**T5_BENCH_SIZES[size], tie_word_embeddings=True, dtype="float32", param_dtype="float32")
+  cfg = bench_t5_config(size)
   model = EncoderDecoderModel(cfg)
   params = model.init(jax.random.PRNGKey(seed),
                       {"encoder_input_tokens": (1, INPUT_LEN), "decoder_input_tokens": (1, 8)})

@@ -12,8 +12,8 @@ KV cache (flax `cache` collection). A self-attention layer in `decode` mode hold
 `cache_index` [B] (next slot to write). The first `decode` call only creates the (zero) cache; each later call
 appends its T tokens at every row's own index and attends causally over the valid slots, so one code path serves
 a multi-token prefill (left padding marked by `token_mask`) and single-token steps. Cross-attention caches the
-projected encoder keys/values (heads first) and the encoder mask on the first call; they may keep one row per query while the
-queries have one row per beam (see `Attention.__call__`).
+projected encoder keys/values (heads first) and the encoder mask on the first call; they may keep one row per query
+while the queries have one row per beam (see `Attention.__call__`).
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ def projected_token_stats(project: Callable[[Array], Array], x: Array, targets: 
   """`token_stats(project(x), targets)` for x [B, T, d], without the [B, T, vocab] logits in memory at once.
 
   The positions are cut into chunks of about `chunk_tokens` tokens (whole batch rows kept together, so batch
-  sharding is unchanged) and a `lax.map` projects and reduces one chunk at a time: each chunk's logits stay in
-  cache, which on CPU makes scoring 1.5-2.5x faster than one [B*T, vocab] projection followed by its log-softmax
-  (the projection is bound by writing the logits, not by its FLOPs). Under `jax.grad` each chunk's logits are
-  recomputed in the backward pass rather than stored. `chunk_tokens <= 0`, or a single chunk: one projection.
+  sharding is unchanged) and a `lax.map` projects and reduces one chunk at a time, so each chunk's logits stay in
+  cache: on CPU the one-piece projection followed by its log-softmax is bound by writing the logits, not by its
+  FLOPs. Under `jax.grad` each chunk's logits are recomputed in the backward pass rather than stored.
+  `chunk_tokens <= 0`, or a single chunk: one projection.
   """
   batch, length = targets.shape
   step = max(1, chunk_tokens // max(batch, 1)) if chunk_tokens > 0 else length
@@ -97,6 +97,15 @@ def projected_token_stats(project: Callable[[Array], Array], x: Array, targets: 
   return TokenStats(*(s.swapaxes(0, 1).reshape(batch, n * step)[:, :length] for s in stats))
 
 
+def vocab_output(project: Callable[[Array], Array], x: Array, targets: Array | None,
+                 chunk_tokens: int) -> Array | TokenStats:
+  """The output head of both families: float32 logits [B, T, vocab] of `project(x)`, or with `targets` their
+  `TokenStats` (`projected_token_stats`, chunked)."""
+  if targets is not None:
+    return projected_token_stats(project, x, targets, chunk_tokens)
+  return constrain(project(x).astype(jnp.float32), ("batch", "length", "vocab"))
+
+
 class RMSNorm(nn.Module):
   """Root-mean-square layer norm without bias or mean subtraction (T5 and LLaMA)."""
   epsilon: float = 1e-6
@@ -113,7 +122,7 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding [vocab, embed]; `attend` reuses it as the output projection (tied embeddings)."""
+  """Token embedding [vocab, embed]; `projection` reuses it as the output projection (tied embeddings)."""
   num_embeddings: int
   features: int
   init_std: float = 1.0
@@ -128,14 +137,11 @@ class Embed(nn.Module):
   def __call__(self, ids: Array) -> Array:
     return jnp.take(jnp.asarray(self.embedding), ids, axis=0).astype(self.dtype)
 
-  def attend(self, x: Array) -> Array:
-    return jnp.einsum("...d,vd->...v", x.astype(self.dtype), jnp.asarray(self.embedding).astype(self.dtype))
-
-  def token_stats(self, x: Array, targets: Array, chunk_tokens: int) -> TokenStats:
-    """`token_stats(attend(x), targets)`, projected chunk by chunk (`projected_token_stats`)."""
+  def projection(self) -> Callable[[Array], Array]:
+    """x [..., embed] -> logits [..., vocab] with the embedding as output matrix (a pure function of x, so it
+    can run inside `lax.map`, see `projected_token_stats`)."""
     w = jnp.asarray(self.embedding).astype(self.dtype)
-    return projected_token_stats(lambda h: jnp.einsum("...d,vd->...v", h.astype(self.dtype), w), x, targets,
-                                 chunk_tokens)
+    return lambda x: jnp.einsum("...d,vd->...v", x.astype(self.dtype), w)
 
 
 class LogitsDense(nn.Module):
@@ -150,13 +156,10 @@ class LogitsDense(nn.Module):
     self.kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init(1.0, 1, 1), ("embed", "vocab")),
                              (self.d_model, self.vocab_size), self.param_dtype)
 
-  def __call__(self, x: Array) -> Array:
-    return jnp.dot(x.astype(self.dtype), jnp.asarray(self.kernel).astype(self.dtype))
-
-  def token_stats(self, x: Array, targets: Array, chunk_tokens: int) -> TokenStats:
-    """`token_stats(self(x), targets)`, projected chunk by chunk (`projected_token_stats`)."""
+  def projection(self) -> Callable[[Array], Array]:
+    """x [..., embed] -> logits [..., vocab], a pure function of x (see `Embed.projection`)."""
     w = jnp.asarray(self.kernel).astype(self.dtype)
-    return projected_token_stats(lambda h: jnp.dot(h.astype(self.dtype), w), x, targets, chunk_tokens)
+    return lambda x: jnp.dot(x.astype(self.dtype), w)
 
 
 class DenseGeneral(nn.Module):

@@ -125,11 +125,6 @@ class LlamaTransformer(nn.Module):
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
     x = L.RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="final_norm")(x)
-    if cfg.tie_word_embeddings:
-      head, project = embedder, embedder.attend
-    else:
-      head = L.LogitsDense(cfg.d_model, cfg.vocab_size, dtype=dtype, param_dtype=pdtype, name="logits_dense")
-      project = head
-    if targets is not None:
-      return head.token_stats(x, targets, cfg.logits_chunk_tokens)
-    return L.constrain(project(x).astype(jnp.float32), ("batch", "length", "vocab"))
+    head = embedder if cfg.tie_word_embeddings else L.LogitsDense(
+        cfg.d_model, cfg.vocab_size, dtype=dtype, param_dtype=pdtype, name="logits_dense")
+    return L.vocab_output(head.projection(), x, targets, cfg.logits_chunk_tokens)

@@ -215,15 +215,10 @@ class Decoder(nn.Module):
     scale = cfg.tie_word_embeddings if cfg.scale_decoder_outputs is None else cfg.scale_decoder_outputs
     if scale:  # T5 v1.0 rescales before the tied projection
       x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
-    if cfg.tie_word_embeddings:
-      head, project = self.shared_embedding, self.shared_embedding.attend
-    else:
-      head = L.LogitsDense(cfg.d_model, cfg.vocab_size, dtype=L.as_dtype(cfg.dtype),
-                           param_dtype=L.as_dtype(cfg.param_dtype), name="logits_dense")
-      project = head
-    if targets is not None:
-      return head.token_stats(x, targets, cfg.logits_chunk_tokens)
-    return L.constrain(project(x).astype(jnp.float32), ("batch", "length", "vocab"))
+    head = self.shared_embedding if cfg.tie_word_embeddings else L.LogitsDense(
+        cfg.d_model, cfg.vocab_size, dtype=L.as_dtype(cfg.dtype), param_dtype=L.as_dtype(cfg.param_dtype),
+        name="logits_dense")
+    return L.vocab_output(head.projection(), x, targets, cfg.logits_chunk_tokens)
 
 
 class T5Transformer(nn.Module):
