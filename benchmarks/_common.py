@@ -32,6 +32,17 @@ def bench_t5_config(size: str):
   return T5Config(**T5_BENCH_SIZES[size], tie_word_embeddings=True, dtype="float32", param_dtype="float32")
 
 
+def configure_host_malloc() -> str:
+  """`genret_jax.host_malloc.configure()` as the `genret` command does, before jax / torch start threads; both
+  sides of a comparison run in this one process, so both get the same malloc settings. Returns a line for the
+  docs saying which settings were in effect (`GENRET_HOST_MALLOC=default` keeps glibc's defaults)."""
+  from genret_jax import host_malloc
+  if host_malloc.configure():
+    kv = ", ".join(f"{k} {v}" for k, v in host_malloc.settings().items())
+    return f"host malloc: `genret_jax.host_malloc` ({kv}), both sides"
+  return "host malloc: the C library's defaults (`GENRET_HOST_MALLOC=default` or not glibc), both sides"
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:

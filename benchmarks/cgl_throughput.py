@@ -35,7 +35,8 @@ import statistics
 import sys
 import time
 
-from _common import T5_BENCH_SIZES, bench_t5_config, cpu_model, jax_matmul_peak, torch_matmul_peak, write_section
+from _common import (T5_BENCH_SIZES, bench_t5_config, configure_host_malloc, cpu_model, jax_matmul_peak,
+                     torch_matmul_peak, write_section)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(REPO, "docs", "benchmarks.md")
@@ -215,6 +216,7 @@ def render(results, peak, peaks, args, machine: str, n_peak: int) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  host_malloc_note = configure_host_malloc()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if args.device == "cpu":
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
   device = torch.device("cpu")
   gpu_card = None
   load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-  machine = f"{cpu_model()} ({os.cpu_count()} logical CPUs; load average {load} at start)"
+  machine = f"{cpu_model()} ({os.cpu_count()} logical CPUs; load average {load} at start; {host_malloc_note})"
   if args.device == "gpu":
     if jax.default_backend() == "cpu":
       raise SystemExit("--device gpu but jax found no accelerator")

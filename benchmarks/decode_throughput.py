@@ -62,6 +62,8 @@ def parse_args(argv=None):
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.device == "cpu":
   os.environ["JAX_PLATFORMS"] = "cpu"
+from _common import configure_host_malloc  # pylint: disable=g-import-not-at-top,wrong-import-position
+HOST_MALLOC = configure_host_malloc() if ARGS is not None else ""   # before jax / torch start threads
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -98,7 +100,8 @@ def environment(tdev_name: str) -> dict:
   return {"jax": jax.__version__, "jax_backend": jax.default_backend(),
           "jax_device": str(jax.devices()[0].device_kind), "torch": torch.__version__,
           "transformers": transformers.__version__, "torch_device": tdev_name, "cpu": cpu_model(),
-          "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+          "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+          "host_malloc": HOST_MALLOC}
 
 
 def loadavg() -> str:
@@ -418,7 +421,8 @@ def markdown(res: dict, command: str) -> str:
   out = ["## Decoding", "",
          f"Command: `{command}`  ", f"Machine: {env['cpu']}, {env['cores']} cores; jax {env['jax']} "
          f"({env['jax_backend']}: {env['jax_device']}), torch {env['torch']} ({env['torch_device']}, "
-         f"{env['torch_threads']} threads), transformers {env['transformers']}.  ",
+         f"{env['torch_threads']} threads), transformers {env['transformers']}"
+         + (f"; {env['host_malloc']}" if env.get("host_malloc") else "") + ".  ",
          f"Load average at start / end: {res['load_start']} / {res['load_end']} (shared machine: methods "
          "are timed round-robin in the same run, so compare ratios within a row).", "",
          "Top-k agreement: fraction of queries with identical lists / identical up to near-tie order; "

@@ -22,10 +22,12 @@ import pathlib
 import sys
 import time
 
-import jax
-import numpy as np
+from _common import configure_host_malloc, cpu_model, write_section
 
-from _common import cpu_model, write_section
+HOST_MALLOC = configure_host_malloc() if __name__ == "__main__" else ""   # before jax starts its threads
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genret_jax.decoding import SubstringConstraint, SuffixArrayIndex, beam_search
 from genret_jax.decoding.fake_model import FakeModel, fake_tokens_to_logits
 
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
   section = ["## Index build", "",
              f"Command: `{cmd}`  ", f"Machine: {cpu_model()}, {os.cpu_count()} cores (the build runs there; "
              f"load average {os.getloadavg()[0]:.1f} at the end), jax {jax.__version__}, decode on "
-             f"{jax.default_backend()} ({jax.devices()[0].device_kind}).", "",
+             f"{jax.default_backend()} ({jax.devices()[0].device_kind}); {HOST_MALLOC}.", "",
              "Suffix-array build on SciFact (pydivsufsort; best of 3; separators counted as tokens):", "",
              *lines, *dec, ""]
   text = "\n".join(section)

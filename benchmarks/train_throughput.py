@@ -36,7 +36,8 @@ import time
 import types
 from typing import Any, Callable
 
-from _common import cpu_model, jax_matmul_peak, time_reps, torch_matmul_peak, write_subsection
+from _common import (configure_host_malloc, cpu_model, jax_matmul_peak, time_reps, torch_matmul_peak,
+                     write_subsection)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_PATH = os.path.join(REPO, "docs", "benchmarks.md")
@@ -88,6 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def configure_environment(args) -> int:
   cores = args.threads or len(os.sched_getaffinity(0))
+  args.host_malloc = configure_host_malloc()
   if args.device == "cpu":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   # fp32 on both sides, also on GPUs (no TF32 in jax's default precision).
@@ -446,7 +448,7 @@ def main(argv=None) -> int:
         "MFU = tokens/s x training FLOPs/token (`accounting.train_flops_per_token`) / peak; peak = best fp32 "
         f"{n_peak}^3 matmul measured in this run: jax {peaks['jax'] / 1e9:.1f} GFLOP/s, torch "
         f"{peaks['torch'] / 1e9:.1f} GFLOP/s.",
-        f"Configs: {sources}." + (f" Stubbed for import (absent here): {', '.join(stubbed)}." if stubbed else ""),
+        f"Configs: {sources}; {args.host_malloc}." + (f" Stubbed for import (absent here): {', '.join(stubbed)}." if stubbed else ""),
         f"Whole run: {elapsed:.0f} s." if final else
         f"Partial: written after {len(results)} of {len(families) * len(rungs)} rungs ({elapsed:.0f} s); the run "
         "did not reach its end (e.g. stopped at a lent GPU's time limit).",

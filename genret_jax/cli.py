@@ -8,6 +8,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from genret_jax import host_malloc
 from genret_jax.errors import InputError
 from genret_jax.gin_utils import rewrite_gin_args
 
@@ -58,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 2
     return 0
   name, rest = argv[0], rewrite_gin_args(argv[1:])
+  host_malloc.configure()   # before any library starts a thread: see host_malloc's docstring
   _enable_compilation_cache()
   module = importlib.import_module(COMMANDS[name][0])
   parser = argparse.ArgumentParser(prog=f"genret {name}", description=COMMANDS[name][1])
