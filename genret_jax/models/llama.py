@@ -71,15 +71,15 @@ class DecoderLayer(nn.Module):
   cache_length: int = 0
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array | None, positions: Array, token_mask: Array | None):
+  def __call__(self, x: Array, mask: Array | None, rotary: L.RotaryTables, token_mask: Array | None):
     cfg, det = self.config, self.deterministic
     dtype, pdtype = L.as_dtype(cfg.dtype), L.as_dtype(cfg.param_dtype)
     drop = nn.Dropout(cfg.dropout_rate)
     h = L.RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="attention_norm")(x)
     h = L.Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dtype,
                     param_dtype=pdtype, dropout_rate=cfg.dropout_rate, scale_logits=True,
-                    rope_theta=cfg.rope_theta, decode=self.decode, cache_length=self.cache_length,
-                    name="attention")(h, h, mask, None, positions, token_mask, deterministic=det)
+                    decode=self.decode, cache_length=self.cache_length,
+                    name="attention")(h, h, mask, None, rotary, token_mask, deterministic=det)
     x = x + drop(h, deterministic=det)
     h = L.RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
     h = L.MlpBlock(d_ff=cfg.d_ff, activations=("silu", "linear"), dropout_rate=cfg.dropout_rate, dtype=dtype,
@@ -108,18 +108,17 @@ class LlamaTransformer(nn.Module):
     logits are then projected chunk by chunk and never held whole)."""
     cfg = self.config
     dtype, pdtype = L.as_dtype(cfg.dtype), L.as_dtype(cfg.param_dtype)
-    batch, length = decoder_input_tokens.shape
+    length = decoder_input_tokens.shape[1]
     embedder = L.Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.embedding_init_std, dtype=dtype,
                        param_dtype=pdtype, name="token_embedder")
     x = embedder(decoder_input_tokens)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = L.constrain(x, ("batch", "length", "embed"))
-    if decoder_positions is None:
-      decoder_positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
     mask = L.causal_mask(length)
     if decoder_segment_ids is not None:
       mask = mask & L.segment_mask(decoder_segment_ids, decoder_segment_ids)
-    x = L.apply_layers(DecoderLayer, cfg.num_layers, x, (mask, decoder_positions, token_mask),
+    rotary = L.rotary_tables(decoder_positions, cfg.head_dim, cfg.rope_theta, length)
+    x = L.apply_layers(DecoderLayer, cfg.num_layers, x, (mask, rotary, token_mask),
                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy, config=cfg,
                        deterministic=deterministic, decode=decode, cache_length=cache_length)
     if logit_positions is not None:
