@@ -296,11 +296,15 @@ class Attention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     if self.dropout_rate > 0.0 and not deterministic:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+    # Weighted values as a plain batched matmul over (batch, kv_heads) with its natural [.., t, d] output, then
+    # one explicit transpose: asked for the [b, t, k, d] layout directly, XLA:CPU emits a slow non-YNN batched dot
+    # (decode-step cross-attention 0.64 -> 0.08 ms, train-shaped forward 3.7 -> 1.9 ms; ad-hoc microbenchmark).
+    v_hm = v if heads_major else v.transpose(0, 2, 1, 3)   # [B, kv_heads, S, head_dim]
     if groups > 1:
       wg = weights.reshape(batch, hkv, groups, q_len, kv_len)
-      out = jnp.einsum(f"bkgts,{ks}->btkgd", wg, v).reshape(batch, q_len, h, d)
+      out = jnp.einsum("bkgts,bksd->bkgtd", wg, v_hm).transpose(0, 3, 1, 2, 4).reshape(batch, q_len, h, d)
     else:
-      out = jnp.einsum(f"bkts,{ks}->btkd", weights, v)
+      out = jnp.einsum("bkts,bksd->bktd", weights, v_hm).transpose(0, 2, 1, 3)
     out = constrain(out.reshape(rows, -1, h, d), ("batch", "length", "heads", "kv"))
     return dense((inputs_q.shape[-1],), ("heads", "kv", "embed"), num_contract=2, init_scale=self.init_scale,
                  name="out")(out)
