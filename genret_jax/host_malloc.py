@@ -5,7 +5,8 @@ the buffer assignment: 200 MB for the t5 r2 train step of `benchmarks/train_thro
 threads. glibc gives worker threads their own arenas, whose heaps cannot exceed 64 MB, so such a block is always a
 fresh `mmap` that is `munmap`ed when the call returns: every call page-faults the whole block back in, zero-filled
 by the kernel. On the 2-core CI machine that was ~50k page faults and ~230 ms of system time per 490 ms t5 r2
-train step (with `configure()`: ~0 faults, ~10 ms, 430 ms per step).
+train step (with `configure()`: ~0 faults, ~10 ms, 430 ms per step; ad-hoc `perf stat` / `getrusage` over the
+benchmark's train step, not a repo command; `tests/test_host_malloc.py` measures the faults on a small program).
 
 `configure()` tells glibc to serve every thread from the main arena, to take blocks up to `mmap_threshold` from the
 heap instead of `mmap`, and not to trim freed memory off the top of the heap (`trim_threshold` -1; a finite one,
