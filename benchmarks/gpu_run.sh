@@ -48,13 +48,14 @@ step() {   # step NAME SECONDS CMD...: at most SECONDS, never past the budget
 }
 save() { cp docs/benchmarks.md "$OUT/benchmarks.md"; tar czf "$OUT/results.tgz" -C "$WORK" .; }
 
-step train 220 python3 benchmarks/train_throughput.py --device gpu --family both --rungs r0,r2 --seconds 3 --repeats 3
+# Most informative first: a later step is skipped cleanly when the budget is spent.
+step decode_ngram 240 python3 benchmarks/decode_throughput.py --device gpu --parts ngram --ngram_beams 1 20 \
+  --repeats 2 --json_out "$WORK/decode_ngram.json"
+step index 150 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --write_docs
 step decode_trie 140 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie --sizes tiny base45m \
   --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie.json"
 step cgl 80 python3 benchmarks/cgl_throughput.py --device gpu --rungs r0,r5 --repeats 2 --ref_seconds 2
-step decode_ngram 90 python3 benchmarks/decode_throughput.py --device gpu --parts ngram --ngram_beams 1 20 \
-  --repeats 2 --json_out "$WORK/decode_ngram.json"
-step index 50 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --write_docs
+step train 220 python3 benchmarks/train_throughput.py --device gpu --family both --rungs r0,r2 --seconds 3 --repeats 3
 ls "$WORK"/decode_*.json >/dev/null 2>&1 && python3 benchmarks/decode_throughput.py --from_json "$WORK"/decode_*.json \
   --write_docs > "$WORK/decode_merge.log" 2>&1
 save

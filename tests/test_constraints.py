@@ -72,7 +72,10 @@ def test_index_save_load_roundtrip_and_errors(tmp_path):
 # Paths of the exact check: default (bigram table + enumeration), no bigram table with a one-round
 # enumeration of one-token windows (most large rows fall back to the V-wide check), no enumeration.
 CONFIGS = {"default": {}, "no_pairs_short_enum": {"pair_budget_bytes": 0, "enum_window": 1, "enum_iters": 1},
-           "no_enum": {"enum_iters": 0}}
+           "no_enum": {"enum_iters": 0},
+           # The accelerator loop shapes (static unrolled searches, one chunk), forced on CPU.
+           "static": {"static_searches": True, "enum_window": 1, "enum_iters": 1},
+           "static_no_pairs": {"static_searches": True, "pair_budget_bytes": 0}}
 
 
 def _random_states(index, docs, rng, n):
@@ -163,7 +166,7 @@ def _query(seed, batch=2):
 
 
 @SETTINGS
-@given(docs=docs_st, seed=st.integers(0, 10**6), config=st.sampled_from(["default", "no_pairs_short_enum"]))
+@given(docs=docs_st, seed=st.integers(0, 10**6), config=st.sampled_from(["default", "no_pairs_short_enum", "static"]))
 def test_substring_search_equals_true_mask_reference(docs, seed, config):
   index, sc = build(docs, **CONFIGS[config])
   model, h0, cache, first = _query(seed)
@@ -187,6 +190,28 @@ def test_substring_search_equals_true_mask_reference(docs, seed, config):
     for gram, (lp, cnt) in hist[q].items():
       assert cnt == want_hist[gram][1]
       np.testing.assert_allclose(lp, want_hist[gram][0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+def test_static_loop_shapes_equal_traced_ones(pairs):
+  """The accelerator loop shapes (static unrolled searches of `search_rounds`, one chunk, no loops on
+  steps without large intervals) return exactly what the CPU shapes return, on a corpus whose intervals
+  take every path (top-M check, enumeration, fallback)."""
+  rng = np.random.default_rng(7)
+  docs = [list(rng.integers(2, 5 if i % 2 else V, size=int(rng.integers(5, 40)))) for i in range(30)]
+  kw = {"enum_window": 2, "enum_iters": 2} if pairs else {"pair_budget_bytes": 0}
+  index, traced = build(docs, static_searches=False, **kw)
+  _, static = build(docs, static_searches=True, **kw)
+  counts = np.bincount(index.tokens.astype(np.int64), minlength=V)[2:V]
+  assert static.static_searches and not traced.static_searches
+  assert static.search_rounds == int(counts.max()).bit_length()
+  assert (static.enum_chunk, traced.enum_chunk) == (1024, 64)
+  model, _, cache, first = _query(3, batch=4)
+  a = run(model.params, cache, first, traced, num_beams=4, max_decode_len=6, keep_history=True)
+  b = run(model.params, cache, first, static, num_beams=4, max_decode_len=6, keep_history=True)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert np.asarray(a.valid).sum() > 0
 
 
 @SETTINGS

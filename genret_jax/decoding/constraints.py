@@ -100,13 +100,15 @@ def pad_to(x: np.ndarray, size: int, value) -> np.ndarray:
   return out
 
 
-def lower_bound(key_fn, lo: jax.Array, hi: jax.Array, target: jax.Array, num_iters: int) -> jax.Array:
+def lower_bound(key_fn, lo: jax.Array, hi: jax.Array, target: jax.Array, num_iters: int,
+                unroll: bool | None = None) -> jax.Array:
   """Vectorised binary search: the first i in [lo, hi) with key_fn(i) >= target (hi if none).
 
   `key_fn` maps an int32 index array to the (non-decreasing on [lo, hi)) keys; all arguments broadcast.
   `num_iters` must be >= ceil(log2(max interval size + 1)). A Python int gives a fixed number of gathers
   (unrolled when short); a traced int32 (e.g. `bit_length(max(hi - lo))`, see `interval_iters`) runs only
-  as many rounds as the widest interval of this call needs.
+  as many rounds as the widest interval of this call needs. `unroll` (default: a Python int <= 8) unrolls a
+  static round count into straight-line gathers that an accelerator compiles into one kernel.
   """
   lo = jnp.asarray(lo, jnp.int32)
   hi = jnp.asarray(hi, jnp.int32)
@@ -120,8 +122,10 @@ def lower_bound(key_fn, lo: jax.Array, hi: jax.Array, target: jax.Array, num_ite
     return (jnp.where(active & go_right, mid + 1, lo), jnp.where(active & ~go_right, mid, hi))
 
   if isinstance(num_iters, int):
-    # Unrolling short searches helps accelerators; long ones are kept rolled so compiles stay fast.
-    lo, _ = jax.lax.fori_loop(0, num_iters, body, (lo, hi), unroll=num_iters <= 8)
+    # Unrolling short searches helps accelerators; long ones are kept rolled unless asked, so CPU
+    # compiles stay fast.
+    unroll = num_iters <= 8 if unroll is None else unroll
+    lo, _ = jax.lax.fori_loop(0, num_iters, body, (lo, hi), unroll=bool(unroll) and num_iters > 0)
   else:
     lo, _ = jax.lax.fori_loop(0, num_iters, body, (lo, hi))
   return lo

@@ -29,13 +29,20 @@ the cheapest exact check that applies is used:
   * only a beam whose interval is still not exhausted gets the full check over the whole vocabulary,
     in chunks of `fallback_chunk` beams inside a `lax.while_loop`.
 The enumeration and the full check run on the compacted list of beams that need them, so their cost is
-paid per such beam. (Exact ties in score between a checked and an unchecked token are the one case where
+paid per such beam, and every check of a large interval sits in one `lax.cond`, skipped on steps
+with no large interval. (Exact ties in score between a checked and an unchecked token are the one case where
 the chosen token may differ; they do not occur with continuous log-probs.)
+
+Loop shapes per platform (`static_searches`, default: on for every backend but CPU). XLA:CPU runs a
+`lax.while_loop` on the host thread at no extra cost, so binary searches run only as many rounds as
+the widest interval of the call needs (a traced count). XLA:GPU reads each while loop's predicate back
+to the host every round, which costs more than the search itself; there every binary search runs a
+static round count (`search_rounds`: enough for the corpus's most frequent token, which bounds every
+interval below the root), unrolled into straight-line gathers, and the top-M check and the fallback
+take all rows in one chunk. Both give the same results.
 """
 
 from __future__ import annotations
-
-import functools
 
 import flax.struct
 import jax
@@ -78,17 +85,28 @@ class SubstringConstraint:
   enum_iters: int = flax.struct.field(pytree_node=False, default=64)
   enum_chunk: int = flax.struct.field(pytree_node=False, default=64)
   has_pairs: bool = flax.struct.field(pytree_node=False, default=False)
+  static_searches: bool = flax.struct.field(pytree_node=False, default=False)
+  search_rounds: int = flax.struct.field(pytree_node=False, default=32)
   truncated_is_valid: bool = flax.struct.field(pytree_node=False, default=True)
 
   @classmethod
   def from_index(cls, index: SuffixArrayIndex, *, vocab_size: int, eos_id: int, allow_eos: bool = True,
-                 top_m: int = 64, small_interval: int = 64, fallback_chunk: int = 8,
-                 enum_window: int = 64, enum_iters: int = 64, enum_chunk: int = 64,
+                 top_m: int = 64, small_interval: int = 64, fallback_chunk: int | None = None,
+                 enum_window: int = 64, enum_iters: int = 64, enum_chunk: int | None = None,
                  pair_budget_bytes: int = DEFAULT_PAIR_BUDGET_BYTES, bucket: bool = True,
-                 capacity: int = 0) -> "SubstringConstraint":
+                 capacity: int = 0, static_searches: bool | None = None) -> "SubstringConstraint":
     """Copies a host index to device arrays, with the depth-0 mask, the depth-1 interval table and
     (when V * V / 8 bytes fit `pair_budget_bytes`) the bigram bit table. `bucket` pads the text to a
-    power of two (at least `capacity`) so corpora of similar size share one compiled search."""
+    power of two (at least `capacity`) so corpora of similar size share one compiled search.
+    `static_searches` (None: on unless the default backend is CPU) picks the loop shapes described in
+    the module docstring; `fallback_chunk` / `enum_chunk` default to 8 / 64 rows with traced searches
+    and 64 / 1024 with static ones."""
+    if static_searches is None:
+      static_searches = jax.default_backend() != "cpu"
+    if fallback_chunk is None:
+      fallback_chunk = 64 if static_searches else 8
+    if enum_chunk is None:
+      enum_chunk = 1024 if static_searches else 64
     t = index.num_tokens
     v = int(vocab_size)
     size = next_pow2(t + 1, capacity) if bucket else max(t + 1, capacity)
@@ -106,6 +124,8 @@ class SubstringConstraint:
     unigram_lo = np.zeros(v + 1, np.int64)
     np.cumsum(all_counts[:v], out=unigram_lo[1:])
     unigram_lo = np.minimum(unigram_lo, t)
+    # Every interval below the root lies inside one content token's unigram interval.
+    search_rounds = max(1, int(counts.max(initial=0)).bit_length())
     has_pairs = v * ((v + 7) // 8) <= pair_budget_bytes
     if has_pairs:
       pair_bits = np.zeros((v, (v + 7) // 8), np.uint8)
@@ -121,7 +141,8 @@ class SubstringConstraint:
                eos_id=int(eos_id), allow_eos=bool(allow_eos), top_m=int(min(top_m, v)),
                small_interval=int(small_interval), fallback_chunk=int(fallback_chunk),
                enum_window=int(max(enum_window, 1)), enum_iters=int(max(enum_iters, 0)),
-               enum_chunk=int(max(enum_chunk, 1)), has_pairs=bool(has_pairs))
+               enum_chunk=int(max(enum_chunk, 1)), has_pairs=bool(has_pairs),
+               static_searches=bool(static_searches), search_rounds=search_rounds)
 
   @property
   def nbytes(self) -> int:
@@ -133,6 +154,10 @@ class SubstringConstraint:
   @property
   def _iters(self) -> int:
     return search_iters(self.sa.shape[0])
+
+  def _rounds(self, sizes):
+    """Binary-search rounds for intervals below the root of at most `sizes` suffixes."""
+    return self.search_rounds if self.static_searches else interval_iters(sizes)
 
   def _key(self, depth):
     """Token at offset `depth` of suffix row i (depth broadcasts against i)."""
@@ -147,19 +172,24 @@ class SubstringConstraint:
   def _eos_ok(self, state):
     return self.allow_eos & (state.depth >= 1) & (state.hi > state.lo)
 
-  def _narrow(self, lo, hi, depth, tok, num_iters=None):
+  def _lower_bound(self, key, lo, hi, target, num_iters):
+    return lower_bound(key, lo, hi, target, num_iters, unroll=self.static_searches or None)
+
+  def _narrow(self, lo, hi, depth, tok, num_iters):
     key = self._key(depth)
-    num_iters = self._iters if num_iters is None else num_iters
-    new_lo = lower_bound(key, lo, hi, tok, num_iters)
-    new_hi = lower_bound(key, new_lo, hi, tok + 1, num_iters)
+    new_lo = self._lower_bound(key, lo, hi, tok, num_iters)
+    new_hi = self._lower_bound(key, new_lo, hi, tok + 1, num_iters)
     return new_lo, new_hi
 
-  def _full_mask(self, state, log_probs):
-    """Exact mask over the whole vocabulary: V+1 binary searches per row."""
+  def _full_mask(self, state, log_probs, below_root: bool = False):
+    """Exact mask over the whole vocabulary: V+1 binary searches per row (`below_root`: no row is at
+    depth 0, so static searches need only `search_rounds`)."""
     v = log_probs.shape[1]
     t = jnp.arange(v + 1, dtype=jnp.int32)[None, :]
-    bounds = lower_bound(self._key(state.depth[:, None]), state.lo[:, None], state.hi[:, None], t,
-                         interval_iters(state.hi - state.lo))
+    rounds = self._rounds(state.hi - state.lo) if below_root else (
+        self._iters if self.static_searches else interval_iters(state.hi - state.lo))
+    bounds = self._lower_bound(self._key(state.depth[:, None]), state.lo[:, None], state.hi[:, None], t,
+                               rounds)
     allowed = (bounds[:, 1:] > bounds[:, :-1]) & self._content_ok(t[:, :-1])
     masked = jnp.where(allowed, log_probs, NEG_INF)
     eos = jnp.where(self._eos_ok(state), log_probs[:, self.eos_id], NEG_INF)
@@ -196,7 +226,7 @@ class SubstringConstraint:
     root_hi = jnp.take(self.unigram_lo, safe + 1)
     deep_hi = jnp.where(at_root, state.lo, state.hi)
     new_lo, new_hi = self._narrow(state.lo, deep_hi, state.depth, tokens,
-                                  interval_iters(deep_hi - state.lo))
+                                  self._rounds(deep_hi - state.lo))
     new_lo = jnp.where(at_root, root_lo, new_lo)
     new_hi = jnp.where(at_root, root_hi, new_hi)
     # EOS (or any non-content token) closes the n-gram: the state becomes empty.
@@ -207,13 +237,21 @@ class SubstringConstraint:
     return jnp.where(state.depth >= 1, state.hi - state.lo, 0)
 
   def mask_log_probs(self, state, log_probs, beam_scores, *, num_beams, num_candidates):
-    masked, need = self.checked_mask(state, log_probs, beam_scores, num_beams=num_beams,
-                                     num_candidates=num_candidates)
-    masked, done = self.apply_enumeration(state, log_probs, masked, need)
-    return self.apply_fallback(state, log_probs, masked, need & ~done)
+    masked, large, eos_lp = self.exact_rows_mask(state, log_probs, beam_scores)
 
-  def checked_mask(self, state, log_probs, beam_scores, *, num_beams, num_candidates):
-    """Every check short of enumeration. Returns (masked log-probs, rows that need more)."""
+    def check_large(masked):
+      masked, need = self.check_large_rows(state, log_probs, beam_scores, masked, large, eos_lp,
+                                           num_beams=num_beams, num_candidates=num_candidates)
+      masked, done = self.apply_enumeration(state, log_probs, masked, need)
+      return self.apply_fallback(state, log_probs, masked, need & ~done)
+
+    # One branch holds every loop: steps whose rows all have exact sets already (most steps of a
+    # typical n-gram search) pay one predicate, not one per loop.
+    return jax.lax.cond(jnp.any(large), check_large, lambda m: m, masked)
+
+  def exact_rows_mask(self, state, log_probs, beam_scores):
+    """The checks that need no search: depth 0 and 1 from the tables, small intervals read directly.
+    Returns (masked log-probs, large: live rows whose interval is too large to read, EOS log-probs)."""
     n, v = log_probs.shape
     rows = jnp.arange(n)[:, None]
     live = beam_scores > NEG_INF / 2
@@ -238,27 +276,23 @@ class SubstringConstraint:
     a_lp = jnp.take_along_axis(log_probs, jnp.clip(a_tok, 0, v - 1), axis=1)
     masked = masked.at[jnp.broadcast_to(rows, a_tok.shape), a_tok].set(a_lp, mode="drop")
     masked = masked.at[:, self.eos_id].set(eos_lp)
+    return masked, large, eos_lp
 
-    m = self.top_m
-    if m >= v:   # every token is a candidate: check them all
-      return masked, live & large
-    check = functools.partial(self._top_m_check, num_beams=num_beams, num_candidates=num_candidates)
-    return jax.lax.cond(jnp.any(large), check, lambda *a: (a[3], jnp.zeros((n,), bool)),
-                        state, log_probs, beam_scores, masked, large, eos_lp)
-
-  def _top_m_check(self, state, log_probs, beam_scores, masked, large, eos_lp, *, num_beams,
-                   num_candidates):
+  def check_large_rows(self, state, log_probs, beam_scores, masked, large, eos_lp, *, num_beams,
+                       num_candidates):
     """Checks the model's top-M tokens of the large rows (compacted, `enum_chunk` rows at a time: a
     per-row top-k over the vocabulary is one of the dearest ops on CPU) and flags the rows the check
-    cannot prove unaffected."""
+    cannot prove unaffected. Returns (masked log-probs, rows that need enumeration)."""
     n, v = log_probs.shape
     m = self.top_m
+    if m >= v:   # every token is a candidate: check them all
+      return masked, large
     chunk = min(self.enum_chunk, n)
     padded = -(-n // chunk) * chunk
     idx = jnp.nonzero(large, size=padded, fill_value=n)[0]
     num = large.sum()
     size = jnp.where(large, state.hi - state.lo, 0)
-    iters = interval_iters(size)
+    iters = self._rounds(size)
 
     def body(carry):
       c, masked, chk, nxt = carry
@@ -278,7 +312,7 @@ class SubstringConstraint:
 
     init = (jnp.int32(0), masked, jnp.full((n, m), NEG_INF, log_probs.dtype),
             jnp.full((n,), NEG_INF, log_probs.dtype))
-    _, masked, chk, nxt = jax.lax.while_loop(lambda c: c[0] * chunk < num, body, init)
+    _, masked, chk, nxt = _chunk_loop(body, init, chunk, n, num)
 
     # Per query, the num_candidates-th best of a subset of the truly allowed scores is a lower bound
     # of the true threshold, so testing against it never skips a row that matters. The subset: the
@@ -340,7 +374,7 @@ class SubstringConstraint:
         live = p < hi
         last = jnp.where(live, last, p)
         end_hi = jnp.where(live, hi, p)
-        nxt = lower_bound(key, last, end_hi, key(last) + 1, interval_iters(end_hi - last))
+        nxt = self._lower_bound(key, last, end_hi, key(last) + 1, self._rounds(end_hi - last))
         return it + 1, jnp.where(live, nxt, p), found
 
       _, p, found = jax.lax.while_loop(jump_cond, jump_body,
@@ -350,8 +384,7 @@ class SubstringConstraint:
       done = done.at[sel].set(p >= hi, mode="drop")
       return c + 1, masked, done
 
-    _, masked, done = jax.lax.while_loop(lambda c: c[0] * chunk < num, chunk_body,
-                                         (jnp.int32(0), masked, jnp.zeros((n,), bool)))
+    _, masked, done = _chunk_loop(chunk_body, (jnp.int32(0), masked, jnp.zeros((n,), bool)), chunk, n, num)
     return masked, done
 
   def apply_fallback(self, state, log_probs, masked, need):
@@ -368,8 +401,17 @@ class SubstringConstraint:
       safe = jnp.minimum(sel, n - 1)
       sub = jax.tree.map(lambda x: x[safe], state)
       sub = sub.replace(hi=jnp.where(sel < n, sub.hi, sub.lo))
-      full = self._full_mask(sub, log_probs[safe])
+      full = self._full_mask(sub, log_probs[safe], below_root=True)
       return i + 1, masked.at[sel].set(full, mode="drop")
 
-    _, masked = jax.lax.while_loop(lambda c: c[0] * chunk < num, body, (jnp.int32(0), masked))
+    _, masked = _chunk_loop(body, (jnp.int32(0), masked), chunk, n, num)
     return masked
+
+
+def _chunk_loop(body, init, chunk, n, num):
+  """Runs `body` over the compacted rows `chunk` at a time while chunks remain (`num` rows in all); one
+  chunk covering every row runs once, with no loop (no predicate read back on accelerators). Callers
+  put it inside a branch that runs only when some row needs it."""
+  if chunk >= n:
+    return body(init)
+  return jax.lax.while_loop(lambda c: c[0] * chunk < num, body, init)
