@@ -5,7 +5,8 @@ over decode steps that stops early once no live beam can change any query's top 
 every beam has finished or died). Each step:
   1. `tokens_to_logits(cache, last_tokens [B*K], step)` -> logits [B*K, V]; log-softmax in float32;
   2. the constraint masks the log-probs (exactly; see `constraints.py`);
-  3. the top 2K candidates over beam x vocab per query (2K so EOS hits never starve the live set);
+  3. the top 2K candidates over beam x vocab per query (2K so EOS hits never starve the live set),
+     pre-selected by block maxima (`candidate_top_k`);
   4. candidates ending in EOS (or reaching max length, where the constraint accepts that) join the
      finished pool with score = log_prob / ((5 + length) / 6) ** alpha (length counts EOS);
      the best K others become the live beams; the KV cache and constraint state are gathered to them;
