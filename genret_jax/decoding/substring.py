@@ -36,8 +36,8 @@ the chosen token may differ; they do not occur with continuous log-probs.)
 Loop shapes per platform (`static_searches`, default: on for every backend but CPU). XLA:CPU runs a
 `lax.while_loop` on the host thread at no extra cost, so binary searches run only as many rounds as
 the widest interval of the call needs (a traced count). XLA:GPU reads each while loop's predicate back
-to the host every round, which costs more than the search itself; there every binary search runs a
-static round count (`search_rounds`: enough for the corpus's most frequent token, which bounds every
+to the host every round (on an H200 these shapes cut the n-gram overhead at beam 20 from +33% to +5%,
+docs/benchmarks.md); there every binary search runs a static round count (`search_rounds`: enough for the corpus's most frequent token, which bounds every
 interval below the root), unrolled into straight-line gathers, and the top-M check and the fallback
 take all rows in one chunk. Both give the same results.
 """
