@@ -92,6 +92,9 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--top_m", type=int, default=64)
   p.add_argument("--write_docs", action="store_true")
+  p.add_argument("--other_shapes", action=argparse.BooleanOptionalAction, default=True,
+                 help="also time the substring constraint's other loop shapes (static on CPU, traced on "
+                      "accelerators); on CPU the static shapes are slow with this fake model's large intervals")
   args = p.parse_args(argv)
   texts = scifact_texts()
   lines = []
@@ -126,11 +129,13 @@ def main(argv=None) -> int:
     for beams in args.beams:
       sec, out = time_decode(model, cache, first, sc, beams, args.steps)
       assert bool(np.asarray(out.valid)[:, 0].all())
-      alt_sec, alt_out = time_decode(model, cache, first, alt, beams, args.steps)
-      assert np.array_equal(np.asarray(out.tokens), np.asarray(alt_out.tokens))
+      other = "not run"
+      if args.other_shapes:
+        alt_sec, alt_out = time_decode(model, cache, first, alt, beams, args.steps)
+        assert np.array_equal(np.asarray(out.tokens), np.asarray(alt_out.tokens))
+        other = f"{args.batch / alt_sec:.1f} ({alt_sec / unc[beams] - 1:+.0%})"
       dec.append(f"| {copies}x SciFact | {index.num_tokens:,} | {beams} | {args.batch / sec:.1f} | "
-                 f"{args.batch / unc[beams]:.1f} | {sec / unc[beams] - 1:+.0%} | "
-                 f"{args.batch / alt_sec:.1f} ({alt_sec / unc[beams] - 1:+.0%}) |")
+                 f"{args.batch / unc[beams]:.1f} | {sec / unc[beams] - 1:+.0%} | {other} |")
       print(dec[-1], flush=True)
   cmd = "PYTHONPATH=. .venv/bin/python benchmarks/" + " ".join([pathlib.Path(__file__).name] +
                                                                (argv if argv else sys.argv[1:]))

@@ -312,7 +312,7 @@ class SubstringConstraint:
 
     init = (jnp.int32(0), masked, jnp.full((n, m), NEG_INF, log_probs.dtype),
             jnp.full((n,), NEG_INF, log_probs.dtype))
-    _, masked, chk, nxt = _chunk_loop(body, init, chunk, n, num)
+    _, masked, chk, nxt = _chunk_loop(body, init, chunk, n, num, self.static_searches)
 
     # Per query, the num_candidates-th best of a subset of the truly allowed scores is a lower bound
     # of the true threshold, so testing against it never skips a row that matters. The subset: the
@@ -384,7 +384,8 @@ class SubstringConstraint:
       done = done.at[sel].set(p >= hi, mode="drop")
       return c + 1, masked, done
 
-    _, masked, done = _chunk_loop(chunk_body, (jnp.int32(0), masked, jnp.zeros((n,), bool)), chunk, n, num)
+    _, masked, done = _chunk_loop(chunk_body, (jnp.int32(0), masked, jnp.zeros((n,), bool)), chunk, n, num,
+                       self.static_searches)
     return masked, done
 
   def apply_fallback(self, state, log_probs, masked, need):
@@ -404,14 +405,14 @@ class SubstringConstraint:
       full = self._full_mask(sub, log_probs[safe], below_root=True)
       return i + 1, masked.at[sel].set(full, mode="drop")
 
-    _, masked = _chunk_loop(body, (jnp.int32(0), masked), chunk, n, num)
+    _, masked = _chunk_loop(body, (jnp.int32(0), masked), chunk, n, num, self.static_searches)
     return masked
 
 
-def _chunk_loop(body, init, chunk, n, num):
-  """Runs `body` over the compacted rows `chunk` at a time while chunks remain (`num` rows in all); one
-  chunk covering every row runs once, with no loop (no predicate read back on accelerators). Callers
-  put it inside a branch that runs only when some row needs it."""
-  if chunk >= n:
+def _chunk_loop(body, init, chunk, n, num, loop_free):
+  """Runs `body` over the compacted rows `chunk` at a time while chunks remain (`num` rows in all). With
+  `loop_free` (the accelerator shapes) one chunk covering every row runs once, unconditionally: no predicate
+  read back to the host; on CPU the loop skips the body when no row needs it, which is cheaper."""
+  if loop_free and chunk >= n:
     return body(init)
   return jax.lax.while_loop(lambda c: c[0] * chunk < num, body, init)
