@@ -114,7 +114,8 @@ def main(argv=None) -> int:
   dec = ["", f"Decode: fake model (vocab {vocab}, rank-32 logits), batch {args.batch}, "
          f"{args.steps} new tokens, top_m {args.top_m}; queries/s (best of 3 after compile). Loop shapes of "
          f"the substring constraint: this platform's default ({'static' if jax.default_backend() != 'cpu' else 'traced'}"
-         " searches); the other shapes in the last column return the same n-grams (checked).", "",
+         " searches)" + ("; the other shapes in the last column return the same n-grams (checked)."
+                           if args.other_shapes else "; the other shapes were not run (--no-other_shapes)."), "",
          "| corpus | indexed tokens | beam | n-gram constrained q/s | unconstrained q/s | overhead | "
          "other loop shapes: q/s (overhead) |",
          "|---|---|---|---|---|---|---|"]
