@@ -48,7 +48,10 @@ def parse_args(argv=None):
   p.add_argument("--ngram_beams", type=int, nargs="*", default=None, help="n-gram beams (default 1 5 20)")
   p.add_argument("--sizes", nargs="*", default=None, help="trie model sizes: tiny base45m")
   p.add_argument("--parts", nargs="*", default=("peak", "trie", "ngram"))
-  p.add_argument("--repeats", type=int, default=None)
+  p.add_argument("--repeats", type=int, default=None, help="timed blocks per method (default 3; 1 with --quick)")
+  p.add_argument("--block_seconds", type=float, default=0.5,
+                 help="each timed block repeats one method's call back to back for about this long (1-10 "
+                      "calls) and reports its median call; 0 = one call per block")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--spm_model", default=None, help="SentencePiece model for SciFact (default: train, cached)")
   p.add_argument("--json_out", default=None)
@@ -252,19 +255,37 @@ def hf_num_steps(out) -> int:
 
 # --- benchmarks --------------------------------------------------------------------------------------
 
+BLOCK_SECONDS = 0.5   # set from --block_seconds
+MAX_BLOCK_CALLS = 10
+
+
 def interleaved(methods: dict, repeats: int) -> dict:
-  """methods: name -> callable returning (result, steps). Warms each up, then times them round-robin
-  `repeats` times; returns name -> (median seconds, result, steps)."""
-  res = {}
+  """methods: name -> callable returning (result, steps). Warms each up (two calls), then times them round-robin in
+  `repeats` blocks per method; returns name -> (median seconds per call, result, steps).
+
+  A block is consecutive calls of one method (as a batch eval job runs: one framework, call after call), as
+  many as fit BLOCK_SECONDS (at least 1, at most MAX_BLOCK_CALLS); it reports its median call. A lone call
+  timed right after the other framework's measures the hand-over as well: torch's OpenMP workers and
+  XLA:CPU's pool each spin and sleep on the same 2 cores, and a 15 ms call read 13 ms back to back vs 19 ms
+  alternated one by one in a session-8 probe. Blocks still alternate, so machine drift hits both sides."""
+  res, per_call = {}, {}
   for name, fn in methods.items():
+    fn()   # compiles
+    t = time.perf_counter()
     res[name] = fn()
+    per_call[name] = time.perf_counter() - t
   times = {name: [] for name in methods}
   for _ in range(repeats):
     for name, fn in methods.items():
-      t = time.perf_counter()
-      r = fn()
-      times[name].append(time.perf_counter() - t)
-      res[name] = r
+      calls = max(1, min(MAX_BLOCK_CALLS, int(BLOCK_SECONDS / max(per_call[name], 1e-6))))
+      block = []
+      for _ in range(calls):
+        t = time.perf_counter()
+        r = fn()
+        block.append(time.perf_counter() - t)
+        res[name] = r
+      per_call[name] = statistics.median(block)
+      times[name].append(per_call[name])
   return {name: (statistics.median(times[name]), *res[name]) for name in methods}
 
 
@@ -435,7 +456,9 @@ def markdown(res: dict, command: str) -> str:
          f"{env['torch_threads']} threads), transformers {env['transformers']}"
          + (f"; {env['host_malloc']}" if env.get("host_malloc") else "") + ".  ",
          f"Load average at start / end: {res['load_start']} / {res['load_end']} (shared machine: methods "
-         "are timed round-robin in the same run, so compare ratios within a row).", "",
+         f"are timed round-robin in the same run, so compare ratios within a row). Timing: median over "
+         f"{res.get('repeats', '?')} blocks per method; a block repeats one method's call back to back for "
+         f"~{res.get('block_seconds', '?')} s (1-{MAX_BLOCK_CALLS} calls) and counts its median call.", "",
          "Top-k agreement: fraction of queries with identical lists / identical up to near-tie order; "
          "'+N ours better': queries whose lists differ only by hypotheses that score higher in ours (HF's beam "
          "scorer keeps an EOS-ended candidate only if it ranks in the first K of its 2K per step and finishes only "
@@ -525,6 +548,8 @@ def main(args) -> int:
                  if env["jax_backend"] != "cpu" else None)
     return 0
   quick = args.quick
+  global BLOCK_SECONDS
+  BLOCK_SECONDS = args.block_seconds
   repeats = args.repeats or (1 if quick else 3)
   beams = args.beams or ([1, 20] if quick else [1, 5, 20, 50])
   ngram_beams = args.ngram_beams or ([1, 20] if quick else [1, 5, 20])
@@ -532,7 +557,8 @@ def main(args) -> int:
   dev, tname = torch_device(args.device)
   if args.device == "gpu" and jax.default_backend() == "cpu":
     print("warning: --device gpu but jax found no accelerator; jax runs on the CPU", file=sys.stderr)
-  res = {"env": environment(tname), "load_start": loadavg(), "notes": []}
+  res = {"env": environment(tname), "load_start": loadavg(), "notes": [], "repeats": repeats,
+         "block_seconds": BLOCK_SECONDS}
   if "no CUDA" in tname:
     res["notes"].append("Note: torch has no CUDA in this environment, so HF ran on the CPU.")
 

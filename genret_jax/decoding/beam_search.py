@@ -223,7 +223,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
   def body(s: _State) -> _State:
     i = s.step
     logits, cache = tokens_to_logits(s.cache, s.last_tokens, i)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logits = logits.astype(jnp.float32)
+    # logits - logsumexp rather than jax.nn.log_softmax: the latter's (x - max) is fused into the output
+    # projection's YNN fusion and materialised once more before the subtraction of log(sum), one extra pass
+    # over [B*K, V] per step; this form read 12% faster on the tiny vocab-8,192 beam-20 search (ad-hoc, CPU).
+    logp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     masked = constraint.mask_log_probs(s.cstate, logp, s.live_logp.reshape(n), num_beams=k,
                                        num_candidates=c)
     top_scores, top_idx = candidate_top_k(s.live_logp, masked.reshape(b, k, vocab), c)
