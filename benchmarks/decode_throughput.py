@@ -255,16 +255,15 @@ def hf_num_steps(out) -> int:
 
 # --- benchmarks --------------------------------------------------------------------------------------
 
-BLOCK_SECONDS = 0.5   # set from --block_seconds
 MAX_BLOCK_CALLS = 10
 
 
-def interleaved(methods: dict, repeats: int) -> dict:
+def interleaved(methods: dict, repeats: int, block_seconds: float) -> dict:
   """methods: name -> callable returning (result, steps). Warms each up (two calls), then times them round-robin in
   `repeats` blocks per method; returns name -> (median seconds per call, result, steps).
 
   A block is consecutive calls of one method (as a batch eval job runs: one framework, call after call), as
-  many as fit BLOCK_SECONDS (at least 1, at most MAX_BLOCK_CALLS); it reports its median call. A lone call
+  many as fit `block_seconds` (at least 1, at most MAX_BLOCK_CALLS); it reports its median call. A lone call
   timed right after the other framework's measures the hand-over as well: torch's OpenMP workers and
   XLA:CPU's pool each spin and sleep on the same 2 cores, and a 15 ms call read 13 ms back to back vs 19 ms
   alternated one by one in a session-8 probe. Blocks still alternate, so machine drift hits both sides."""
@@ -277,7 +276,7 @@ def interleaved(methods: dict, repeats: int) -> dict:
   times = {name: [] for name in methods}
   for _ in range(repeats):
     for name, fn in methods.items():
-      calls = max(1, min(MAX_BLOCK_CALLS, int(BLOCK_SECONDS / max(per_call[name], 1e-6))))
+      calls = max(1, min(MAX_BLOCK_CALLS, int(block_seconds / max(per_call[name], 1e-6))))
       block = []
       for _ in range(calls):
         t = time.perf_counter()
@@ -289,7 +288,7 @@ def interleaved(methods: dict, repeats: int) -> dict:
   return {name: (statistics.median(times[name]), *res[name]) for name in methods}
 
 
-def bench_trie(size, beams_list, repeats, batch, dev, log):
+def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log):
   import torch
   cfg, model, params, hf = build_models(size, dev)
   rng = np.random.default_rng(0)
@@ -322,7 +321,7 @@ def bench_trie(size, beams_list, repeats, batch, dev, log):
       return fn
 
     r = interleaved({"ours_trie": ours(trie), "hf_trie": theirs(prefix_fn), "ours_free": ours(None),
-                     "hf_free": theirs(None)}, repeats)
+                     "hf_free": theirs(None)}, repeats, block_seconds)
     row = {"size": size, "beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
     for name, (sec, _, steps) in r.items():
       row[f"{name}_qps"] = batch / sec
@@ -371,7 +370,7 @@ def scifact_spm(path, texts, log):
           "unigram, 8,190 pieces trained on the SciFact corpus (+2 reserved ids)")
 
 
-def bench_ngram(beams_list, repeats, batch, dev, spm_path, log):
+def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log):
   import torch
   docs_text, queries = scifact_texts()
   sp, sp_desc = scifact_spm(spm_path, docs_text, log)
@@ -416,7 +415,7 @@ def bench_ngram(beams_list, repeats, batch, dev, spm_path, log):
     r = interleaved({"ours_ngram": ours(search, sc, True), "ours_ngram_alt": ours(search, sc_alt, True),
                      "ours_free": ours(search, None, False),
                      "hf_free": hf_free, "ours_ngram_biased": ours(search_b, sc, True),
-                     "ours_free_biased": ours(search_b, None, False)}, repeats)
+                     "ours_free_biased": ours(search_b, None, False)}, repeats, block_seconds)
     row = {"beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
     for name, (sec, _, steps) in r.items():
       row[f"{name}_qps"] = batch / sec
@@ -548,8 +547,6 @@ def main(args) -> int:
                  if env["jax_backend"] != "cpu" else None)
     return 0
   quick = args.quick
-  global BLOCK_SECONDS
-  BLOCK_SECONDS = args.block_seconds
   repeats = args.repeats or (1 if quick else 3)
   beams = args.beams or ([1, 20] if quick else [1, 5, 20, 50])
   ngram_beams = args.ngram_beams or ([1, 20] if quick else [1, 5, 20])
@@ -558,7 +555,7 @@ def main(args) -> int:
   if args.device == "gpu" and jax.default_backend() == "cpu":
     print("warning: --device gpu but jax found no accelerator; jax runs on the CPU", file=sys.stderr)
   res = {"env": environment(tname), "load_start": loadavg(), "notes": [], "repeats": repeats,
-         "block_seconds": BLOCK_SECONDS}
+         "block_seconds": args.block_seconds}
   if "no CUDA" in tname:
     res["notes"].append("Note: torch has no CUDA in this environment, so HF ran on the CPU.")
 
@@ -570,12 +567,12 @@ def main(args) -> int:
     res["peak"] = matmul_peak(dev, 1024 if quick else 2048)
     log(res["peak"])
   if "ngram" in args.parts:
-    rows, meta = bench_ngram(ngram_beams, repeats, args.batch, dev, args.spm_model, log)
+    rows, meta = bench_ngram(ngram_beams, repeats, args.block_seconds, args.batch, dev, args.spm_model, log)
     res["ngram"] = {"rows": rows, "meta": meta}
   if "trie" in args.parts:
     res["trie"] = {}
     for size in sizes:
-      rows, nparams = bench_trie(size, beams, repeats, args.batch, dev, log)
+      rows, nparams = bench_trie(size, beams, repeats, args.block_seconds, args.batch, dev, log)
       res["trie"][size] = {"rows": rows, "params": nparams}
   res["load_end"] = loadavg()
   command = ".venv/bin/python benchmarks/decode_throughput.py " + " ".join(sys.argv[1:])
