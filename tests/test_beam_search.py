@@ -230,6 +230,37 @@ def test_candidate_top_k_equals_one_top_k(seed, k, v, block, masked):
   np.testing.assert_array_equal(np.asarray(got_i)[ok], np.asarray(want_i)[ok])
 
 
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10**6), k=st.sampled_from([1, 3, 8]), v=st.sampled_from([16, 512]),
+       width=st.sampled_from([1, 4, 9]))
+def test_sparse_candidate_top_k_equals_masked_top_k(seed, k, v, width):
+  """Reading the log-probs at listed allowed tokens gives the top-k of the masked K x V sums: same scores,
+  same positions for every valid candidate; dead beams, empty rows and fewer slots than candidates
+  (k * width < 2k) included."""
+  bs_mod = importlib.import_module("genret_jax.decoding.beam_search")
+  from genret_jax.decoding.constraints import NEG_INF, top_k
+  rng = np.random.default_rng(seed)
+  b, c = 3, 2 * k
+  logits = jax.numpy.asarray(rng.standard_normal((b * k, v)).astype(np.float32) * 3)
+  lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  allowed = np.full((b * k, width), v, np.int32)
+  for row in range(b * k):
+    m = int(rng.integers(0, width + 1))            # 0: a row with no allowed token
+    allowed[row, :m] = np.sort(rng.choice(v, size=min(m, v), replace=False))
+  scores = rng.uniform(-6, 0, (b, k)).astype(np.float32)
+  scores[0, k // 2:] = NEG_INF                       # dead beams
+  mask = np.zeros((b * k, v + 1), bool)
+  mask[np.arange(b * k)[:, None], allowed] = True
+  masked = np.where(mask[:, :v], np.asarray(logits - lse), NEG_INF)
+  got_s, got_i = bs_mod.sparse_candidate_top_k(jax.numpy.asarray(scores), logits, lse,
+                                               jax.numpy.asarray(allowed), c)
+  want_s, want_i = top_k(jax.numpy.asarray((scores[:, :, None] + masked.reshape(b, k, v)).reshape(b, k * v)), c)
+  ok = np.asarray(want_s) > NEG_INF / 2
+  np.testing.assert_array_equal(np.asarray(got_s)[ok], np.asarray(want_s)[ok])
+  assert np.all(np.asarray(got_s)[~ok] <= NEG_INF / 2)
+  np.testing.assert_array_equal(np.asarray(got_i)[ok], np.asarray(want_i)[ok])
+
+
 def test_block_preselection_leaves_search_results_unchanged(monkeypatch):
   """The same searches (unconstrained and trie, vocab 1,024 so the block path runs) with the pre-selection
   on and off return identical outputs."""

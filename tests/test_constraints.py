@@ -75,7 +75,10 @@ CONFIGS = {"default": {}, "no_pairs_short_enum": {"pair_budget_bytes": 0, "enum_
            "no_enum": {"enum_iters": 0},
            # The accelerator loop shapes (static unrolled searches, one chunk), forced on CPU.
            "static": {"static_searches": True, "enum_window": 1, "enum_iters": 1},
-           "static_no_pairs": {"static_searches": True, "pair_budget_bytes": 0}}
+           "static_no_pairs": {"static_searches": True, "pair_budget_bytes": 0},
+           # Every interval below the root is small and there is no bigram table: after step 0 every step
+           # takes the sparse path (`sparse_allowed`).
+           "sparse_from_depth_1": {"pair_budget_bytes": 0, "small_interval": 64}}
 
 
 def _random_states(index, docs, rng, n):
@@ -151,6 +154,47 @@ def test_precomputed_tables_and_enumeration_are_exact(docs, seed):
       assert done[row]
 
 
+@SETTINGS
+@given(docs=docs_st, seed=st.integers(0, 10**6), pairs=st.booleans())
+def test_sparse_allowed_lists_the_true_set(docs, seed, pairs):
+  """`sparse_allowed` is usable exactly when no live row is at a table depth or has a large interval, and
+  then lists each live row's true allowed set (EOS included), without repeats."""
+  index, sc = build(docs, small_interval=4, **({} if pairs else {"pair_budget_bytes": 0}))
+  allowed = substring_allowed_fn(docs, vocab_size=V, sep_id=SEP, eos_id=EOS)
+  rng = np.random.default_rng(seed)
+  states, state = _random_states(index, docs, rng, 8)
+  live = rng.random(8) < 0.7
+  beam_scores = jnp.asarray(np.where(live, -1.0, NEG_INF), jnp.float32)
+  tokens, usable = jax.jit(type(sc).sparse_allowed)(sc, state, beam_scores)
+  tokens = np.asarray(tokens)
+  sizes = [hi - lo for lo, hi, _ in states]
+  table = [depth == 0 or (depth == 1 and sc.has_pairs) for _, _, depth in states]
+  assert bool(usable) == all(not lv or (not t and s <= 4) for lv, t, s in zip(live, table, sizes))
+  for row, (lo, hi, depth) in enumerate(states):
+    if live[row] and not table[row] and sizes[row] <= 4:
+      gram = tuple(int(x) for x in index.tokens[index.sa[lo]:index.sa[lo] + depth])
+      listed = [int(t) for t in tokens[row] if t < V]
+      assert len(listed) == len(set(listed)) and set(listed) == allowed(gram)
+  assert not bool(jax.jit(type(sc).sparse_allowed)(sc.replace(sparse_steps=False), state,
+                                                    jnp.full((8,), -1.0))[1])
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+def test_sparse_steps_leave_search_unchanged(pairs):
+  """Searches with the sparse steps on and off (`sparse_steps`) return identical outputs, history
+  included, on a corpus with small and large intervals."""
+  rng = np.random.default_rng(11)
+  docs = [list(rng.integers(2, 5 if i % 2 else V, size=int(rng.integers(5, 40)))) for i in range(30)]
+  _, sc = build(docs, small_interval=8, **({} if pairs else {"pair_budget_bytes": 0}))
+  model, _, cache, first = _query(4, batch=4)
+  a = run(model.params, cache, first, sc, num_beams=4, max_decode_len=6, keep_history=True)
+  b = run(model.params, cache, first, sc.replace(sparse_steps=False), num_beams=4, max_decode_len=6,
+          keep_history=True)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert np.asarray(a.valid).sum() > 0
+
+
 @jax.jit
 def _enumerate(sc, state, logp, need):
   return sc.apply_enumeration(state, logp, jnp.full_like(logp, NEG_INF), need)
@@ -166,7 +210,8 @@ def _query(seed, batch=2):
 
 
 @SETTINGS
-@given(docs=docs_st, seed=st.integers(0, 10**6), config=st.sampled_from(["default", "no_pairs_short_enum", "static"]))
+@given(docs=docs_st, seed=st.integers(0, 10**6), config=st.sampled_from(["default", "no_pairs_short_enum", "static",
+                                                                        "sparse_from_depth_1"]))
 def test_substring_search_equals_true_mask_reference(docs, seed, config):
   index, sc = build(docs, **CONFIGS[config])
   model, h0, cache, first = _query(seed)

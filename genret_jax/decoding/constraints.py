@@ -13,6 +13,11 @@ Protocol (duck-typed, see `Constraint`):
       the top `num_candidates` of (beam_score + masked) over each query's `num_beams` rows must equal
       the top `num_candidates` under the true allowed set. Implementations may leave an allowed token
       masked only when it provably cannot enter that top set.
+  sparse_allowed(state, beam_scores [N]) -> (tokens [N, S], usable)     optional. When `usable` (a traced
+      bool) is true, row i's allowed set is exactly the distinct ids in tokens[i] (V fills unused slots)
+      for every live row (beam_score > NEG_INF / 2); the search then reads log-probs at those S tokens
+      instead of masking and scanning [N, V] (`beam_search.sparse_candidate_top_k`). When false,
+      `mask_log_probs` is used for that step.
   advance(state, tokens [N]) -> state     the state after appending `tokens` (EOS included).
   count(state) -> int32 [N]               corpus count of the prefix (n-gram mode), -1 when undefined.
   truncated_is_valid: bool                whether a hypothesis cut off at max_decode_len without EOS is a

@@ -86,6 +86,7 @@ class SubstringConstraint:
   enum_chunk: int = flax.struct.field(pytree_node=False, default=64)
   has_pairs: bool = flax.struct.field(pytree_node=False, default=False)
   static_searches: bool = flax.struct.field(pytree_node=False, default=False)
+  sparse_steps: bool = flax.struct.field(pytree_node=False, default=True)
   search_rounds: int = flax.struct.field(pytree_node=False, default=32)
   truncated_is_valid: bool = flax.struct.field(pytree_node=False, default=True)
 
@@ -209,6 +210,17 @@ class SubstringConstraint:
   def _is_dense(self, state):
     return (state.depth == 0) | ((state.depth == 1) & self.has_pairs)
 
+  def _interval_tokens(self, state, size, v):
+    """[N, small_interval] distinct content tokens that follow the first `size` (<= small_interval)
+    suffixes of each row's interval, ascending, `v` in unused slots. The suffixes are sorted, so a change
+    of next token marks a new one; with size == hi - lo this is the row's complete allowed content."""
+    n = size.shape[0]
+    r = jnp.arange(self.small_interval, dtype=jnp.int32)[None, :]
+    inside = r < size[:, None]
+    nxt = jnp.where(inside, self._key(state.depth[:, None])(state.lo[:, None] + r), -1)
+    first = inside & jnp.concatenate([jnp.ones((n, 1), bool), nxt[:, 1:] != nxt[:, :-1]], axis=1)
+    return jnp.where(first & self._content_ok(nxt), nxt, v)
+
   # --- protocol -----------------------------------------------------------------------------------
 
   def init_state(self, num_rows: int) -> SubstringState:
@@ -235,6 +247,17 @@ class SubstringConstraint:
 
   def count(self, state: SubstringState) -> jax.Array:
     return jnp.where(state.depth >= 1, state.hi - state.lo, 0)
+
+  def sparse_allowed(self, state, beam_scores):
+    """(tokens [N, small_interval + 1], usable): when no live row is at a table depth (0, or 1 with the
+    bigram table) and every live row's interval has at most `small_interval` suffixes (most steps past
+    the second), each row's allowed set is small and read directly: its interval's next tokens and EOS."""
+    v = self.vocab_size
+    live = beam_scores > NEG_INF / 2
+    size = jnp.where(live, state.hi - state.lo, 0)
+    usable = self.sparse_steps & ~jnp.any(live & (self._is_dense(state) | (size > self.small_interval)))
+    eos = jnp.where(self._eos_ok(state), self.eos_id, v)
+    return jnp.concatenate([self._interval_tokens(state, size, v), eos[:, None]], axis=1), usable
 
   def mask_log_probs(self, state, log_probs, beam_scores, *, num_beams, num_candidates):
     masked, large, eos_lp = self.exact_rows_mask(state, log_probs, beam_scores)
@@ -266,13 +289,8 @@ class SubstringConstraint:
     dense_ok = self._dense_allowed(state, v)
     masked = jnp.where(dense_ok, log_probs, NEG_INF)
 
-    # Small intervals: the next tokens of all their suffixes (sorted, so a change marks a new token).
-    r = jnp.arange(self.small_interval, dtype=jnp.int32)[None, :]
-    inside = r < size[:, None]
-    nxt = jnp.where(inside, self._key(state.depth[:, None])(state.lo[:, None] + r), -1)
-    first = inside & jnp.concatenate([jnp.ones((n, 1), bool), nxt[:, 1:] != nxt[:, :-1]], axis=1)
-    a_ok = first & self._content_ok(nxt)
-    a_tok = jnp.where(a_ok, nxt, v)
+    # Small intervals (and the first suffixes of large ones): the tokens read from the suffix array.
+    a_tok = self._interval_tokens(state, size, v)
     a_lp = jnp.take_along_axis(log_probs, jnp.clip(a_tok, 0, v - 1), axis=1)
     masked = masked.at[jnp.broadcast_to(rows, a_tok.shape), a_tok].set(a_lp, mode="drop")
     masked = masked.at[:, self.eos_id].set(eos_lp)
