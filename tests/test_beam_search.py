@@ -67,12 +67,14 @@ ident = st.lists(st.integers(2, V - 1), min_size=1, max_size=5)
 
 
 @SETTINGS
-@given(ids=st.lists(ident, min_size=1, max_size=12), seed=st.integers(0, 10**6))
-def test_trie_matches_masked_reference(ids, seed):
+@given(ids=st.lists(ident, min_size=1, max_size=12), seed=st.integers(0, 10**6), sparse=st.booleans())
+def test_trie_matches_masked_reference(ids, seed, sparse):
+  """`sparse`: the CSR levels take the sparse steps (`sparse_allowed`), forced on this 10-token vocabulary."""
   model = FakeModel(V, seed=seed)
   inputs = np.random.default_rng(seed).integers(2, V, size=(2, 3))
   cache, first = model.decode_init(inputs)
-  out = run(model.params, cache, first, make_trie(ids), num_beams=3, max_decode_len=4)
+  trie = make_trie(ids).replace(sparse_steps=sparse)
+  out = run(model.params, cache, first, trie, num_beams=3, max_decode_len=4)
   check_against_reference(model, out, inputs, num_beams=3, max_len=4,
                           allowed_fn=trie_allowed_fn(ids, EOS), truncated=False)
   # Every result is a complete identifier that fits max_decode_len with its EOS.
@@ -263,7 +265,7 @@ def test_sparse_candidate_top_k_equals_masked_top_k(seed, k, v, width):
 
 def test_block_preselection_leaves_search_results_unchanged(monkeypatch):
   """The same searches (unconstrained and trie, vocab 1,024 so the block path runs) with the pre-selection
-  on and off return identical outputs."""
+  on and off return identical outputs; so do the trie's sparse steps on and off."""
   bs_mod = importlib.import_module("genret_jax.decoding.beam_search")   # the package re-exports the function
   v = 1024
   model = FakeModel(v, seed=5)
@@ -274,12 +276,15 @@ def test_block_preselection_leaves_search_results_unchanged(monkeypatch):
   outs = {}
   for block in (128, 0):
     monkeypatch.setattr(bs_mod, "TOPK_BLOCK", block)
-    for name, constraint in (("free", None), ("trie", trie)):
+    for name, constraint in (("free", None), ("trie", trie), ("trie_dense_steps", trie.replace(sparse_steps=False))):
       fn = jax.jit(lambda p, c_, f, con: beam_search(functools.partial(fake_tokens_to_logits, p), c_, f,
                                                      num_beams=8, max_decode_len=5, eos_id=EOS, pad_id=PAD,
                                                      constraint=con))
       outs[block, name] = fn(model.params, cache, first, constraint)
-  for name in ("free", "trie"):
+  for name in ("free", "trie", "trie_dense_steps"):
     assert np.asarray(outs[128, name].valid).sum() > 0
     for x, y in zip(jax.tree.leaves(outs[128, name]), jax.tree.leaves(outs[0, name])):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The CSR levels of this trie (max_branch 64, V 1,024) take the sparse steps by default; same results.
+  for x, y in zip(jax.tree.leaves(outs[128, "trie"]), jax.tree.leaves(outs[128, "trie_dense_steps"])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -27,6 +27,9 @@ from genret_jax.decoding.constraints import NEG_INF, lower_bound, next_pow2, pad
 from genret_jax.errors import InputError
 
 DEFAULT_DENSE_BUDGET_BYTES = 64 << 20
+# Sparse steps (`sparse_allowed`) only when the CSR width is at most V / this: reading S log-probs per row
+# then costs well under the [N, V] mask and scan it replaces.
+SPARSE_WIDTH_RATIO = 8
 
 
 def _padded_matrix(sequences: Sequence[Sequence[int]], vocab_size: int, eos_id: int) -> np.ndarray:
@@ -65,6 +68,8 @@ class TrieConstraint:
   vocab_size: int = flax.struct.field(pytree_node=False)
   max_branch: int = flax.struct.field(pytree_node=False)   # static width of the CSR gather
   truncated_is_valid: bool = flax.struct.field(pytree_node=False, default=False)
+  # Sparse steps (`sparse_allowed`): None = when max_branch * SPARSE_WIDTH_RATIO <= vocab_size.
+  sparse_steps: bool | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
   def build(cls, sequences: Sequence[Sequence[int]], *, vocab_size: int, eos_id: int,
@@ -197,13 +202,26 @@ class TrieConstraint:
     alive, safe, in_dense, start, end = self._rows(state)
     dense_row = jnp.take(self.dense, jnp.minimum(safe, self.dense.shape[0] - 1), axis=0, mode="clip")
     masked = jnp.where(in_dense[:, None] & (dense_row >= 0), log_probs, NEG_INF)
-    j = jnp.arange(self.max_branch, dtype=jnp.int32)
-    edge = start[:, None] + j[None, :]
-    ok = alive[:, None] & ~in_dense[:, None] & (edge < end[:, None])
-    tok = jnp.where(ok, jnp.take(self.edge_tokens, edge, mode="clip"), v)
+    tok = self._csr_tokens(alive & ~in_dense, start, end)
     rows = jnp.broadcast_to(jnp.arange(n)[:, None], tok.shape)
     vals = jnp.take_along_axis(log_probs, jnp.minimum(tok, v - 1), axis=1)
     return masked.at[rows, tok].set(vals, mode="drop")
+
+  def _csr_tokens(self, ok_rows, start, end):
+    """[N, max_branch] child tokens of the CSR nodes in `ok_rows` (sorted, distinct), vocab_size elsewhere."""
+    edge = start[:, None] + jnp.arange(self.max_branch, dtype=jnp.int32)[None, :]
+    ok = ok_rows[:, None] & (edge < end[:, None])
+    return jnp.where(ok, jnp.take(self.edge_tokens, edge, mode="clip"), self.vocab_size)
+
+  def sparse_allowed(self, state, beam_scores):
+    """(tokens [N, max_branch], usable): usable when no live row is at a dense-table node (the levels
+    below them are the narrow ones) and sparse steps are on (see `sparse_steps`)."""
+    alive, _, in_dense, start, end = self._rows(state)
+    live = beam_scores > NEG_INF / 2
+    on = (self.max_branch * SPARSE_WIDTH_RATIO <= self.vocab_size if self.sparse_steps is None
+          else self.sparse_steps)
+    usable = on & ~jnp.any(live & in_dense)
+    return self._csr_tokens(alive & ~in_dense, start, end), usable
 
   def advance(self, state, tokens):
     alive, safe, in_dense, start, end = self._rows(state)
