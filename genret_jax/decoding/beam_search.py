@@ -118,6 +118,10 @@ def candidate_top_k(beam_scores: jax.Array, log_probs: jax.Array, c: int) -> tup
   (which for valid candidates needs equal log-probs; invalid ones are NEG_INF-masked and never used)."""
   b, k, v = log_probs.shape
   block = TOPK_BLOCK
+  # Small vocabularies (e.g. 512): narrower blocks, so that there are several times more blocks than
+  # candidates and the pre-selection still pays.
+  while block > 16 and v % block == 0 and k * (v // block) <= 4 * c:
+    block //= 2
   if not block or v % block or k * (v // block) <= 2 * c:
     return top_k((beam_scores[:, :, None] + log_probs).reshape(b, k * v), c)
   nb = v // block
