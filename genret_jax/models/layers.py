@@ -8,7 +8,8 @@ Conventions:
 * attention masks are booleans broadcastable to [batch, 1, q_len, kv_len], True = may attend.
 
 KV cache (flax `cache` collection). A self-attention layer in `decode` mode holds, all with the batch leading:
-`cached_key`/`cached_value` [B, Lc, kv_heads, head_dim], `key_mask` [B, Lc] (1 = slot holds a real token),
+`cached_key`/`cached_value` [B, kv_heads, Lc, head_dim] (heads first: the layout the attention products read, so
+no step transposes the cache), `key_mask` [B, Lc] (1 = slot holds a real token),
 `cache_index` [B] (next slot to write). The first `decode` call only creates the (zero) cache; each later call
 appends its T tokens at every row's own index and attends causally over the valid slots, so one code path serves
 a multi-token prefill (left padding marked by `token_mask`) and single-token steps. Cross-attention caches the
@@ -217,11 +218,13 @@ def apply_rotary(x: Array, tables: RotaryTables) -> Array:
   return (x32 * tables.cos + rotated * tables.sin).astype(x.dtype)
 
 
-def _update_rows(buffer: Array, update: Array, index: Array) -> Array:
-  """Writes update[b] into buffer[b] at offset index[b] along axis 1 (per-row cache write)."""
+def _update_rows(buffer: Array, update: Array, index: Array, axis: int = 1) -> Array:
+  """Writes update[b] into buffer[b] at offset index[b] along `axis` (per-row cache write)."""
 
   def one(buf, upd, i):
-    return jax.lax.dynamic_update_slice(buf, upd.astype(buf.dtype), (i,) + (0,) * (buf.ndim - 1))
+    start = [0] * buf.ndim
+    start[axis - 1] = i
+    return jax.lax.dynamic_update_slice(buf, upd.astype(buf.dtype), tuple(start))
 
   return jax.vmap(one)(buffer, update, index)
 
@@ -254,8 +257,8 @@ class Attention(nn.Module):
     q = constrain(q, ("batch", "length", "heads", "kv"))
     batch, q_len = inputs_q.shape[0], inputs_q.shape[1]
 
-    heads_major = self.is_cross_attention and self.decode   # cached keys/values [B, kv_heads, S, head_dim]
-    if heads_major:
+    heads_major = self.decode   # cached keys/values are [B, kv_heads, S, head_dim]
+    if self.is_cross_attention and self.decode:
       k, v, mask = self._cross_cache(inputs_kv, mask, dense)
     else:
       k = dense((hkv, d), ("embed", "kv_heads", "kv"), init_scale=self.init_scale, name="key")(inputs_kv)
@@ -311,17 +314,18 @@ class Attention(nn.Module):
   def _self_cache(self, k, v, mask, token_mask, batch, q_len):
     hkv, d = self.num_kv_heads, self.head_dim
     initialized = self.has_variable("cache", "cached_key")
-    shape = (batch, self.cache_length, hkv, d)
+    shape = (batch, hkv, self.cache_length, d)
     cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
     cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
     key_mask = self.variable("cache", "key_mask", jnp.zeros, (batch, self.cache_length), jnp.int32)
     cache_index = self.variable("cache", "cache_index", jnp.zeros, (batch,), jnp.int32)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # [B, kv_heads, T, head_dim]
     if not initialized:  # creation call: attend within the given tokens only, cache untouched
       return k, v, mask
     index = cache_index.value
     tm = jnp.ones((batch, q_len), jnp.int32) if token_mask is None else token_mask.astype(jnp.int32)
-    cached_key.value = _update_rows(cached_key.value, k, index)
-    cached_value.value = _update_rows(cached_value.value, v, index)
+    cached_key.value = _update_rows(cached_key.value, k, index, axis=2)
+    cached_value.value = _update_rows(cached_value.value, v, index, axis=2)
     key_mask.value = _update_rows(key_mask.value, tm, index)
     cache_index.value = index + q_len
     slots = jnp.arange(self.cache_length)
