@@ -59,15 +59,17 @@ class TokenStats(NamedTuple):
   log_prob: Array       # log p(target)
   log_z: Array          # logsumexp of the logits (z-loss)
   mean_log_prob: Array  # mean of log p over the vocabulary (label smoothing)
-  correct: Array        # argmax == target
+  correct: Array        # the target's logit is the largest (argmax == target up to exact ties)
 
 
 def token_stats(logits: Array, targets: Array) -> TokenStats:
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return TokenStats(target_logit - log_z, log_z, jnp.mean(logits, axis=-1) - log_z,
-                    jnp.argmax(logits, axis=-1) == targets)
+  # A max compare rather than argmax == target: XLA:CPU runs argmax's (value, index) reduce unvectorised, 6 ms of
+  # a 58 ms t5/r0 train step (vocab 4,096; ad-hoc profile), while the max is the one logsumexp already takes.
+  correct = target_logit >= jnp.max(logits, axis=-1)
+  return TokenStats(target_logit - log_z, log_z, jnp.mean(logits, axis=-1) - log_z, correct)
 
 
 def projected_token_stats(project: Callable[[Array], Array], x: Array, targets: Array,
