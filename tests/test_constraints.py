@@ -182,10 +182,10 @@ def test_sparse_allowed_lists_the_true_set(docs, seed, pairs):
 @pytest.mark.parametrize("pairs", [True, False])
 def test_sparse_steps_leave_search_unchanged(pairs):
   """Searches with the sparse steps on and off (`sparse_steps`) return identical outputs, history
-  included, on a corpus with small and large intervals."""
+  included, on a corpus with small and large intervals (with this seed: steps 0-2 dense, 3-5 sparse)."""
   rng = np.random.default_rng(11)
   docs = [list(rng.integers(2, 5 if i % 2 else V, size=int(rng.integers(5, 40)))) for i in range(30)]
-  _, sc = build(docs, small_interval=8, **({} if pairs else {"pair_budget_bytes": 0}))
+  _, sc = build(docs, small_interval=16, **({} if pairs else {"pair_budget_bytes": 0}))
   model, _, cache, first = _query(4, batch=4)
   a = run(model.params, cache, first, sc, num_beams=4, max_decode_len=6, keep_history=True)
   b = run(model.params, cache, first, sc.replace(sparse_steps=False), num_beams=4, max_decode_len=6,
