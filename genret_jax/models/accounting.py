@@ -95,9 +95,12 @@ def forward_flops_per_example(config: Any, inputs_length: int, targets_length: i
   if isinstance(config, T5Config):
     a = _attn_dim(config)
     enc_layer = 4 * config.d_model * a + _t5_mlp_params(config)
-    dec_layer = 8 * config.d_model * a + _t5_mlp_params(config)
+    # Per target token: Q, K, V, out of the self-attention and Q, out of the cross-attention; the cross-attention
+    # K/V project the encoder output, once per input token.
+    dec_layer = 6 * config.d_model * a + _t5_mlp_params(config)
     dense = (2.0 * config.num_encoder_layers * enc_layer * inputs_length
-             + 2.0 * config.num_decoder_layers * dec_layer * targets_length)
+             + 2.0 * config.num_decoder_layers * dec_layer * targets_length
+             + 2.0 * config.num_decoder_layers * 2 * config.d_model * a * inputs_length)
     attention = (4.0 * config.num_encoder_layers * inputs_length * inputs_length * a
                  + 4.0 * config.num_decoder_layers * targets_length * ((targets_length + 1) / 2.0) * a
                  + 4.0 * config.num_decoder_layers * targets_length * inputs_length * a)
@@ -123,11 +126,10 @@ def decode_step_flops(config: Any, context: int, inputs_length: int = 0) -> Flop
     return forward_flops_per_token(config, context)
   if isinstance(config, T5Config):
     a = _attn_dim(config)
-    dense = 2.0 * config.num_decoder_layers * (2 * config.d_model * a + 2 * config.d_model * a
-                                               + _t5_mlp_params(config))
-    # self-attention K/V projections for the new token plus Q/out of both attentions are in `dense` above;
-    # cross K/V of the encoder output are projected once per example (decode_init_flops).
-    dense -= 2.0 * config.num_decoder_layers * 2 * config.d_model * a
+    # Per layer the new token goes through six d_model x (heads x head_dim) projections: Q, K, V and out of the
+    # self-attention, Q and out of the cross-attention (whose K/V of the encoder output are projected once per
+    # example, in decode_init_flops).
+    dense = 2.0 * config.num_decoder_layers * (6 * config.d_model * a + _t5_mlp_params(config))
     attention = 4.0 * config.num_decoder_layers * (context + inputs_length) * a
     return Flops(dense, attention, 2.0 * config.vocab_size * config.d_model)
   raise TypeError(f"unknown config {type(config).__name__}")
@@ -136,11 +138,15 @@ def decode_step_flops(config: Any, context: int, inputs_length: int = 0) -> Flop
 def decode_init_flops(config: Any, inputs_length: int) -> Flops:
   """One-off FLOPs per example before decoding: T5 encoder + cross K/V projections; LLaMA prompt prefill."""
   if isinstance(config, LlamaConfig):
-    return forward_flops_per_example(config, inputs_length, 0)
+    # The prefill keeps only K/V: no logits, and the last layer's queries, attention and MLP feed nothing kept (the
+    # last prompt token goes through the model at the first decode step), so they are not computed.
+    full = forward_flops_per_example(config, inputs_length, 0)
+    c = config
+    last_layer = 2.0 * (c.d_model * c.head_dim * 2 * c.num_heads + 3 * c.d_model * c.d_ff) * inputs_length
+    return Flops(full.dense - last_layer, full.attention * (c.num_layers - 1) / c.num_layers, 0.0)
   if isinstance(config, T5Config):
-    enc = forward_flops_per_example(config, inputs_length, 0)
-    cross = 2.0 * config.num_decoder_layers * 2 * config.d_model * _attn_dim(config) * inputs_length
-    return Flops(enc.dense + cross, enc.attention, 0.0)
+    enc = forward_flops_per_example(config, inputs_length, 0)   # includes the cross K/V of the encoded inputs
+    return Flops(enc.dense, enc.attention, 0.0)
   raise TypeError(f"unknown config {type(config).__name__}")
 
 
