@@ -528,7 +528,7 @@ def merge_results(paths) -> tuple[dict, str]:
     res.setdefault("load_start", part.get("load_start", "n/a"))
     res["load_end"] = part.get("load_end", "n/a")
     res["notes"] += part.get("notes", [])
-    for key in ("peak", "ngram"):
+    for key in ("peak", "ngram", "repeats", "block_seconds"):
       if key in part:
         res[key] = part[key]
     if "trie" in part:
