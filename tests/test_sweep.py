@@ -1,5 +1,6 @@
 """The sweep end to end on the embedded corpus (tiny rungs, few steps): results table, per-query files, report,
-restart skipping finished models, and a model without result.json (killed half way) redone."""
+restart skipping finished models (one with FLOPs from an older accounting named in a warning), and a model
+without result.json (killed half way) redone."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from genret_jax import gin_utils
+from genret_jax.models import accounting
 from genret_jax.scaling import results as results_lib
 from genret_jax.scaling import sweep as sweep_lib
 
@@ -52,10 +54,17 @@ def test_restart_skips_finished_and_redoes_unfinished(tiny_sweep, capsys):
   cfg, out, _ = tiny_sweep
   killed = os.path.join(out, results_lib.CELLS_DIR, "t5-d0-f060", sweep_lib.RESULT_JSON)
   os.remove(killed)   # as if the process died before the model's evaluation was written
+  # A model finished before the FLOP-accounting fix (its result.json has no flops_version) is kept, and named.
+  old = os.path.join(out, results_lib.CELLS_DIR, "llama-d0-f100", sweep_lib.RESULT_JSON)
+  stored = json.load(open(old))
+  assert stored.pop("flops_version") == accounting.FLOPS_VERSION
+  json.dump(stored, open(old, "w"))
   mtime = os.path.getmtime(os.path.join(out, results_lib.CELLS_DIR, "t5-d0-f100", sweep_lib.RESULT_JSON))
   rows = sweep_lib.run_sweep(cfg, out)
   printed = capsys.readouterr().out
   assert printed.count("already done") == 2 and "t5-d0-f060: training + evaluation" in printed
+  warning = [line for line in printed.splitlines() if line.startswith("warning: ")]
+  assert len(warning) == 1 and "1 finished model(s)" in warning[0] and "llama-d0-f100" in warning[0]
   assert os.path.exists(killed)
   assert os.path.getmtime(os.path.join(out, results_lib.CELLS_DIR, "t5-d0-f100", sweep_lib.RESULT_JSON)) == mtime
   assert len(rows) == 5

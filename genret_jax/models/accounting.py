@@ -28,6 +28,12 @@ from genret_jax.models.llama import LlamaConfig
 from genret_jax.models.t5 import T5Config
 
 
+# Bumped whenever a FLOP formula changes, so stored results can say which count they used (sweep cells record
+# it). 1: until session 10 (T5 decode steps without 4 of 6 attention projections, T5 cross-attention K/V per
+# target token, LLaMA prefill with logits). 2: the formulas tested against XLA's cost analysis.
+FLOPS_VERSION = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamCounts:
   total: int

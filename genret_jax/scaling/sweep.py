@@ -105,6 +105,7 @@ class Sweep:
 
   def __init__(self, cfg: SweepConfig, out_dir: str, config_path: str = "", progress: bool = True):
     self.cfg, self.out_dir, self.config_path, self.progress = cfg, os.path.abspath(out_dir), config_path, progress
+    self.stale_flops: list[str] = []   # finished models whose FLOP columns use an older count (done_rows)
     os.makedirs(os.path.join(self.out_dir, results_lib.CELLS_DIR), exist_ok=True)
     os.makedirs(os.path.join(self.out_dir, "models"), exist_ok=True)
     import tasks  # noqa: F401  (registers the seqio tasks)
@@ -250,7 +251,8 @@ class Sweep:
       results_lib.write_per_query(self.out_dir, row_id, pq)
     cell_dir = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"])
     os.makedirs(cell_dir, exist_ok=True)
-    _write_json_atomic(os.path.join(cell_dir, RESULT_JSON), {"cell": cell, "rows": rows})
+    _write_json_atomic(os.path.join(cell_dir, RESULT_JSON),
+                       {"cell": cell, "rows": rows, "flops_version": accounting.FLOPS_VERSION})
     return rows
 
   def artefacts_vocab(self):
@@ -258,11 +260,17 @@ class Sweep:
     return seqio.SentencePieceVocabulary(self.artefacts.vocab_file())
 
   def done_rows(self, cell: dict) -> list[dict] | None:
+    """The stored rows of a finished model, or None. Rows whose FLOP columns came from an older
+    `accounting.FLOPS_VERSION` are kept as they are, and `stale_flops` names their cells."""
+    from genret_jax.models import accounting
     path = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"], RESULT_JSON)
     if not os.path.exists(path):
       return None
     with open(path) as f:
-      return json.load(f)["rows"]
+      stored = json.load(f)
+    if stored.get("flops_version", 1) != accounting.FLOPS_VERSION:
+      self.stale_flops.append(cell["model_id"])
+    return stored["rows"]
 
   def run(self) -> list[dict]:
     cells = plan(self.cfg)
@@ -280,6 +288,13 @@ class Sweep:
               f"CGL={best['cgl']:.6f} Recall@10={best['recall@10']:.3f} ({best['wall_s']:.0f}s)", flush=True)
       all_rows.extend(rows)
       results_lib.write_results(os.path.join(self.out_dir, results_lib.RESULTS_CSV), all_rows)
+    if self.stale_flops:
+      msg = (f"{len(self.stale_flops)} finished model(s) keep train_flops / decode_flops_per_query from an older "
+             f"FLOP accounting (T5 counts were low; docs/scaling.md), so the compute axes mix two counts: "
+             f"{', '.join(self.stale_flops)}. Delete their directories under "
+             f"{os.path.join(self.out_dir, results_lib.CELLS_DIR)} and rerun to redo them.")
+      logging.warning(msg)
+      print("warning: " + msg, flush=True)
     return all_rows
 
 
