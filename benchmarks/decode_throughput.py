@@ -462,7 +462,9 @@ def markdown(res: dict, command: str) -> str:
          f"Load average at start / end: {res['load_start']} / {res['load_end']} (shared machine: methods "
          f"are timed round-robin in the same run, so compare ratios within a row). Timing: median over "
          f"{res.get('repeats', '?')} blocks per method; a block repeats one method's call back to back for "
-         f"~{res.get('block_seconds', '?')} s (1-{MAX_BLOCK_CALLS} calls) and counts its median call.", "",
+         f"~{res.get('block_seconds', '?')} s (1-{MAX_BLOCK_CALLS} calls) and counts its median call"
+         + (f", after {res['warmup_rounds']} discarded round(s) of blocks." if res.get("warmup_rounds")
+            else "; no discarded warm-up round.") + "", "",
          "Top-k agreement: fraction of queries with identical lists / identical up to near-tie order; "
          "'+N ours better': queries whose lists differ only by hypotheses that score higher in ours (HF's beam "
          "scorer keeps an EOS-ended candidate only if it ranks in the first K of its 2K per step and finishes only "
@@ -533,7 +535,7 @@ def merge_results(paths) -> tuple[dict, str]:
     res.setdefault("load_start", part.get("load_start", "n/a"))
     res["load_end"] = part.get("load_end", "n/a")
     res["notes"] += part.get("notes", [])
-    for key in ("peak", "ngram", "repeats", "block_seconds"):
+    for key in ("peak", "ngram", "repeats", "block_seconds", "warmup_rounds"):
       if key in part:
         res[key] = part[key]
     if "trie" in part:
@@ -560,7 +562,7 @@ def main(args) -> int:
   if args.device == "gpu" and jax.default_backend() == "cpu":
     print("warning: --device gpu but jax found no accelerator; jax runs on the CPU", file=sys.stderr)
   res = {"env": environment(tname), "load_start": loadavg(), "notes": [], "repeats": repeats,
-         "block_seconds": args.block_seconds}
+         "block_seconds": args.block_seconds, "warmup_rounds": WARMUP_ROUNDS}
   if "no CUDA" in tname:
     res["notes"].append("Note: torch has no CUDA in this environment, so HF ran on the CPU.")
 
