@@ -261,7 +261,7 @@ WARMUP_ROUNDS = 1
 
 def interleaved(methods: dict, repeats: int, block_seconds: float) -> dict:
   """methods: name -> callable returning (result, steps). Warms each up (two calls), then times them round-robin in
-  `repeats` blocks per method; returns name -> (median seconds per call, result, steps).
+  `repeats` blocks per method; returns name -> (median seconds per call, result, steps, per-round seconds).
 
   A block is consecutive calls of one method (as a batch eval job runs: one framework, call after call), as
   many as fit `block_seconds` (at least 1, at most MAX_BLOCK_CALLS); it reports its median call. A lone call
@@ -290,7 +290,15 @@ def interleaved(methods: dict, repeats: int, block_seconds: float) -> dict:
       per_call[name] = statistics.median(block)
       if rnd >= WARMUP_ROUNDS:
         times[name].append(per_call[name])
-  return {name: (statistics.median(times[name]), *res[name]) for name in methods}
+  return {name: (statistics.median(times[name]), *res[name], times[name]) for name in methods}
+
+
+def round_ratio(r: dict, slow: str, fast: str) -> float:
+  """Median over rounds of time[slow] / time[fast] (a speed-up of `fast` over `slow`), from `interleaved`'s
+  per-round times. This machine switches for seconds at a time between a fast and a ~1.6x slower state (the same
+  process CPU share, no steal time; session 10 probe), longer than a block: blocks of one round share a state
+  more often than the medians of the two methods do, so per-round ratios are the steadier figure."""
+  return statistics.median(s / f for s, f in zip(r[slow][3], r[fast][3]))
 
 
 def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log):
@@ -328,7 +336,7 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log):
     r = interleaved({"ours_trie": ours(trie), "hf_trie": theirs(prefix_fn), "ours_free": ours(None),
                      "hf_free": theirs(None)}, repeats, block_seconds)
     row = {"size": size, "beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
-    for name, (sec, _, steps) in r.items():
+    for name, (sec, _, steps, _) in r.items():
       row[f"{name}_qps"] = batch / sec
       row[f"{name}_gflops"] = model_flops(cfg, batch, k, steps) / sec / 1e9
       row[f"{name}_steps"] = steps
@@ -338,9 +346,9 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log):
       row[f"agree_{kind}_ties"] = tie
       row[f"ours_better_{kind}"] = better
       row[f"disagree_{kind}"] = bad
-    row["speedup_trie"] = row["ours_trie_qps"] / row["hf_trie_qps"]
-    row["ours_trie_overhead"] = row["ours_free_qps"] / row["ours_trie_qps"] - 1
-    row["hf_trie_overhead"] = row["hf_free_qps"] / row["hf_trie_qps"] - 1
+    row["speedup_trie"] = round_ratio(r, "hf_trie", "ours_trie")
+    row["ours_trie_overhead"] = round_ratio(r, "ours_trie", "ours_free") - 1
+    row["hf_trie_overhead"] = round_ratio(r, "hf_trie", "hf_free") - 1
     log(row)
     rows.append(row)
   return rows, accounting.count_params(cfg).total
@@ -422,17 +430,17 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log):
                      "hf_free": hf_free, "ours_ngram_biased": ours(search_b, sc, True),
                      "ours_free_biased": ours(search_b, None, False)}, repeats, block_seconds)
     row = {"beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
-    for name, (sec, _, steps) in r.items():
+    for name, (sec, _, steps, _) in r.items():
       row[f"{name}_qps"] = batch / sec
       row[f"{name}_steps"] = steps
     if r["ours_ngram"][1] != r["ours_ngram_alt"][1]:
       raise AssertionError(f"beam {k}: {shapes} and {alt_shapes} loop shapes returned different n-grams")
     same, tie, better, bad = agreement(r["ours_free"][1], r["hf_free"][1])
     row.update(agree_free=same, agree_free_ties=tie, ours_better_free=better, disagree_free=bad)
-    row["ngram_vs_hf_free"] = row["ours_ngram_qps"] / row["hf_free_qps"]
-    row["ngram_overhead"] = row["ours_free_qps"] / row["ours_ngram_qps"] - 1
-    row["ngram_alt_overhead"] = row["ours_free_qps"] / row["ours_ngram_alt_qps"] - 1
-    row["ngram_overhead_biased"] = row["ours_free_biased_qps"] / row["ours_ngram_biased_qps"] - 1
+    row["ngram_vs_hf_free"] = round_ratio(r, "hf_free", "ours_ngram")
+    row["ngram_overhead"] = round_ratio(r, "ours_ngram", "ours_free") - 1
+    row["ngram_alt_overhead"] = round_ratio(r, "ours_ngram_alt", "ours_free") - 1
+    row["ngram_overhead_biased"] = round_ratio(r, "ours_ngram_biased", "ours_free_biased") - 1
     log(row)
     rows.append(row)
   meta = {"corpus_tokens": index.num_tokens, "docs": index.num_docs, "tokenizer": sp_desc,
@@ -464,7 +472,10 @@ def markdown(res: dict, command: str) -> str:
          f"{res.get('repeats', '?')} blocks per method; a block repeats one method's call back to back for "
          f"~{res.get('block_seconds', '?')} s (1-{MAX_BLOCK_CALLS} calls) and counts its median call"
          + (f", after {res['warmup_rounds']} discarded round(s) of blocks." if res.get("warmup_rounds")
-            else "; no discarded warm-up round.") + "", "",
+            else "; no discarded warm-up round.")
+         + (" Ratios and overheads are medians of per-round ratios (blocks of one round run seconds apart), so "
+            "they can differ from the ratios of the q/s columns." if res.get("round_ratios")
+            else " Ratios and overheads are ratios of the q/s columns."), "",
          "Top-k agreement: fraction of queries with identical lists / identical up to near-tie order; "
          "'+N ours better': queries whose lists differ only by hypotheses that score higher in ours (HF's beam "
          "scorer keeps an EOS-ended candidate only if it ranks in the first K of its 2K per step and finishes only "
@@ -535,7 +546,7 @@ def merge_results(paths) -> tuple[dict, str]:
     res.setdefault("load_start", part.get("load_start", "n/a"))
     res["load_end"] = part.get("load_end", "n/a")
     res["notes"] += part.get("notes", [])
-    for key in ("peak", "ngram", "repeats", "block_seconds", "warmup_rounds"):
+    for key in ("peak", "ngram", "repeats", "block_seconds", "warmup_rounds", "round_ratios"):
       if key in part:
         res[key] = part[key]
     if "trie" in part:
@@ -562,7 +573,7 @@ def main(args) -> int:
   if args.device == "gpu" and jax.default_backend() == "cpu":
     print("warning: --device gpu but jax found no accelerator; jax runs on the CPU", file=sys.stderr)
   res = {"env": environment(tname), "load_start": loadavg(), "notes": [], "repeats": repeats,
-         "block_seconds": args.block_seconds, "warmup_rounds": WARMUP_ROUNDS}
+         "block_seconds": args.block_seconds, "warmup_rounds": WARMUP_ROUNDS, "round_ratios": True}
   if "no CUDA" in tname:
     res["notes"].append("Note: torch has no CUDA in this environment, so HF ran on the CPU.")
 
