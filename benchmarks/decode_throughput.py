@@ -473,7 +473,7 @@ def markdown(res: dict, command: str) -> str:
          f"~{res.get('block_seconds', '?')} s (1-{MAX_BLOCK_CALLS} calls) and counts its median call"
          + (f", after {res['warmup_rounds']} discarded round(s) of blocks." if res.get("warmup_rounds")
             else "; no discarded warm-up round.")
-         + (" Ratios and overheads are medians of per-round ratios (blocks of one round run seconds apart), so "
+         + (" Ratios and overheads are medians of per-round ratios (the blocks of one round run back to back), so "
             "they can differ from the ratios of the q/s columns." if res.get("round_ratios")
             else " Ratios and overheads are ratios of the q/s columns."), "",
          "Top-k agreement: fraction of queries with identical lists / identical up to near-tie order; "
