@@ -98,8 +98,8 @@ def _xla_flops(fn, *args) -> float:
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_flops_match_xla_count(family):
   """The formulas against XLA's own count of the compiled forward pass, decode init and decode step (d_model 256,
-  so the elementwise ops XLA also counts stay under ~2%): a projection left out of a formula shows up as a gap
-  of 10% or more."""
+  so the elementwise ops XLA also counts stay under ~2%): one d_model x d_model projection left out of a formula is a
+  gap of ~7% at this size, against the 2% tolerance."""
   batch, lin, lt, cache_len = 4, 16, 8, 8
   if family == "t5":
     config = T5Config(vocab_size=1024, d_model=256, num_heads=4, head_dim=64, d_ff=512, num_encoder_layers=2,
