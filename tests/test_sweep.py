@@ -4,6 +4,7 @@ without result.json (killed half way) redone."""
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -55,10 +56,10 @@ def test_restart_skips_finished_and_redoes_unfinished(tiny_sweep, capsys):
   killed = os.path.join(out, results_lib.CELLS_DIR, "t5-d0-f060", sweep_lib.RESULT_JSON)
   os.remove(killed)   # as if the process died before the model's evaluation was written
   # A model finished before the FLOP-accounting fix (its result.json has no flops_version) is kept, and named.
-  old = os.path.join(out, results_lib.CELLS_DIR, "llama-d0-f100", sweep_lib.RESULT_JSON)
-  stored = json.load(open(old))
+  old = pathlib.Path(out, results_lib.CELLS_DIR, "llama-d0-f100", sweep_lib.RESULT_JSON)
+  stored = json.loads(old.read_text())
   assert stored.pop("flops_version") == accounting.FLOPS_VERSION
-  json.dump(stored, open(old, "w"))
+  old.write_text(json.dumps(stored))
   mtime = os.path.getmtime(os.path.join(out, results_lib.CELLS_DIR, "t5-d0-f100", sweep_lib.RESULT_JSON))
   rows = sweep_lib.run_sweep(cfg, out)
   printed = capsys.readouterr().out

@@ -147,9 +147,9 @@ def decode_init_flops(config: Any, inputs_length: int) -> Flops:
     # The prefill keeps only K/V: no logits, and the last layer's queries, attention and MLP feed nothing kept (the
     # last prompt token goes through the model at the first decode step), so they are not computed.
     full = forward_flops_per_example(config, inputs_length, 0)
-    c = config
-    last_layer = 2.0 * (c.d_model * c.head_dim * 2 * c.num_heads + 3 * c.d_model * c.d_ff) * inputs_length
-    return Flops(full.dense - last_layer, full.attention * (c.num_layers - 1) / c.num_layers, 0.0)
+    last_layer_kv = config.d_model * config.head_dim * 2 * config.num_kv_heads
+    skipped = 2.0 * (_llama_layer_matmul_params(config) - last_layer_kv) * inputs_length
+    return Flops(full.dense - skipped, full.attention * (config.num_layers - 1) / config.num_layers, 0.0)
   if isinstance(config, T5Config):
     enc = forward_flops_per_example(config, inputs_length, 0)   # includes the cross K/V of the encoded inputs
     return Flops(enc.dense, enc.attention, 0.0)
