@@ -3,6 +3,7 @@
 # no seqio, TensorFlow, gin-config or pydivsufsort, and no network). Run from the repository root:
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh [seconds, default 580: give the call a 600 s limit]
+#   STEPS="decode_trie decode_ngram" NGRAM_BEAMS="20 1" OUT=... bash benchmarks/gpu_run.sh 480   # these steps, in order
 #
 # Session 4 (H100) timings: jax compiles 13-42 s per train rung and ~10-30 s per decode program there, so the
 # step limits below are what the figures in docs/benchmarks.md needed; the four train rungs need ~220 s.
@@ -35,6 +36,7 @@ python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__,
 flax.__version__, 'torch', torch.__version__, torch.cuda.is_available(), 'transformers', transformers.__version__)" \
   2>&1 | tail -1 | tee "$WORK/env.txt"
 
+STEPS=${STEPS:-decode_ngram index decode_trie cgl train}
 step() {   # step NAME SECONDS CMD...: at most SECONDS, never past the budget
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET - ($(date +%s) - START)))
@@ -48,14 +50,21 @@ step() {   # step NAME SECONDS CMD...: at most SECONDS, never past the budget
 }
 save() { cp docs/benchmarks.md "$OUT/benchmarks.md"; tar czf "$OUT/results.tgz" -C "$WORK" .; }
 
-# Most informative first: a later step is skipped cleanly when the budget is spent.
-step decode_ngram 330 python3 benchmarks/decode_throughput.py --device gpu --parts ngram --ngram_beams 1 20 \
-  --repeats 2 --json_out "$WORK/decode_ngram.json"
-step index 150 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --write_docs
-step decode_trie 140 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie --sizes tiny base45m \
-  --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie.json"
-step cgl 80 python3 benchmarks/cgl_throughput.py --device gpu --rungs r0,r5 --repeats 2 --ref_seconds 2
-step train 220 python3 benchmarks/train_throughput.py --device gpu --family both --rungs r0,r2 --seconds 3 --repeats 3
+# Default order: most informative first; a later step is skipped cleanly when the budget is spent.
+run_step() {
+  case $1 in
+    decode_ngram) step decode_ngram 330 python3 benchmarks/decode_throughput.py --device gpu --parts ngram \
+      --ngram_beams ${NGRAM_BEAMS:-1 20} --repeats 2 --json_out "$WORK/decode_ngram.json" ;;
+    index) step index 150 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --write_docs ;;
+    decode_trie) step decode_trie 200 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie \
+      --sizes tiny base45m --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie.json" ;;
+    cgl) step cgl 80 python3 benchmarks/cgl_throughput.py --device gpu --rungs r0,r5 --repeats 2 --ref_seconds 2 ;;
+    train) step train 220 python3 benchmarks/train_throughput.py --device gpu --family both --rungs r0,r2 \
+      --seconds 3 --repeats 3 ;;
+    *) echo "unknown step $1"; exit 1 ;;
+  esac
+}
+for name in $STEPS; do run_step "$name"; done
 ls "$WORK"/decode_*.json >/dev/null 2>&1 && python3 benchmarks/decode_throughput.py --from_json "$WORK"/decode_*.json \
   --write_docs > "$WORK/decode_merge.log" 2>&1
 save
