@@ -32,6 +32,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Any, NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(os.environ.get("GENRET_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -259,9 +260,17 @@ MAX_BLOCK_CALLS = 10
 WARMUP_ROUNDS = 1
 
 
+class Timed(NamedTuple):
+  seconds: float                 # median seconds per call over the timed rounds
+  result: Any
+  steps: int
+  round_seconds: list            # per timed round, the block's median call
+  first_call_seconds: float      # compile + one call: on a GPU the compile can dominate a run's wall time
+
+
 def interleaved(methods: dict, repeats: int, block_seconds: float) -> dict:
   """methods: name -> callable returning (result, steps). Warms each up (two calls), then times them round-robin in
-  `repeats` blocks per method; returns name -> (median seconds per call, result, steps, per-round seconds).
+  `repeats` blocks per method; returns name -> Timed.
 
   A block is consecutive calls of one method (as a batch eval job runs: one framework, call after call), as
   many as fit `block_seconds` (at least 1, at most MAX_BLOCK_CALLS); it reports its median call. A lone call
@@ -271,9 +280,11 @@ def interleaved(methods: dict, repeats: int, block_seconds: float) -> dict:
   The first WARMUP_ROUNDS rounds are run and discarded: two warm-up calls were not enough for the first row of
   a fresh process (tiny trie beam 1 read 21.5 ms per call there and 14.2 ms in an identical second row, session
   10), which had made beam 1 the slowest-looking row of every table."""
-  res, per_call = {}, {}
+  res, per_call, first = {}, {}, {}
   for name, fn in methods.items():
+    t = time.perf_counter()
     fn()   # compiles
+    first[name] = time.perf_counter() - t
     t = time.perf_counter()
     res[name] = fn()
     per_call[name] = time.perf_counter() - t
@@ -290,7 +301,7 @@ def interleaved(methods: dict, repeats: int, block_seconds: float) -> dict:
       per_call[name] = statistics.median(block)
       if rnd >= WARMUP_ROUNDS:
         times[name].append(per_call[name])
-  return {name: (statistics.median(times[name]), *res[name], times[name]) for name in methods}
+  return {name: Timed(statistics.median(times[name]), *res[name], times[name], first[name]) for name in methods}
 
 
 def round_ratio(r: dict, slow: str, fast: str) -> float:
@@ -298,7 +309,7 @@ def round_ratio(r: dict, slow: str, fast: str) -> float:
   per-round times. This machine switches for seconds at a time between a fast and a ~1.6x slower state (the same
   process CPU share, no steal time; session 10 probe), longer than a block: blocks of one round share a state
   more often than the medians of the two methods do, so per-round ratios are the steadier figure."""
-  return statistics.median(s / f for s, f in zip(r[slow][3], r[fast][3]))
+  return statistics.median(s / f for s, f in zip(r[slow].round_seconds, r[fast].round_seconds))
 
 
 def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log):
@@ -336,12 +347,13 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log):
     r = interleaved({"ours_trie": ours(trie), "hf_trie": theirs(prefix_fn), "ours_free": ours(None),
                      "hf_free": theirs(None)}, repeats, block_seconds)
     row = {"size": size, "beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
-    for name, (sec, _, steps, _) in r.items():
-      row[f"{name}_qps"] = batch / sec
-      row[f"{name}_gflops"] = model_flops(cfg, batch, k, steps) / sec / 1e9
-      row[f"{name}_steps"] = steps
+    for name, t in r.items():
+      row[f"{name}_qps"] = batch / t.seconds
+      row[f"{name}_gflops"] = model_flops(cfg, batch, k, t.steps) / t.seconds / 1e9
+      row[f"{name}_steps"] = t.steps
+      row[f"{name}_first_call_s"] = t.first_call_seconds
     for kind in ("trie", "free"):
-      same, tie, better, bad = agreement(r[f"ours_{kind}"][1], r[f"hf_{kind}"][1])
+      same, tie, better, bad = agreement(r[f"ours_{kind}"].result, r[f"hf_{kind}"].result)
       row[f"agree_{kind}"] = same
       row[f"agree_{kind}_ties"] = tie
       row[f"ours_better_{kind}"] = better
@@ -430,12 +442,13 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log):
                      "hf_free": hf_free, "ours_ngram_biased": ours(search_b, sc, True),
                      "ours_free_biased": ours(search_b, None, False)}, repeats, block_seconds)
     row = {"beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
-    for name, (sec, _, steps, _) in r.items():
-      row[f"{name}_qps"] = batch / sec
-      row[f"{name}_steps"] = steps
-    if r["ours_ngram"][1] != r["ours_ngram_alt"][1]:
+    for name, t in r.items():
+      row[f"{name}_qps"] = batch / t.seconds
+      row[f"{name}_steps"] = t.steps
+      row[f"{name}_first_call_s"] = t.first_call_seconds
+    if r["ours_ngram"].result != r["ours_ngram_alt"].result:
       raise AssertionError(f"beam {k}: {shapes} and {alt_shapes} loop shapes returned different n-grams")
-    same, tie, better, bad = agreement(r["ours_free"][1], r["hf_free"][1])
+    same, tie, better, bad = agreement(r["ours_free"].result, r["hf_free"].result)
     row.update(agree_free=same, agree_free_ties=tie, ours_better_free=better, disagree_free=bad)
     row["ngram_vs_hf_free"] = round_ratio(r, "hf_free", "ours_ngram")
     row["ngram_overhead"] = round_ratio(r, "ours_ngram", "ours_free") - 1
