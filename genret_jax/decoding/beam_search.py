@@ -79,7 +79,7 @@ def _gather_beams(tree: PyTree, idx: jax.Array, batch: int, width: int) -> PyTre
 
   def one(x):
     x = x.reshape((batch, width) + x.shape[1:])
-    y = jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0))(x, idx)
+    y = jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0, mode="clip"))(x, idx)
     return y.reshape((batch * out_width,) + x.shape[2:])
 
   return jax.tree.map(one, tree)
@@ -98,8 +98,13 @@ def _map_beam_rows(fn: Callable[[PyTree], PyTree], cache: PyTree) -> PyTree:
 
 
 def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
-  """x [B, W, ...], idx [B, J] -> [B, J, ...]."""
-  return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0))(x, idx)
+  """x [B, W, ...], idx [B, J] -> [B, J, ...].
+
+  mode="clip" here and in `_gather_beams`: every index is a top-k position, so always in range, and jnp.take's
+  default ("fill") wraps each gather in a select over its whole output (the cache included) for out-of-range
+  rows that never occur; XLA's gather clamps anyway, so "clip" is the bare gather (the tiny beam-20 program's
+  optimized HLO shrank by 16%, identical results; session 11)."""
+  return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0, mode="clip"))(x, idx)
 
 
 # Block width of `candidate_top_k`'s pre-selection; 0 turns it off (one top-k over K x V).
