@@ -330,7 +330,11 @@ class RungResult:
 
   @property
   def ratio(self) -> float:
-    return self.ours_tok_s / self.hf_tok_s
+    """Median over repeats of the two sides' tokens/s ratio within one repeat (the chunks of a repeat run back to
+    back): this machine switches between a fast and a ~1.6x slower state for seconds at a time, and a ratio of
+    the two medians could pair a fast chunk of one side with a slow one of the other (decode_throughput's
+    `round_ratio`, session 10)."""
+    return statistics.median(o / h for o, h in zip(self.ours_chunks, self.hf_chunks))
 
 
 def measure_rung(family, rung, args, trainer, torch_device, peak) -> RungResult:
@@ -444,7 +448,8 @@ def main(argv=None) -> int:
         f"Synthetic full-length batches shaped like seqio feature-converter output (T5: encoder {args.seq_len} + "
         f"decoder {args.target_len}; LLaMA prefix-LM: {args.seq_len} + {args.target_len} concatenated, loss on the "
         f"targets). tokens/s counts every input and target position; median of {args.repeats} alternating chunks "
-        f"of {args.seconds / args.repeats:.1f} s per side.",
+        f"of {args.seconds / args.repeats:.1f} s per side; ours / HF is the median of the {args.repeats} per-repeat "
+        "ratios (one chunk per side, back to back), so it can differ from the ratio of the two medians.",
         "MFU = tokens/s x training FLOPs/token (`accounting.train_flops_per_token`) / peak; peak = best fp32 "
         f"{n_peak}^3 matmul measured in this run: jax {peaks['jax'] / 1e9:.1f} GFLOP/s, torch "
         f"{peaks['torch'] / 1e9:.1f} GFLOP/s.",
