@@ -223,7 +223,9 @@ def _fmt(v: Any) -> str:
 
 
 def _ci(ci) -> str:
-  return "" if not ci else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+  # An undefined bound (the bootstrap refits ran off to +-inf) says "n/a" rather than vanishing from the table.
+  bound = lambda v: "n/a" if isinstance(v, float) and math.isnan(v) else _fmt(v)
+  return "" if not ci else f"[{bound(ci[0])}, {bound(ci[1])}]"
 
 
 def _results_table(rows: Sequence[dict]) -> list[str]:
@@ -274,7 +276,21 @@ def fit_problem(f) -> str:
     return f"R² = {f.r2:.3g} (the law explains little of the variation)"
   if f.num_points <= len(values):
     return f"{f.num_points} points for {len(values)} parameters (an interpolation, not evidence)"
+  # A good R² with an exponent whose bootstrap CI reaches 0 (or is undefined) is a curve through these points,
+  # not a measured trend: resampling the queries finds laws that rise, fall or stay flat.
+  for name in _EXPONENTS.get(f.law.name, ()):
+    ci = (f.param_ci or {}).get(name)
+    if ci is None:
+      continue
+    lo, hi = float(ci[0]), float(ci[1])
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0.0 <= hi:
+      level = f"{100 * f.confidence:.0f}% " if f.confidence else ""
+      return f"the exponent {name}'s {level}CI {_ci(ci)} includes 0 or is undefined (no trend established)"
   return ""
+
+
+# The exponents of each law form: a bootstrap CI that reaches 0 leaves the direction of the trend open.
+_EXPONENTS = {"power": ("b",), "joint": ("alpha", "beta")}
 
 
 def _chance(rows: Sequence[dict], run_dir: pathlib.Path) -> float:
