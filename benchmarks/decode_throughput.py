@@ -410,6 +410,10 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log):
                                           static_searches=not sc.static_searches)
   shapes = "static" if sc.static_searches else "traced"
   alt_shapes = "traced" if sc.static_searches else "static"
+  meta = {"corpus_tokens": index.num_tokens, "docs": index.num_docs, "tokenizer": sp_desc,
+          "constraint_bytes": sc.nbytes, "pair_table": sc.has_pairs, "shapes": shapes,
+          "alt_shapes": alt_shapes, "search_rounds": sc.search_rounds}
+  log({"ngram_meta": meta})
   inputs = np.zeros((batch, INPUT_LEN), np.int32)
   for i, q in enumerate(sp.encode(queries[:batch])):
     q = (np.asarray(q) + 2)[:INPUT_LEN - 1]
@@ -456,9 +460,6 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log):
     row["ngram_overhead_biased"] = round_ratio(r, "ours_ngram_biased", "ours_free_biased") - 1
     log(row)
     rows.append(row)
-  meta = {"corpus_tokens": index.num_tokens, "docs": index.num_docs, "tokenizer": sp_desc,
-          "constraint_bytes": sc.nbytes, "pair_table": sc.has_pairs, "shapes": shapes,
-          "alt_shapes": alt_shapes, "search_rounds": sc.search_rounds}
   return rows, meta
 
 
@@ -559,6 +560,9 @@ def merge_results(paths) -> tuple[dict, str]:
     res.setdefault("load_start", part.get("load_start", "n/a"))
     res["load_end"] = part.get("load_end", "n/a")
     res["notes"] += part.get("notes", [])
+    if part.get("partial"):
+      res["notes"].append(f"Partial: `{commands[-1]}` stopped before its last row; its table has the rows it "
+                          "finished.")
     for key in ("peak", "ngram", "repeats", "block_seconds", "warmup_rounds", "round_ratios"):
       if key in part:
         res[key] = part[key]
@@ -590,8 +594,27 @@ def main(args) -> int:
   if "no CUDA" in tname:
     res["notes"].append("Note: torch has no CUDA in this environment, so HF ran on the CPU.")
 
+  command = (".venv/bin/python benchmarks/decode_throughput.py " + " ".join(sys.argv[1:])).strip()
+
+  def checkpoint():
+    """--json_out after every row, marked partial: a GPU step's time limit (compiles take tens of seconds there)
+    can end the run, and the rows it finished still merge with --from_json (session 11 lost a trie row so)."""
+    if args.json_out:
+      pathlib.Path(args.json_out).write_text(json.dumps(
+          {**res, "load_end": loadavg(), "command": command, "partial": True}, indent=2))
+
   def log(x):
     print(json.dumps(x), flush=True)
+    if "ngram_meta" in x:
+      res["ngram"] = {"rows": [], "meta": x["ngram_meta"]}
+    elif "ngram_vs_hf_free" in x:
+      res["ngram"]["rows"].append(x)
+      checkpoint()
+    elif "speedup_trie" in x:
+      block = res.setdefault("trie", {}).setdefault(
+          x["size"], {"rows": [], "params": accounting.count_params(bench_t5_config(x["size"])).total})
+      block["rows"].append(x)
+      checkpoint()
 
   log(res["env"])
   if "peak" in args.parts:
@@ -606,11 +629,10 @@ def main(args) -> int:
       rows, nparams = bench_trie(size, beams, repeats, args.block_seconds, args.batch, dev, log)
       res["trie"][size] = {"rows": rows, "params": nparams}
   res["load_end"] = loadavg()
-  command = ".venv/bin/python benchmarks/decode_throughput.py " + " ".join(sys.argv[1:])
-  res["command"] = command.strip()
+  res["command"] = command
   if args.json_out:
     pathlib.Path(args.json_out).write_text(json.dumps(res, indent=2))
-  text = markdown(res, command.strip())
+  text = markdown(res, command)
   print(text)
   if args.write_docs:
     on_gpu = args.device == "gpu" and jax.default_backend() != "cpu"

@@ -20,6 +20,8 @@
 # Each step has its own time limit so a slow compile cannot take the others' time; each writes its own
 # docs/benchmarks.md subsection ("### GPU: <card>"), copied to $OUT after every step, so what finished comes back
 # even when the machine's time runs out. The decode parts run separately and are merged by --from_json.
+# The decode parts rewrite their --json_out after every row (marked partial until the end), so a step that runs
+# out of time still merges the rows it finished.
 # Logs and JSON go to $WORK, packed into $OUT/results.tgz after every step ($OUT returns few files).
 #
 # XLA's persistent compilation cache lives in .devdata/jax_cache and comes back as $OUT/jax_cache.tgz (when under
