@@ -266,6 +266,10 @@ def _fits_section(fitted: dict, cfg: ReportConfig) -> list[str]:
   return lines
 
 
+# The exponents of each law form: a bootstrap CI that reaches 0 leaves the direction of the trend open.
+_EXPONENTS = {"power": ("b",), "joint": ("alpha", "beta")}
+
+
 def fit_problem(f) -> str:
   """Why a fitted law should not be read as a trend ('' when nothing is wrong). Noisy, flat or tiny series still
   give *some* least-squares optimum; the report says so instead of printing it as a law."""
@@ -287,10 +291,6 @@ def fit_problem(f) -> str:
       level = f"{100 * f.confidence:.0f}% " if f.confidence else ""
       return f"the exponent {name}'s {level}CI {_ci(ci)} includes 0 or is undefined (no trend established)"
   return ""
-
-
-# The exponents of each law form: a bootstrap CI that reaches 0 leaves the direction of the trend open.
-_EXPONENTS = {"power": ("b",), "joint": ("alpha", "beta")}
 
 
 def _chance(rows: Sequence[dict], run_dir: pathlib.Path) -> float:
