@@ -513,7 +513,7 @@ def markdown(res: dict, command: str) -> str:
                  f"{100 * r['hf_trie_overhead']:+.0f}% | trie {r['agree_trie']:.2f} / {r['agree_trie_ties']:.2f}"
                  f"{_better(r, 'trie')}, free {r['agree_free']:.2f} / {r['agree_free_ties']:.2f}"
                  f"{_better(r, 'free')} |")
-    out.append("")
+    out += ["", *_first_calls(block["rows"], ("ours_trie", "ours_free", "hf_trie", "hf_free"))]
   if "ngram" in res:
     m = res["ngram"]["meta"]
     out += [f"### n-gram (SciFact suffix array): tiny T5, vocab 8,192, batch 32, 10 new tokens", "",
@@ -537,9 +537,19 @@ def markdown(res: dict, command: str) -> str:
                  f"{r['ours_ngram_biased_qps']:.1f} | {r['ours_free_biased_qps']:.1f} | "
                  f"{100 * r['ngram_overhead_biased']:+.0f}% | {r['agree_free']:.2f} / {r['agree_free_ties']:.2f}"
                  f"{_better(r, 'free')} |")
-    out.append("")
+    out += ["", *_first_calls(res["ngram"]["rows"], ("ours_ngram", "ours_ngram_alt", "ours_free", "hf_free"))]
   out += res.get("notes", [])
   return "\n".join(out).rstrip() + "\n"
+
+
+def _first_calls(rows, methods) -> list[str]:
+  """One line with each method's first call (compile + one call) per beam, when the rows recorded it (since
+  session 11): on a GPU compiling can take most of a run (the H100 trie search: 30 s at beam 20)."""
+  if not rows or f"{methods[0]}_first_call_s" not in rows[0]:
+    return []
+  per_beam = "; ".join(f"beam {r['beams']}: " + " / ".join(f"{r[m + '_first_call_s']:.1f}" for m in methods)
+                       for r in rows)
+  return [f"First call (compile + one call), seconds, {' / '.join(methods)}: {per_beam}.", ""]
 
 
 def write_docs(text: str, gpu_card: str | None) -> None:
