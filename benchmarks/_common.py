@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 import time
 
 GPU_PREFIX = "### GPU: "
@@ -24,6 +25,14 @@ T5_BENCH_SIZES = {
     "tiny_v8k": dict(vocab_size=8192, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_encoder_layers=2,
                      num_decoder_layers=2),
 }
+
+
+def python_command() -> str:
+  """The interpreter as a doc's command line should name it: `.venv/bin/python` for the repository's venv, else the
+  executable's name (e.g. `python3` on a lent GPU machine's bare image), so a recorded command says what ran."""
+  exe = os.path.abspath(sys.executable)
+  venv = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv")
+  return ".venv/bin/python" if exe.startswith(venv + os.sep) else os.path.basename(exe)
 
 
 def bench_t5_config(size: str):

@@ -73,7 +73,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from _common import (bench_t5_config, cpu_model, demote_headings,  # pylint: disable=g-import-not-at-top,wrong-import-position
+from _common import (bench_t5_config, cpu_model, demote_headings, python_command,  # pylint: disable=g-import-not-at-top,wrong-import-position
                      jax_matmul_peak, torch_matmul_peak, write_section)
 from genret_jax.decoding import (SubstringConstraint, SuffixArrayIndex, TrieConstraint,  # pylint: disable=g-import-not-at-top,wrong-import-position
                                  beam_search, hypotheses)
@@ -604,7 +604,7 @@ def main(args) -> int:
   if "no CUDA" in tname:
     res["notes"].append("Note: torch has no CUDA in this environment, so HF ran on the CPU.")
 
-  command = (".venv/bin/python benchmarks/decode_throughput.py " + " ".join(sys.argv[1:])).strip()
+  command = (f"{python_command()} benchmarks/decode_throughput.py " + " ".join(sys.argv[1:])).strip()
 
   def checkpoint():
     """--json_out after every row, marked partial: a GPU step's time limit (compiles take tens of seconds there)

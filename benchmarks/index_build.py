@@ -22,7 +22,7 @@ import pathlib
 import sys
 import time
 
-from _common import configure_host_malloc, cpu_model, write_section
+from _common import configure_host_malloc, cpu_model, python_command, write_section
 
 HOST_MALLOC = configure_host_malloc() if __name__ == "__main__" else ""   # before jax starts its threads
 
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
       dec.append(f"| {copies}x SciFact | {index.num_tokens:,} | {beams} | {args.batch / sec:.1f} | "
                  f"{args.batch / unc[beams]:.1f} | {sec / unc[beams] - 1:+.0%} | {other} |")
       print(dec[-1], flush=True)
-  cmd = "PYTHONPATH=. .venv/bin/python benchmarks/" + " ".join([pathlib.Path(__file__).name] +
+  cmd = f"PYTHONPATH=. {python_command()} benchmarks/" + " ".join([pathlib.Path(__file__).name] +
                                                                (argv if argv else sys.argv[1:]))
   section = ["## Index build", "",
              f"Command: `{cmd}`  ", f"Machine: {cpu_model()}, {os.cpu_count()} cores (the build runs there; "
