@@ -312,7 +312,8 @@ def round_ratio(r: dict, slow: str, fast: str) -> float:
   return statistics.median(s / f for s, f in zip(r[slow].round_seconds, r[fast].round_seconds))
 
 
-def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log):
+def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log) -> None:
+  """Hands each beam's row to `log`."""
   import torch
   cfg, model, params, hf = build_models(size, dev)
   rng = np.random.default_rng(0)
@@ -330,7 +331,6 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log):
   mask_t = torch.ones_like(inputs_t)
   max_new = 8
   search = make_search(model, max_new)
-  rows = []
   for k in beams_list:
     def ours(constraint):
       def fn():
@@ -362,8 +362,6 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log):
     row["ours_trie_overhead"] = round_ratio(r, "ours_trie", "ours_free") - 1
     row["hf_trie_overhead"] = round_ratio(r, "hf_trie", "hf_free") - 1
     log(row)
-    rows.append(row)
-  return rows, accounting.count_params(cfg).total
 
 
 def scifact_texts():
@@ -395,7 +393,8 @@ def scifact_spm(path, texts, log):
           "unigram, 8,190 pieces trained on the SciFact corpus (+2 reserved ids)")
 
 
-def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log):
+def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log) -> None:
+  """Hands the corpus description ({"ngram_meta": ...}) and then each beam's row to `log`."""
   import torch
   docs_text, queries = scifact_texts()
   sp, sp_desc = scifact_spm(spm_path, docs_text, log)
@@ -429,7 +428,6 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log):
   bias = jnp.asarray(4.0 * np.log1p(counts) / max(np.log1p(counts).max(), 1.0), jnp.float32)
   search = make_search(model, max_new)
   search_b = make_search(model, max_new, bias)
-  rows = []
   for k in beams_list:
     def ours(s, constraint, hist):
       def fn():
@@ -459,8 +457,6 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log):
     row["ngram_alt_overhead"] = round_ratio(r, "ours_ngram_alt", "ours_free") - 1
     row["ngram_overhead_biased"] = round_ratio(r, "ours_ngram_biased", "ours_free_biased") - 1
     log(row)
-    rows.append(row)
-  return rows, meta
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -621,23 +617,21 @@ def main(args) -> int:
       res["ngram"]["rows"].append(x)
       checkpoint()
     elif "speedup_trie" in x:
-      block = res.setdefault("trie", {}).setdefault(
-          x["size"], {"rows": [], "params": accounting.count_params(bench_t5_config(x["size"])).total})
-      block["rows"].append(x)
+      res["trie"][x["size"]]["rows"].append(x)
       checkpoint()
 
   log(res["env"])
   if "peak" in args.parts:
     res["peak"] = matmul_peak(dev, 1024 if quick else 2048)
     log(res["peak"])
+  # The benchmarks hand every row (and the n-gram corpus description) to `log`, which files it into `res`.
   if "ngram" in args.parts:
-    rows, meta = bench_ngram(ngram_beams, repeats, args.block_seconds, args.batch, dev, args.spm_model, log)
-    res["ngram"] = {"rows": rows, "meta": meta}
+    bench_ngram(ngram_beams, repeats, args.block_seconds, args.batch, dev, args.spm_model, log)
   if "trie" in args.parts:
     res["trie"] = {}
     for size in sizes:
-      rows, nparams = bench_trie(size, beams, repeats, args.block_seconds, args.batch, dev, log)
-      res["trie"][size] = {"rows": rows, "params": nparams}
+      res["trie"][size] = {"rows": [], "params": accounting.count_params(bench_t5_config(size)).total}
+      bench_trie(size, beams, repeats, args.block_seconds, args.batch, dev, log)
   res["load_end"] = loadavg()
   res["command"] = command
   if args.json_out:
