@@ -6,7 +6,8 @@
 #   STEPS="decode_trie decode_ngram" NGRAM_BEAMS="20 1" OUT=... bash benchmarks/gpu_run.sh 480   # these steps, in order
 #
 # Session 4 (H100) timings: jax compiles 13-42 s per train rung and ~10-30 s per decode program there (session 11:
-# the trie search 30-34 s at beam 20, 10 s at beam 1; the rows' `*_first_call_s` in the logs), so the
+# the first search of each decode shape, the trie's, 30-34 s at beam 20, 10 s at beam 1, most of it likely GEMM
+# autotuning, docs/decoding.md; the rows' `*_first_call_s` in the logs), so the
 # step limits below are what the figures in docs/benchmarks.md needed; the four train rungs need ~220 s.
 #
 # Needs, carried with the call (both listed in .git/info/exclude, so git ignores them):
@@ -25,7 +26,7 @@
 # Logs and JSON go to $WORK, packed into $OUT/results.tgz after every step ($OUT returns few files).
 #
 # XLA's persistent compilation cache lives in .devdata/jax_cache and comes back as $OUT/jax_cache.tgz (when under
-# 40 MB): compiling is most of a GPU call (session 11, H100: our trie search 30-34 s per beam-20 program, the tiny
+# 40 MB): compiling is most of a GPU call (session 11, H100: 30-34 s for the first beam-20 search program, the tiny
 # models' init and HF set-up 35 s), and a later call on the same card, jax and code reuses the programs. Before
 # the next call: rm -rf .devdata/jax_cache && mkdir -p .devdata/jax_cache && tar xzf <files_at>/jax_cache.tgz \
 #   -C .devdata/jax_cache   (the tables then time the same programs; only the `*_first_call_s` fields change).
