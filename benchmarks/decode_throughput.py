@@ -55,6 +55,10 @@ def parse_args(argv=None):
                       "calls) and reports its median call; 0 = one call per block")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--spm_model", default=None, help="SentencePiece model for SciFact (default: train, cached)")
+  p.add_argument("--ngram_biased_variants", nargs="*", default=(), metavar="KEY=VALUE[,KEY=VALUE]",
+                 help="n-gram part: also time the biased model's n-gram search with these SubstringConstraint."
+                      "from_index settings, one variant per argument (e.g. enum_iters=0 enum_chunk=128), in the "
+                      "same rounds; each must return the default settings' n-grams (checked)")
   p.add_argument("--json_out", default=None)
   p.add_argument("--write_docs", action="store_true")
   p.add_argument("--from_json", nargs="*", default=None,
@@ -344,8 +348,10 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log) -> Non
         return hf_hypotheses(out, batch, k), hf_num_steps(out)
       return fn
 
-    r = interleaved({"ours_trie": ours(trie), "hf_trie": theirs(prefix_fn), "ours_free": ours(None),
-                     "hf_free": theirs(None)}, repeats, block_seconds)
+    # The free search first: on a GPU the first program of a shape pays the model's GEMM autotuning (session 12:
+    # the H100 trie search's 30 s first call, docs/decoding.md), so the trie's first call is its own compile.
+    r = interleaved({"ours_free": ours(None), "hf_free": theirs(None), "ours_trie": ours(trie),
+                     "hf_trie": theirs(prefix_fn)}, repeats, block_seconds)
     row = {"size": size, "beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
     for name, t in r.items():
       row[f"{name}_qps"] = batch / t.seconds
@@ -393,8 +399,24 @@ def scifact_spm(path, texts, log):
           "unigram, 8,190 pieces trained on the SciFact corpus (+2 reserved ids)")
 
 
-def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log) -> None:
-  """Hands the corpus description ({"ngram_meta": ...}) and then each beam's row to `log`."""
+def parse_settings(spec: str) -> dict:
+  """'enum_iters=0,enum_chunk=128' -> {'enum_iters': 0, 'enum_chunk': 128} (ints; true/false as bools)."""
+  out = {}
+  for item in filter(None, spec.split(",")):
+    key, sep, val = item.partition("=")
+    if not sep or not key:
+      raise SystemExit(f"--ngram_biased_variants: {item!r} is not KEY=VALUE")
+    low = val.strip().lower()
+    try:
+      out[key.strip()] = {"true": True, "false": False}[low] if low in ("true", "false") else int(val)
+    except ValueError:
+      raise SystemExit(f"--ngram_biased_variants: {item!r}: value is not an int or true/false") from None
+  return out
+
+
+def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log, variants=()) -> None:
+  """Hands the corpus description ({"ngram_meta": ...}) and then each beam's row to `log`. `variants`: specs of
+  other constraint settings (`parse_settings`) timed on the biased model in the same rounds."""
   import torch
   docs_text, queries = scifact_texts()
   sp, sp_desc = scifact_spm(spm_path, docs_text, log)
@@ -407,6 +429,11 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log) -
   # in the same run: the evidence for the per-platform default.
   sc_alt = SubstringConstraint.from_index(index, vocab_size=v, eos_id=EOS,
                                           static_searches=not sc.static_searches)
+  try:
+    sc_variants = {spec: SubstringConstraint.from_index(index, vocab_size=v, eos_id=EOS, **parse_settings(spec))
+                   for spec in variants}
+  except TypeError as e:   # an unknown setting name
+    raise SystemExit(f"--ngram_biased_variants: {e}") from None
   shapes = "static" if sc.static_searches else "traced"
   alt_shapes = "traced" if sc.static_searches else "static"
   meta = {"corpus_tokens": index.num_tokens, "docs": index.num_docs, "tokenizer": sp_desc,
@@ -439,15 +466,28 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log) -
       out = hf_generate(hf, inputs_t, mask_t, k, max_new, None, dev)
       return hf_hypotheses(out, batch, k), hf_num_steps(out)
 
-    r = interleaved({"ours_ngram": ours(search, sc, True), "ours_ngram_alt": ours(search, sc_alt, True),
-                     "ours_free": ours(search, None, False),
-                     "hf_free": hf_free, "ours_ngram_biased": ours(search_b, sc, True),
-                     "ours_free_biased": ours(search_b, None, False)}, repeats, block_seconds)
+    methods = {"ours_ngram": ours(search, sc, True), "ours_ngram_alt": ours(search, sc_alt, True),
+               "ours_free": ours(search, None, False),
+               "hf_free": hf_free, "ours_ngram_biased": ours(search_b, sc, True),
+               "ours_free_biased": ours(search_b, None, False)}
+    for spec, c in sc_variants.items():
+      methods[f"biased[{spec}]"] = ours(search_b, c, True)
+    r = interleaved(methods, repeats, block_seconds)
     row = {"beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
     for name, t in r.items():
+      if name.startswith("biased["):
+        continue
       row[f"{name}_qps"] = batch / t.seconds
       row[f"{name}_steps"] = t.steps
       row[f"{name}_first_call_s"] = t.first_call_seconds
+    if sc_variants:
+      row["biased_variants"] = []
+    for spec in sc_variants:
+      t = r[f"biased[{spec}]"]
+      if t.result != r["ours_ngram_biased"].result:
+        raise AssertionError(f"beam {k}: settings {spec} returned other n-grams than the defaults (biased model)")
+      row["biased_variants"].append({"settings": spec, "qps": batch / t.seconds, "first_call_s": t.first_call_seconds,
+                                     "overhead": round_ratio(r, f"biased[{spec}]", "ours_free_biased") - 1})
     if r["ours_ngram"].result != r["ours_ngram_alt"].result:
       raise AssertionError(f"beam {k}: {shapes} and {alt_shapes} loop shapes returned different n-grams")
     same, tie, better, bad = agreement(r["ours_free"].result, r["hf_free"].result)
@@ -534,6 +574,13 @@ def markdown(res: dict, command: str) -> str:
                  f"{100 * r['ngram_overhead_biased']:+.0f}% | {r['agree_free']:.2f} / {r['agree_free_ties']:.2f}"
                  f"{_better(r, 'free')} |")
     out += ["", *_first_calls(res["ngram"]["rows"], ("ours_ngram", "ours_ngram_alt", "ours_free", "hf_free"))]
+    var_rows = [r for r in res["ngram"]["rows"] if r.get("biased_variants")]
+    if var_rows:
+      per_beam = "; ".join(f"beam {r['beams']}: " + ", ".join(
+          f"`{x['settings']}` {x['qps']:.1f} q/s ({100 * x['overhead']:+.0f}%)" for x in r["biased_variants"])
+          for r in var_rows)
+      out += [f"Biased model, other constraint settings (same rounds, same n-grams as the defaults; overhead vs "
+              f"the biased free search): {per_beam}.", ""]
   out += res.get("notes", [])
   return "\n".join(out).rstrip() + "\n"
 
@@ -626,7 +673,8 @@ def main(args) -> int:
     log(res["peak"])
   # The benchmarks hand every row (and the n-gram corpus description) to `log`, which files it into `res`.
   if "ngram" in args.parts:
-    bench_ngram(ngram_beams, repeats, args.block_seconds, args.batch, dev, args.spm_model, log)
+    bench_ngram(ngram_beams, repeats, args.block_seconds, args.batch, dev, args.spm_model, log,
+                args.ngram_biased_variants)
   if "trie" in args.parts:
     res["trie"] = {}
     for size in sizes:
