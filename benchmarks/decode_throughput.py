@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gzip
+import inspect
 import json
 import os
 import pathlib
@@ -422,11 +423,15 @@ def scifact_spm(path, texts, log):
 
 def parse_settings(spec: str) -> dict:
   """'enum_iters=0,enum_chunk=128' -> {'enum_iters': 0, 'enum_chunk': 128} (ints; true/false as bools)."""
+  known = set(inspect.signature(SubstringConstraint.from_index).parameters) - {"index", "vocab_size", "eos_id"}
   out = {}
   for item in filter(None, spec.split(",")):
     key, sep, val = item.partition("=")
     if not sep or not key:
       raise SystemExit(f"--ngram_biased_variants: {item!r} is not KEY=VALUE")
+    if key.strip() not in known:
+      raise SystemExit(f"--ngram_biased_variants: {key.strip()!r} is not a SubstringConstraint.from_index "
+                       f"setting ({', '.join(sorted(known))})")
     low = val.strip().lower()
     try:
       out[key.strip()] = {"true": True, "false": False}[low] if low in ("true", "false") else int(val)
@@ -450,11 +455,8 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log, v
   # in the same run: the evidence for the per-platform default.
   sc_alt = SubstringConstraint.from_index(index, vocab_size=v, eos_id=EOS,
                                           static_searches=not sc.static_searches)
-  try:
-    sc_variants = {spec: SubstringConstraint.from_index(index, vocab_size=v, eos_id=EOS, **parse_settings(spec))
-                   for spec in variants}
-  except TypeError as e:   # an unknown setting name
-    raise SystemExit(f"--ngram_biased_variants: {e}") from None
+  sc_variants = {spec: SubstringConstraint.from_index(index, vocab_size=v, eos_id=EOS, **parse_settings(spec))
+                 for spec in variants}
   shapes = "static" if sc.static_searches else "traced"
   alt_shapes = "traced" if sc.static_searches else "static"
   meta = {"corpus_tokens": index.num_tokens, "docs": index.num_docs, "tokenizer": sp_desc,
@@ -700,6 +702,8 @@ def main(args) -> int:
     res["peak"] = matmul_peak(dev, 1024 if quick else 2048)
     log(res["peak"])
   # The benchmarks hand every row (and the n-gram corpus description) to `log`, which files it into `res`.
+  for spec in args.ngram_biased_variants:   # fail before minutes of set-up
+    parse_settings(spec)
   if "ngram" in args.parts:
     bench_ngram(ngram_beams, repeats, args.block_seconds, args.batch, dev, args.spm_model, log,
                 args.ngram_biased_variants)
