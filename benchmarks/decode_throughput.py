@@ -2,7 +2,8 @@
 
   .venv/bin/python benchmarks/decode_throughput.py [--quick] [--device cpu|gpu] [--write_docs]
 
-1. Matmul peak (fp32, jax and torch) measured in the same run, for the "% of peak" column.
+1. Matmul peak (fp32, jax and torch) measured at the start of the run; the trie rows' "% of jax peak" is against
+   the same jax matmul timed in each row's own rounds (this machine drifts between speed states).
 2. Docid (trie) decoding: T5 "tiny" (d_model 128, 2+2 layers, vocab 512) and "base45m" (d_model 512,
    6+6 layers, vocab 8,192), random init, exported to `T5ForConditionalGeneration` with
    `genret_jax.models.hf_convert.params_to_hf`. Trie over 5,000 random six-token docids, batch 32,
@@ -326,8 +327,9 @@ def round_ratio(r: dict, slow: str, fast: str) -> float:
   return statistics.median(s / f for s, f in zip(r[slow].round_seconds, r[fast].round_seconds))
 
 
-def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log) -> None:
-  """Hands each beam's row to `log`."""
+def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log, peak_n: int = 2048) -> None:
+  """Hands each beam's row to `log`. A `peak_n`^2 jax matmul is timed in every row's rounds, so the row's "% of
+  peak" compares rates of the same moments (the machine's speed state moves during a run)."""
   import torch
   cfg, model, params, hf = build_models(size, dev)
   rng = np.random.default_rng(0)
@@ -346,6 +348,8 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log) -> Non
   max_new = 8
   search = make_search(model, max_new)
   init = jax.jit(lambda p, x: model.decode_init(p, x, max_new))
+  mm_a = jax.random.normal(jax.random.key(0), (peak_n, peak_n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
   for k in beams_list:
     def ours(constraint):
       def fn():
@@ -363,6 +367,7 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log) -> Non
     # the H100 trie search's 30 s first call, docs/decoding.md), so the trie's first call is its own compile.
     methods = {"ours_free": ours(None), "hf_free": theirs(None), "ours_trie": ours(trie),
                "hf_trie": theirs(prefix_fn)}
+    methods["jax_matmul"] = lambda: (jax.block_until_ready(matmul(mm_a)), 0)
     if k == 1:
       # At one beam the encoder is most of a call and both frameworks run it GEMM-bound, so HF's call over our
       # decode_init bounds ours/HF there; timed in the same rounds (session 12).
@@ -370,9 +375,19 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log) -> Non
       methods["hf_encoder"] = lambda: (hf_encode(hf, inputs_t, mask_t, dev), 0)
     r = interleaved(methods, repeats, block_seconds)
     row = {"size": size, "beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
+    mm = r.pop("jax_matmul")
+    mm_flops = 2.0 * peak_n ** 3
+    row.update(jax_matmul_n=peak_n, jax_matmul_gflops=mm_flops / mm.seconds / 1e9)
+
+    def peak_frac(name, flops):
+      """Median over rounds of the method's FLOP rate over the matmul's in the same round."""
+      return statistics.median((flops / t) / (mm_flops / m) for t, m in zip(r[name].round_seconds, mm.round_seconds))
+
+    row["ours_trie_peak_frac"] = peak_frac("ours_trie", model_flops(cfg, batch, k, r["ours_trie"].steps))
     if k == 1:
       init_flops = batch * accounting.decode_init_flops(cfg, INPUT_LEN).total
       row["init_bound"] = round_ratio(r, "hf_trie", "ours_init")
+      row["ours_init_peak_frac"] = peak_frac("ours_init", init_flops)
       row.update(ours_init_ms=1e3 * r.pop("ours_init").seconds, hf_encoder_ms=1e3 * r.pop("hf_encoder").seconds)
       row["ours_init_gflops"] = init_flops / row["ours_init_ms"] / 1e6
     for name, t in r.items():
@@ -565,7 +580,8 @@ def markdown(res: dict, command: str) -> str:
             "ours free q/s | HF free q/s | trie overhead ours / HF | top-k agree (exact / up to ties) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in block["rows"]:
-      pk = f"{100 * r['ours_trie_gflops'] / peak:.0f}%" if peak else "n/a"
+      frac = r.get("ours_trie_peak_frac", r["ours_trie_gflops"] / peak if peak else None)
+      pk = f"{100 * frac:.0f}%" if frac is not None else "n/a"
       out.append(f"| {r['beams']} | {r['ours_trie_qps']:.1f} | {r['hf_trie_qps']:.1f} | "
                  f"{r['speedup_trie']:.2f}x | {r['ours_trie_gflops']:.1f} | {r['hf_trie_gflops']:.1f} | {pk} | "
                  f"{r['ours_free_qps']:.1f} | {r['hf_free_qps']:.1f} | {100 * r['ours_trie_overhead']:+.0f}% / "
@@ -573,9 +589,15 @@ def markdown(res: dict, command: str) -> str:
                  f"{_better(r, 'trie')}, free {r['agree_free']:.2f} / {r['agree_free_ties']:.2f}"
                  f"{_better(r, 'free')} |")
     out += ["", *_first_calls(block["rows"], ("ours_trie", "ours_free", "hf_trie", "hf_free"))]
+    same = [r["jax_matmul_gflops"] for r in block["rows"] if "ours_trie_peak_frac" in r]
+    if same:
+      out += [f"\"% of jax peak\": per round, ours' FLOP rate over that of a {block['rows'][-1]['jax_matmul_n']}^2 jax "
+              f"matmul timed in the same rounds (median over rounds; the matmul read {min(same):.0f}-{max(same):.0f} "
+              "GFLOP/s across these rows; the peak line above is one reading at the start of the run).", ""]
     for r in block["rows"]:
       if "init_bound" in r:
-        pk = f", {100 * r['ours_init_gflops'] / peak:.0f}% of the jax peak" if peak else ""
+        frac = r.get("ours_init_peak_frac", r["ours_init_gflops"] / peak if peak else None)
+        pk = f", {100 * frac:.0f}% of the jax peak" if frac is not None else ""
         out += [f"Beam {r['beams']}, encoder alone (same rounds): ours `decode_init` (encoder + cross-attention K/V) "
                 f"{r['ours_init_ms']:.1f} ms at {r['ours_init_gflops']:.0f} GFLOP/s{pk}; HF's encoder "
                 f"{r['hf_encoder_ms']:.1f} ms. HF's trie call / our decode_init: {r['init_bound']:.2f}x, the most "
@@ -711,7 +733,7 @@ def main(args) -> int:
     res["trie"] = {}
     for size in sizes:
       res["trie"][size] = {"rows": [], "params": accounting.count_params(bench_t5_config(size)).total}
-      bench_trie(size, beams, repeats, args.block_seconds, args.batch, dev, log)
+      bench_trie(size, beams, repeats, args.block_seconds, args.batch, dev, log, 1024 if quick else 2048)
   res["load_end"] = loadavg()
   res["command"] = command
   if args.json_out:
