@@ -4,7 +4,8 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh [seconds, default 580: give the call a 600 s limit]
 #   STEPS="decode_trie decode_ngram" NGRAM_BEAMS="20 1" OUT=... bash benchmarks/gpu_run.sh 480   # these steps, in order
-#   NGRAM_VARIANTS="enum_iters=0 enum_chunk=128"   # biased n-gram settings also timed (default enum_iters=0; "" none)
+#   NGRAM_VARIANTS="enum_iters=0 enum_chunk=128"   # biased n-gram settings also timed (default: enum_iters=0 and
+#       top_m=15, the two GPU leads of docs/decoding.md; "" none)
 #
 # Session 4 (H100) timings: jax compiles 13-42 s per train rung and ~10-30 s per decode program there (session 11:
 # the first search of each decode shape, the trie's, 30-34 s at beam 20, 10 s at beam 1, most of it likely GEMM
@@ -76,7 +77,7 @@ run_step() {
   case $1 in
     decode_ngram) step decode_ngram 330 python3 benchmarks/decode_throughput.py --device gpu --parts ngram \
       --ngram_beams ${NGRAM_BEAMS:-1 20} --repeats 2 --json_out "$WORK/decode_ngram.json" \
-      --ngram_biased_variants ${NGRAM_VARIANTS-enum_iters=0} ;;
+      --ngram_biased_variants ${NGRAM_VARIANTS-enum_iters=0 top_m=15} ;;
     index) step index 150 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --write_docs ;;
     decode_trie) step decode_trie 300 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie \
       --sizes tiny base45m --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie.json" ;;
