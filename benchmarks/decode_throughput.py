@@ -61,6 +61,10 @@ def parse_args(argv=None):
                  help="n-gram part: also time the biased model's n-gram search with these SubstringConstraint."
                       "from_index settings, one variant per argument (e.g. enum_iters=0 enum_chunk=128), in the "
                       "same rounds; each must return the default settings' n-grams (checked)")
+  p.add_argument("--profile_dir", default=None,
+                 help="after the largest beam's row of each part, trace one more call of each of our methods "
+                      "with jax.profiler into DIR/<part>_beam<k>/<method> (to read a GPU run's kernels back "
+                      "on another machine)")
   p.add_argument("--json_out", default=None)
   p.add_argument("--write_docs", action="store_true")
   p.add_argument("--from_json", nargs="*", default=None,
@@ -319,6 +323,29 @@ def interleaved(methods: dict, repeats: int, block_seconds: float) -> dict:
   return {name: Timed(statistics.median(times[name]), *res[name], times[name], first[name]) for name in methods}
 
 
+PROFILE_DIR = None   # set by main from --profile_dir
+
+
+def profile_calls(methods: dict, where: str) -> None:
+  """One traced call of each of our methods (names starting with "ours" or "biased[") into PROFILE_DIR/where/<name>,
+  after the timed rounds so the traces cost the timings nothing. A profiler failure (e.g. no CUPTI on a GPU image)
+  is reported once and turns profiling off; it never stops the benchmark."""
+  global PROFILE_DIR
+  if not PROFILE_DIR:
+    return
+  for name, fn in methods.items():
+    if not name.startswith(("ours", "biased[")):
+      continue
+    path = os.path.join(PROFILE_DIR, where, name.replace("[", "_").replace("]", "").replace("=", "").replace(",", "_"))
+    try:
+      with jax.profiler.trace(path):
+        fn()
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"warning: profiling stopped ({type(e).__name__}: {e})", file=sys.stderr)
+      PROFILE_DIR = None
+      return
+
+
 def round_ratio(r: dict, slow: str, fast: str) -> float:
   """Median over rounds of time[slow] / time[fast] (a speed-up of `fast` over `slow`), from `interleaved`'s
   per-round times. This machine switches for seconds at a time between a fast and a ~1.6x slower state (the same
@@ -374,6 +401,8 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log, peak_n
       methods["ours_init"] = lambda: (jax.block_until_ready(init(params, inputs_j)), 0)
       methods["hf_encoder"] = lambda: (hf_encode(hf, inputs_t, mask_t, dev), 0)
     r = interleaved(methods, repeats, block_seconds)
+    if k == max(beams_list):
+      profile_calls(methods, f"trie_{size}_beam{k}")
     row = {"size": size, "beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
     mm = r.pop("jax_matmul")
     mm_flops = 2.0 * peak_n ** 3
@@ -511,6 +540,8 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log, v
     for spec, c in sc_variants.items():
       methods[f"biased[{spec}]"] = ours(search_b, c, True)
     r = interleaved(methods, repeats, block_seconds)
+    if k == max(beams_list):
+      profile_calls(methods, f"ngram_beam{k}")
     row = {"beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
     for name, t in r.items():
       if name.startswith("biased["):
@@ -677,6 +708,7 @@ def merge_results(paths) -> tuple[dict, str]:
 
 
 def main(args) -> int:
+  global PROFILE_DIR
   if args.from_json:
     res, command = merge_results(args.from_json)
     text = markdown(res, command)
@@ -726,6 +758,7 @@ def main(args) -> int:
   # The benchmarks hand every row (and the n-gram corpus description) to `log`, which files it into `res`.
   for spec in args.ngram_biased_variants:   # fail before minutes of set-up
     parse_settings(spec)
+  PROFILE_DIR = args.profile_dir
   if "ngram" in args.parts:
     bench_ngram(ngram_beams, repeats, args.block_seconds, args.batch, dev, args.spm_model, log,
                 args.ngram_biased_variants)

@@ -25,7 +25,9 @@
 # even when the machine's time runs out. The decode parts run separately and are merged by --from_json.
 # The decode parts rewrite their --json_out after every row (marked partial until the end), so a step that runs
 # out of time still merges the rows it finished.
-# Logs and JSON go to $WORK, packed into $OUT/results.tgz after every step ($OUT returns few files).
+# Logs and JSON go to $WORK, packed into $OUT/results.tgz after every step ($OUT returns few files). The n-gram
+# step also traces one call of each of our methods (--profile_dir); the beam-20 traces come back as
+# $OUT/profiles.tgz (when under 16 MB) to be read here with tensorflow's xplane_pb2 (docs/decoding.md).
 #
 # XLA's persistent compilation cache lives in .devdata/jax_cache and comes back as $OUT/jax_cache.tgz (when under
 # 40 MB): compiling is most of a GPU call (session 11, H100: 30-34 s for the first beam-20 search program, the tiny
@@ -35,6 +37,7 @@
 set -u
 OUT=${OUT:-/tmp/genret_gpu_out}
 WORK=/tmp/genret_gpu_work
+PROF=/tmp/genret_gpu_prof   # jax.profiler traces of the n-gram step's beam-20 row, returned as $OUT/profiles.tgz
 BUDGET=${1:-580}
 mkdir -p "$OUT" "$WORK"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -65,6 +68,10 @@ step() {   # step NAME SECONDS CMD...: at most SECONDS, never past the budget
 }
 save() {
   cp docs/benchmarks.md "$OUT/benchmarks.md"; tar czf "$OUT/results.tgz" -C "$WORK" .
+  if [ -d "$PROF/ngram_beam20" ]; then   # one traced call per method, to read the kernels back here
+    tar czf "$OUT/profiles.tgz" -C "$PROF" ngram_beam20
+    (($(du -m "$OUT/profiles.tgz" | cut -f1) < 16)) || { rm -f "$OUT/profiles.tgz"; echo "profiles over 16 MB: not returned"; }
+  fi
   if (($(du -sm "$JAX_COMPILATION_CACHE_DIR" | cut -f1) < 40)); then
     tar czf "$OUT/jax_cache.tgz" -C "$JAX_COMPILATION_CACHE_DIR" .
   else
@@ -77,7 +84,7 @@ run_step() {
   case $1 in
     decode_ngram) step decode_ngram 330 python3 benchmarks/decode_throughput.py --device gpu --parts ngram \
       --ngram_beams ${NGRAM_BEAMS:-1 20} --repeats 2 --json_out "$WORK/decode_ngram.json" \
-      --ngram_biased_variants ${NGRAM_VARIANTS-enum_iters=0 top_m=15} ;;
+      --ngram_biased_variants ${NGRAM_VARIANTS-enum_iters=0 top_m=15} --profile_dir "$PROF" ;;
     index) step index 150 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --write_docs ;;
     decode_trie) step decode_trie 300 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie \
       --sizes tiny base45m --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie.json" ;;
