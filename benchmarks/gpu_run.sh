@@ -27,7 +27,7 @@
 # out of time still merges the rows it finished.
 # Logs and JSON go to $WORK, packed into $OUT/results.tgz after every step ($OUT returns few files). The n-gram
 # step also traces one call of each of our methods (--profile_dir); the beam-20 traces come back as
-# $OUT/profiles.tgz (when under 16 MB) to be read here with tensorflow's xplane_pb2 (docs/decoding.md).
+# $OUT/profiles.tgz (when under 16 MB): tar xzf it here, then .venv/bin/python benchmarks/read_profile.py <dirs>.
 #
 # XLA's persistent compilation cache lives in .devdata/jax_cache and comes back as $OUT/jax_cache.tgz (when under
 # 40 MB): compiling is most of a GPU call (session 11, H100: 30-34 s for the first beam-20 search program, the tiny
