@@ -77,11 +77,16 @@ def time_reps(fn, min_seconds: float) -> float:
     reps = max(reps * 2, int(reps * min_seconds / max(total, 1e-6)) + 1)
 
 
-def jax_matmul_peak(n: int) -> float:
+def jax_matmul(n: int):
+  """(jitted fp32 n x n matmul, its operand): the workload of `jax_matmul_peak`, also timed beside other methods
+  (decode_throughput's per-row "% of peak")."""
   import jax
   import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+  return jax.jit(lambda x: x @ x), jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+
+
+def jax_matmul_peak(n: int) -> float:
+  f, a = jax_matmul(n)
   f(a).block_until_ready()
 
   def run(reps):

@@ -31,6 +31,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import statistics
 import sys
 import time
@@ -84,7 +85,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from _common import (bench_t5_config, cpu_model, demote_headings, python_command,  # pylint: disable=g-import-not-at-top,wrong-import-position
-                     jax_matmul_peak, torch_matmul_peak, write_section)
+                     jax_matmul, jax_matmul_peak, torch_matmul_peak, write_section)
 from genret_jax.decoding import (SubstringConstraint, SuffixArrayIndex, TrieConstraint,  # pylint: disable=g-import-not-at-top,wrong-import-position
                                  beam_search, hypotheses)
 from genret_jax.models import accounting  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -336,7 +337,7 @@ def profile_calls(methods: dict, where: str) -> None:
   for name, fn in methods.items():
     if not name.startswith(("ours", "biased[")):
       continue
-    path = os.path.join(PROFILE_DIR, where, name.replace("[", "_").replace("]", "").replace("=", "").replace(",", "_"))
+    path = os.path.join(PROFILE_DIR, where, re.sub(r"[^\w.-]+", "_", name).strip("_"))
     try:
       with jax.profiler.trace(path):
         fn()
@@ -375,8 +376,7 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log, peak_n
   max_new = 8
   search = make_search(model, max_new)
   init = jax.jit(lambda p, x: model.decode_init(p, x, max_new))
-  mm_a = jax.random.normal(jax.random.key(0), (peak_n, peak_n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
+  matmul, mm_a = jax_matmul(peak_n)
   for k in beams_list:
     def ours(constraint):
       def fn():
@@ -543,20 +543,18 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log, v
     if k == max(beams_list):
       profile_calls(methods, f"ngram_beam{k}")
     row = {"beams": k, "batch": batch, "new_tokens": max_new, "load": loadavg()}
+    if sc_variants:
+      row["biased_variants"] = [
+          {"settings": spec, "qps": batch / r[f"biased[{spec}]"].seconds,
+           "first_call_s": r[f"biased[{spec}]"].first_call_seconds,
+           "overhead": round_ratio(r, f"biased[{spec}]", "ours_free_biased") - 1} for spec in sc_variants]
+    for spec in sc_variants:
+      if r.pop(f"biased[{spec}]").result != r["ours_ngram_biased"].result:
+        raise AssertionError(f"beam {k}: settings {spec} returned other n-grams than the defaults (biased model)")
     for name, t in r.items():
-      if name.startswith("biased["):
-        continue
       row[f"{name}_qps"] = batch / t.seconds
       row[f"{name}_steps"] = t.steps
       row[f"{name}_first_call_s"] = t.first_call_seconds
-    if sc_variants:
-      row["biased_variants"] = []
-    for spec in sc_variants:
-      t = r[f"biased[{spec}]"]
-      if t.result != r["ours_ngram_biased"].result:
-        raise AssertionError(f"beam {k}: settings {spec} returned other n-grams than the defaults (biased model)")
-      row["biased_variants"].append({"settings": spec, "qps": batch / t.seconds, "first_call_s": t.first_call_seconds,
-                                     "overhead": round_ratio(r, f"biased[{spec}]", "ours_free_biased") - 1})
     if r["ours_ngram"].result != r["ours_ngram_alt"].result:
       raise AssertionError(f"beam {k}: {shapes} and {alt_shapes} loop shapes returned different n-grams")
     same, tie, better, bad = agreement(r["ours_free"].result, r["hf_free"].result)
@@ -670,7 +668,8 @@ def markdown(res: dict, command: str) -> str:
 
 def _first_calls(rows, methods) -> list[str]:
   """One line with each method's first call (compile + one call) per beam, when the rows recorded it (since
-  session 11): on a GPU compiling can take most of a run (the H100 trie search: 30 s at beam 20)."""
+  session 11): on a GPU compiling can take most of a run (session 11's first H100 search program: 30 s at beam 20,
+  most of it likely the model's GEMM autotuning)."""
   if not rows or f"{methods[0]}_first_call_s" not in rows[0]:
     return []
   per_beam = "; ".join(f"beam {r['beams']}: " + " / ".join(f"{r[m + '_first_call_s']:.1f}" for m in methods)

@@ -26,7 +26,7 @@
 # The decode parts rewrite their --json_out after every row (marked partial until the end), so a step that runs
 # out of time still merges the rows it finished.
 # Logs and JSON go to $WORK, packed into $OUT/results.tgz after every step ($OUT returns few files). The n-gram
-# step also traces one call of each of our methods (--profile_dir); the beam-20 traces come back as
+# step also traces one call of each of our methods at its largest beam (--profile_dir); they come back as
 # $OUT/profiles.tgz (when under 16 MB): tar xzf it here, then .venv/bin/python benchmarks/read_profile.py <dirs>.
 #
 # XLA's persistent compilation cache lives in .devdata/jax_cache and comes back as $OUT/jax_cache.tgz (when under
@@ -37,7 +37,7 @@
 set -u
 OUT=${OUT:-/tmp/genret_gpu_out}
 WORK=/tmp/genret_gpu_work
-PROF=/tmp/genret_gpu_prof   # jax.profiler traces of the n-gram step's beam-20 row, returned as $OUT/profiles.tgz
+PROF=/tmp/genret_gpu_prof   # jax.profiler traces of the n-gram step's largest-beam row, returned as $OUT/profiles.tgz
 BUDGET=${1:-580}
 mkdir -p "$OUT" "$WORK"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -68,8 +68,8 @@ step() {   # step NAME SECONDS CMD...: at most SECONDS, never past the budget
 }
 save() {
   cp docs/benchmarks.md "$OUT/benchmarks.md"; tar czf "$OUT/results.tgz" -C "$WORK" .
-  if [ -d "$PROF/ngram_beam20" ]; then   # one traced call per method, to read the kernels back here
-    tar czf "$OUT/profiles.tgz" -C "$PROF" ngram_beam20
+  if [ -d "$PROF" ]; then   # one traced call per method (the n-gram step's largest beam), read back here
+    tar czf "$OUT/profiles.tgz" -C "$PROF" .
     (($(du -m "$OUT/profiles.tgz" | cut -f1) < 16)) || { rm -f "$OUT/profiles.tgz"; echo "profiles over 16 MB: not returned"; }
   fi
   if (($(du -sm "$JAX_COMPILATION_CACHE_DIR" | cut -f1) < 40)); then
