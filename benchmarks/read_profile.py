@@ -9,6 +9,13 @@ protos the trace carries). Counted: kernels on GPU device planes ("/device:GPU:N
 threads ("/host:CPU" lines "tf_XLA..."). Control-flow instructions (while, conditional, call) are left out, as
 their events span the ops inside them. Times are summed over events, so on CPU, where ops run on two threads,
 they can add up to more than the call's wall time.
+
+XLA:GPU replays runs of kernels as CUDA graphs ("command buffers"): their kernels carry the command buffer's
+name as `hlo_op`, an instruction the trace's HLO protos (taken before that pass) do not have. Such a kernel is
+named by its own name instead, which is its fusion's instruction name with '.' and '-' written as '_' (and
+"__N" for a fusion's N-th kernel); library kernels (cuBLAS GEMMs, memcpy) keep their kernel name. On GPU the
+report also gives each stream's busy time against the span from its first to its last kernel: the gaps are
+where the device waited for the host (a while loop's predicate read back every round, launches).
 """
 
 from __future__ import annotations
@@ -49,9 +56,17 @@ def _programs(space) -> dict[int, dict[str, tuple[str, str]]]:
         program = re.search(r"\((\d+)\)$", meta.name)
         if program is None:
           continue
-        out[int(program.group(1))] = {ins.name: (ins.opcode, ins.metadata.op_name)
-                                      for comp in proto.hlo_module.computations for ins in comp.instructions}
+        names_ = {ins.name: (ins.opcode, ins.metadata.op_name)
+                  for comp in proto.hlo_module.computations for ins in comp.instructions}
+        # Kernel names of fused instructions, for kernels replayed inside command buffers.
+        names_.update({kernel_name(name): v for name, v in names_.items() if kernel_name(name) not in names_})
+        out[int(program.group(1))] = names_
   return out
+
+
+def kernel_name(instruction: str) -> str:
+  """XLA:GPU's kernel name for a fused instruction ('sort.11.1' -> 'sort_11_1')."""
+  return re.sub(r"[.\-]", "_", instruction)
 
 
 def _counted(plane, line) -> bool:
@@ -59,7 +74,7 @@ def _counted(plane, line) -> bool:
 
 
 def op_times(space) -> tuple[collections.Counter, int]:
-  """({jax op_name (or HLO name when unknown): seconds}, events counted)."""
+  """({jax op_name (or HLO / kernel name when unknown): seconds}, events counted)."""
   programs = _programs(space)
   times: collections.Counter = collections.Counter()
   counted = 0
@@ -69,6 +84,7 @@ def op_times(space) -> tuple[collections.Counter, int]:
       if not _counted(plane, line):
         continue
       for event in line.events:
+        kernel = plane.event_metadata[event.metadata_id].name
         stats = {}
         for stat in event.stats:
           key = names.get(stat.metadata_id)
@@ -78,12 +94,35 @@ def op_times(space) -> tuple[collections.Counter, int]:
                           else stat.int64_value or stat.uint64_value)
         if "hlo_op" not in stats:
           continue
-        opcode, op_name = programs.get(stats.get("program_id"), {}).get(stats["hlo_op"], ("", ""))
+        program = programs.get(stats.get("program_id"), {})
+        instruction = stats["hlo_op"] if stats["hlo_op"] in program else re.sub(r"__\d+$", "", kernel)
+        opcode, op_name = program.get(instruction, ("", ""))
         if opcode in CONTROL_FLOW:
           continue
-        times[op_name or stats["hlo_op"]] += event.duration_ps / 1e12
+        if not op_name:   # no jax op behind it (an XLA-made copy) or a library kernel in a command buffer
+          op_name = instruction if instruction in program else (
+              f"{stats['hlo_op']}: {kernel}" if kernel != stats["hlo_op"] else kernel)
+        times[op_name] += event.duration_ps / 1e12
         counted += 1
   return times, counted
+
+
+def device_busy(space) -> list[tuple[str, float, float, int]]:
+  """Per GPU stream with kernels: (name, busy seconds (union of its events), span seconds, events)."""
+  out = []
+  for plane in space.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      spans = sorted((e.offset_ps, e.offset_ps + e.duration_ps) for e in line.events)
+      if len(spans) < 2:
+        continue
+      busy, end = 0, spans[0][0]
+      for a, b in spans:
+        busy += max(0, b - max(a, end))
+        end = max(end, b)
+      out.append((f"{plane.name} {line.name}", busy / 1e12, (end - spans[0][0]) / 1e12, len(spans)))
+  return out
 
 
 def group(op_name: str, depth: int) -> str:
@@ -100,12 +139,16 @@ def main(argv=None) -> int:
   p.add_argument("--top", type=int, default=25)
   args = p.parse_args(argv)
   for trace_dir in args.dirs:
-    times, counted = op_times(_load(trace_dir))
+    space = _load(trace_dir)
+    times, counted = op_times(space)
     grouped = collections.Counter()
     for op_name, sec in times.items():
       grouped[group(op_name, args.depth)] += sec
     total = sum(times.values())
     print(f"== {trace_dir}: {counted} events, {1e3 * total:.2f} ms summed")
+    for name, busy, span, events in device_busy(space):
+      print(f"   {name}: busy {1e3 * busy:.2f} ms of a {1e3 * span:.2f} ms span ({events} events, "
+            f"{100 * (1 - busy / max(span, 1e-12)):.0f}% idle)")
     for key, sec in grouped.most_common(args.top):
       print(f"{1e3 * sec:9.3f} ms {100 * sec / max(total, 1e-12):5.1f}%  {key}")
   return 0

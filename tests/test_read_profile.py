@@ -46,3 +46,58 @@ def test_time_goes_to_the_named_ops(tmp_path):
 def test_not_a_trace_directory(tmp_path):
   with pytest.raises(SystemExit, match="no \\*.xplane.pb"):
     _read_profile()._load(tmp_path)
+
+
+def test_command_buffer_kernels_are_named_by_their_fusions():
+  """XLA:GPU's CUDA-graph kernels carry the command buffer's name as `hlo_op`: they are named through their
+  kernel names (fusion names with '_' for '.', '__N' for a fusion's N-th kernel), library kernels keep their
+  own name, and each stream's busy time excludes its gaps and overlaps. A synthetic GPU trace around a
+  real compiled program's HLO."""
+  read_profile = _read_profile()
+  from tensorflow.compiler.xla.service import hlo_pb2
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+  @jax.jit
+  def program(x):
+    with jax.named_scope("heavy"):
+      y = jnp.tanh(x @ x)
+    with jax.named_scope("light"):
+      return y + 1.0
+
+  hlo = program.lower(jnp.ones((8, 8))).compile().runtime_executable().hlo_modules()[0]
+  module = hlo_pb2.HloModuleProto.FromString(hlo.as_serialized_hlo_module_proto())
+  fusions = {ins.metadata.op_name: ins.name for comp in module.computations for ins in comp.instructions
+             if ins.opcode == "fusion"}
+  heavy = next(name for op, name in fusions.items() if "heavy" in op)
+  light = next(name for op, name in fusions.items() if "light" in op)
+  for comp in module.computations:   # XLA:GPU names look like "loop_add_fusion.3": kernel "loop_add_fusion_3"
+    for ins in comp.instructions:
+      if ins.name == heavy:
+        ins.name = heavy = heavy + ".3"
+
+  space = xplane_pb2.XSpace()
+  meta = space.planes.add(name="/host:metadata")
+  meta.stat_metadata[1].name = "Hlo Proto"
+  meta.event_metadata[1].name = "jit_program(7)"
+  meta.event_metadata[1].stats.add(metadata_id=1, bytes_value=hlo_pb2.HloProto(
+      hlo_module=module).SerializeToString())
+  gpu = space.planes.add(name="/device:GPU:0")
+  gpu.stat_metadata[1].name, gpu.stat_metadata[2].name = "hlo_op", "program_id"
+  kernels = [read_profile.kernel_name(heavy), read_profile.kernel_name(light) + "__2", "sm80_gemm_cublas"]
+  for i, name in enumerate(kernels, 1):
+    gpu.event_metadata[i].name = name
+  line = gpu.lines.add(name="Stream #1(Compute)")
+  # (kernel, start us, duration us): a gap 10..20 and an overlap 22..25.
+  for kernel, start, dur in ((1, 0, 10), (2, 20, 5), (3, 22, 8)):
+    event = line.events.add(metadata_id=kernel, offset_ps=start * 10**6, duration_ps=dur * 10**6)
+    event.stats.add(metadata_id=1, str_value="command_buffer_3")
+    event.stats.add(metadata_id=2, int64_value=7)
+
+  times, counted = read_profile.op_times(space)
+  assert counted == 3
+  named = {name: round(t * 1e6) for name, t in times.items()}
+  assert named == {next(op for op in fusions if "heavy" in op): 10, next(op for op in fusions if "light" in op): 5,
+                   "command_buffer_3: sm80_gemm_cublas": 8}
+  [(stream, busy, span, events)] = read_profile.device_busy(space)
+  assert stream.endswith("Stream #1(Compute)") and events == 3
+  assert round(busy * 1e6) == 20 and round(span * 1e6) == 30
