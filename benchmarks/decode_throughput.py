@@ -686,7 +686,8 @@ def write_docs(text: str, gpu_card: str | None) -> None:
 
 
 def merge_results(paths) -> tuple[dict, str]:
-  """One result dict from several --json_out files of the same machine (later files win per key)."""
+  """One result dict from several --json_out files of the same machine (later files win per key; trie rows
+  merge per size and beam)."""
   res, commands = {"notes": []}, []
   for path in paths:
     part = json.loads(pathlib.Path(path).read_text())
@@ -701,8 +702,10 @@ def merge_results(paths) -> tuple[dict, str]:
     for key in ("peak", "ngram", "repeats", "block_seconds", "warmup_rounds", "round_ratios"):
       if key in part:
         res[key] = part[key]
-    if "trie" in part:
-      res.setdefault("trie", {}).update(part["trie"])
+    for size, block in part.get("trie", {}).items():   # rows of one size can come from several runs
+      merged = res.setdefault("trie", {}).setdefault(size, {**block, "rows": []})
+      rows = {r["beams"]: r for r in merged["rows"] + block["rows"]}   # a later run's row of a beam wins
+      merged["rows"] = [rows[b] for b in sorted(rows)]
   return res, "` + `".join(commands)
 
 

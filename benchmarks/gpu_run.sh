@@ -4,13 +4,15 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh [seconds, default 580: give the call a 600 s limit]
 #   STEPS="decode_trie decode_ngram" NGRAM_BEAMS="20 1" OUT=... bash benchmarks/gpu_run.sh 480   # these steps, in order
-#   NGRAM_VARIANTS="enum_iters=0 enum_chunk=128"   # biased n-gram settings also timed (default: enum_iters=0 and
-#       top_m=15, the two GPU leads of docs/decoding.md; "" none)
+#   NGRAM_VARIANTS="enum_iters=64 topk_block=0"   # biased n-gram settings also timed (default: these two, the
+#       settings before session 13's accelerator defaults, docs/decoding.md; "" none)
 #
-# Session 4 (H100) timings: jax compiles 13-42 s per train rung and ~10-30 s per decode program there (session 11:
-# the first search of each decode shape, the trie's, 30-34 s at beam 20, 10 s at beam 1, most of it likely GEMM
-# autotuning, docs/decoding.md; the rows' `*_first_call_s` in the logs), so the
-# step limits below are what the figures in docs/benchmarks.md needed; the four train rungs need ~220 s.
+# Session 4 (H100) timings: jax compiles 13-42 s per train rung and ~10-30 s per decode program there. The first
+# search of each decode shape pays most of it (most likely GEMM autotuning, docs/decoding.md; the rows'
+# `*_first_call_s`): H100 (session 11) 30-34 s at beam 20, 10 s at beam 1; H200 (session 13) 43-57 s for the
+# tiny rows and 69-103 s for the 42M ones, so decode_trie runs one sub-step per size (tiny ~300 s, 42M ~330 s:
+# nearly a whole call; the H200 table of session 13 has all four rows, docs/benchmarks.md). The step limits below
+# are what the figures in docs/benchmarks.md needed; the four train rungs need ~220 s.
 #
 # Needs, carried with the call (both listed in .git/info/exclude, so git ignores them):
 #   .whl/      gin-config 0.5.0 and pydivsufsort 0.0.20 wheels for the machine's Python 3.12:
@@ -84,10 +86,13 @@ run_step() {
   case $1 in
     decode_ngram) step decode_ngram 330 python3 benchmarks/decode_throughput.py --device gpu --parts ngram \
       --ngram_beams ${NGRAM_BEAMS:-1 20} --repeats 2 --json_out "$WORK/decode_ngram.json" \
-      --ngram_biased_variants ${NGRAM_VARIANTS-enum_iters=0 top_m=15} --profile_dir "$PROF" ;;
+      --ngram_biased_variants ${NGRAM_VARIANTS-enum_iters=64 topk_block=0} --profile_dir "$PROF" ;;
     index) step index 150 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --write_docs ;;
-    decode_trie) step decode_trie 300 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie \
-      --sizes tiny base45m --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie.json" ;;
+    decode_trie)   # one sub-step per size, each with its own limit and JSON (merged per size and beam)
+      step decode_trie_tiny 300 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie \
+        --sizes tiny --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie_tiny.json"
+      step decode_trie_base45m 330 python3 benchmarks/decode_throughput.py --device gpu --parts trie \
+        --sizes base45m --beams 20 1 --repeats 2 --json_out "$WORK/decode_trie_base45m.json" ;;
     cgl) step cgl 80 python3 benchmarks/cgl_throughput.py --device gpu --rungs r0,r5 --repeats 2 --ref_seconds 2 ;;
     train) step train 220 python3 benchmarks/train_throughput.py --device gpu --family both --rungs r0,r2 \
       --seconds 3 --repeats 3 ;;

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genret_jax.decoding import TrieConstraint, beam_search, hypotheses
+from genret_jax.decoding import constraints as constraints_mod
 from genret_jax.decoding.fake_model import FakeModel, fake_tokens_to_logits
 from genret_jax.decoding.reference import exhaustive_scores, reference_beam_search, trie_allowed_fn
 from genret_jax.errors import InputError
@@ -224,12 +225,31 @@ def test_candidate_top_k_equals_one_top_k(seed, k, v, block, masked):
   scores = rng.uniform(-6, 0, (b, k)).astype(np.float32)
   scores[0, k // 2:] = NEG_INF                      # dead beams
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(bs_mod, "TOPK_BLOCK", block)
+    mp.setattr(constraints_mod, "TOPK_BLOCK", block)
     got_s, got_i = bs_mod.candidate_top_k(jax.numpy.asarray(scores), jax.numpy.asarray(lp), c)
   want_s, want_i = top_k(jax.numpy.asarray((scores[:, :, None] + lp).reshape(b, k * v)), c)
   np.testing.assert_array_equal(np.asarray(got_s), np.asarray(want_s))
   ok = np.asarray(want_s) > NEG_INF / 2
   np.testing.assert_array_equal(np.asarray(got_i)[ok], np.asarray(want_i)[ok])
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10**6), rows=st.sampled_from([1, 5]), v=st.sampled_from([512, 2048]),
+       c=st.sampled_from([1, 8, 65]), block=st.sampled_from([16, 128]), ties=st.booleans())
+def test_block_top_k_of_plain_rows_equals_top_k(seed, rows, v, c, block, ties):
+  """Without segment offsets (the n-gram top-M check's per-row use) the pre-selected top-k equals one
+  top-k: same values, and same positions wherever the values are not tied."""
+  from genret_jax.decoding.constraints import block_top_k, top_k
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((rows, v)).astype(np.float32)
+  if ties:   # coarse values: many exact ties, positions may differ among them but values may not
+    x = np.round(x * 2) / 2
+  got_v, got_i = block_top_k(jax.numpy.asarray(x), c, block=block)
+  want_v, want_i = top_k(jax.numpy.asarray(x), c)
+  np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+  np.testing.assert_array_equal(np.take_along_axis(x, np.asarray(got_i), axis=1), np.asarray(got_v))
+  if not ties:
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
@@ -275,7 +295,7 @@ def test_block_preselection_leaves_search_results_unchanged(monkeypatch):
   trie = TrieConstraint.build(ids, vocab_size=v, eos_id=EOS, dense_levels=1, max_branch=64)
   outs = {}
   for block in (128, 0):
-    monkeypatch.setattr(bs_mod, "TOPK_BLOCK", block)
+    monkeypatch.setattr(constraints_mod, "TOPK_BLOCK", block)
     for name, constraint in (("free", None), ("trie", trie), ("trie_dense_steps", trie.replace(sparse_steps=False))):
       fn = jax.jit(lambda p, c_, f, con: beam_search(functools.partial(fake_tokens_to_logits, p), c_, f,
                                                      num_beams=8, max_decode_len=5, eos_id=EOS, pad_id=PAD,

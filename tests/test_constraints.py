@@ -119,6 +119,26 @@ def test_bounded_check_selects_like_the_full_mask(docs, seed, config):
       assert set(np.nonzero(full[row] > NEG_INF / 2)[0]) == allowed(gram)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_top_m_check_preselection_leaves_ngram_search_unchanged(static):
+  """The top-M check's per-row top-k pre-selected by blocks (vocabulary 2,048, top_m 7: the block path runs)
+  and as one top-k give identical searches; a small alphabet keeps intervals large, so the check runs."""
+  v = 2048
+  rng = np.random.default_rng(3)
+  docs = [rng.integers(2, 24, size=int(rng.integers(20, 60))) for _ in range(12)]
+  index = SuffixArrayIndex.build([np.asarray(d, np.int64) for d in docs], sep_id=SEP)
+  model = FakeModel(v, seed=4)
+  cache, first = model.decode_init(rng.integers(2, v, size=(3, 3)))
+  outs = []
+  for block in (128, 0):
+    sc = SubstringConstraint.from_index(index, vocab_size=v, eos_id=EOS, top_m=7, small_interval=2,
+                                        pair_budget_bytes=0, static_searches=static, topk_block=block)
+    outs.append(run(model.params, cache, first, sc, num_beams=6, max_decode_len=4, keep_history=True))
+  assert np.asarray(outs[0].valid).sum() > 0
+  for x, y in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @functools.partial(jax.jit, static_argnames=("k", "c"))
 def _mask(sc, state, logp, beam_scores, k, c):
   return sc.mask_log_probs(state, logp, beam_scores, num_beams=k, num_candidates=c)

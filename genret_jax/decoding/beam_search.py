@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genret_jax.decoding.constraints import NEG_INF, Unconstrained, top_k
+from genret_jax.decoding.constraints import NEG_INF, Unconstrained, block_top_k, top_k
 
 PyTree = Any
 TokensToLogits = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, PyTree]]
@@ -107,38 +107,13 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0, mode="clip"))(x, idx)
 
 
-# Block width of `candidate_top_k`'s pre-selection; 0 turns it off (one top-k over K x V).
-TOPK_BLOCK = 128
-
-
 def candidate_top_k(beam_scores: jax.Array, log_probs: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
   """Top `c` of beam_scores[b, j] + log_probs[b, j, t] over each query's K x V candidates: (scores [B, c],
-  flat indices j * V + t [B, c]), as `top_k` over the [B, K * V] sums returns them.
-
-  XLA:CPU's TopK spends ~4 ns per element (a [32, 20 x 8,192] top-40 took 23 ms, more than the step's
-  output projection), so the candidates are pre-selected by blocks: the maxima of TOPK_BLOCK-wide blocks of
-  each beam row, the top `c` blocks by maximum, then the top `c` of those blocks' elements. Exact: a block
-  holding one of the top `c` values has a maximum at least that value, and fewer than `c` blocks can beat
-  it, so the values are those of the full top-k; positions can differ only among exactly tied values
-  (which for valid candidates needs equal log-probs; invalid ones are NEG_INF-masked and never used)."""
+  flat indices j * V + t [B, c]), as `top_k` over the [B, K * V] sums returns them, pre-selected by blocks
+  (`block_top_k`: exact; positions can differ only among exactly tied values, which for valid candidates
+  needs equal log-probs; invalid ones are NEG_INF-masked and never used)."""
   b, k, v = log_probs.shape
-  block = TOPK_BLOCK
-  # Small vocabularies (e.g. 512): narrower blocks, so that there are several times more blocks than
-  # candidates and the pre-selection still pays.
-  while block > 16 and v % block == 0 and k * (v // block) <= 4 * c:
-    block //= 2
-  if not block or v % block or k * (v // block) <= 2 * c:
-    return top_k((beam_scores[:, :, None] + log_probs).reshape(b, k * v), c)
-  nb = v // block
-  blocks = log_probs.reshape(b, k * nb, block)
-  block_max = (blocks.max(axis=-1).reshape(b, k, nb) + beam_scores[:, :, None]).reshape(b, k * nb)
-  # Ascending block order keeps top_k's lower-index-first rule among the gathered elements.
-  chosen = jnp.sort(top_k(block_max, c)[1], axis=1)                        # [B, c]
-  parent_scores = jnp.take_along_axis(beam_scores, chosen // nb, axis=1)   # [B, c]
-  gathered = _take(blocks, chosen) + parent_scores[:, :, None]             # [B, c, block]
-  scores, pos = top_k(gathered.reshape(b, c * block), c)
-  flat = jnp.take_along_axis(chosen, pos // block, axis=1) * block + pos % block
-  return scores, flat.astype(jnp.int32)
+  return block_top_k(log_probs.reshape(b, k * v), c, segment_offsets=beam_scores)
 
 
 def sparse_candidate_top_k(beam_scores: jax.Array, logits: jax.Array, lse: jax.Array, allowed: jax.Array,

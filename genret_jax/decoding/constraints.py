@@ -90,6 +90,51 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(indices)
 
 
+# Block width of `block_top_k`'s pre-selection; 0 turns it off (one top-k over each whole row).
+TOPK_BLOCK = 128
+
+
+def block_top_k(x: jax.Array, c: int, segment_offsets: jax.Array | None = None,
+                block: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Top `c` of each row of x [R, L], with `segment_offsets` [R, S] (optional) added to every element of
+  the row's s-th of S equal segments: (values [R, c], positions [R, c] int32), as `top_k` of the offset
+  rows returns them. `block` (default TOPK_BLOCK; 0: off) is the widest pre-selection block.
+
+  A top-k of a long row is dear everywhere: XLA:CPU's TopK spends ~4 ns per element (a [32, 20 x 8,192]
+  top-40 took 23 ms, more than the step's output projection) and XLA:GPU sorts every row in full (the
+  n-gram top-M check's [640, 8,192] top-65 was a third of the biased search's H200 kernel time; session 13).
+  So the candidates are pre-selected by blocks: the maxima of `block`-wide blocks (inside segments), the
+  top `c` blocks by maximum, then the top `c` of those blocks' elements. Exact: a block holding one of the
+  top `c` values has a maximum at least that value, and fewer than `c` blocks can beat it, so the values
+  are those of the full top-k; positions can differ only among exactly tied values."""
+  r, length = x.shape
+  segments = 1 if segment_offsets is None else segment_offsets.shape[1]
+  seg_len = length // segments
+  block = TOPK_BLOCK if block is None else block
+  # Narrower blocks on short segments (e.g. a 512 vocabulary), so that there are several times more
+  # blocks than candidates and the pre-selection still pays.
+  while block > 16 and seg_len % block == 0 and segments * (seg_len // block) <= 4 * c:
+    block //= 2
+  if not block or seg_len % block or segments * (seg_len // block) <= 2 * c:
+    if segment_offsets is not None:
+      x = (x.reshape(r, segments, seg_len) + segment_offsets[:, :, None]).reshape(r, length)
+    return top_k(x, c)
+  per_seg = seg_len // block
+  blocks = x.reshape(r, segments * per_seg, block)
+  block_max = blocks.max(axis=-1)
+  if segment_offsets is not None:
+    block_max = (block_max.reshape(r, segments, per_seg) + segment_offsets[:, :, None]).reshape(r, -1)
+  # Ascending block order keeps top_k's lower-index-first rule among the gathered elements.
+  chosen = jnp.sort(top_k(block_max, c)[1], axis=1)                        # [R, c]
+  # mode="clip": the ids are top-k positions, always in range ("fill" would add a select over the output).
+  gathered = jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0, mode="clip"))(blocks, chosen)   # [R, c, block]
+  if segment_offsets is not None:
+    gathered = gathered + jnp.take_along_axis(segment_offsets, chosen // per_seg, axis=1)[:, :, None]
+  values, pos = top_k(gathered.reshape(r, c * block), c)
+  flat = jnp.take_along_axis(chosen, pos // block, axis=1) * block + pos % block
+  return values, flat.astype(jnp.int32)
+
+
 def next_pow2(n: int, minimum: int = 1) -> int:
   """Smallest power of two >= max(n, minimum); used to bucket array sizes so shapes (and compiled
   programs) are shared between indexes of similar size."""

@@ -38,8 +38,9 @@ Loop shapes per platform (`static_searches`, default: on for every backend but C
 the widest interval of the call needs (a traced count). XLA:GPU reads each while loop's predicate back
 to the host every round (on an H200 these shapes cut the n-gram overhead at beam 20 from +33% to +5%,
 docs/benchmarks.md); there every binary search runs a static round count (`search_rounds`: enough for the corpus's most frequent token, which bounds every
-interval below the root), unrolled into straight-line gathers, and the top-M check and the fallback
-take all rows in one chunk. Both give the same results.
+interval below the root), unrolled into straight-line gathers; the top-M check takes all rows in one
+chunk (the fallback 64 rows at a time), and the jump enumeration is off (`enum_iters=0`: its rounds are
+host read-backs there; the rows it would take get the full check). Both give the same results.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genret_jax.decoding.constraints import (NEG_INF, interval_iters, lower_bound, next_pow2, pad_to,
-                                             search_iters, top_k)
+from genret_jax.decoding.constraints import (NEG_INF, TOPK_BLOCK, block_top_k, interval_iters, lower_bound,
+                                             next_pow2, pad_to, search_iters, top_k)
 from genret_jax.decoding.suffix_array import SuffixArrayIndex
 
 # The bigram bit table costs V * V / 8 bytes: 8 MiB at V = 8,192, 128 MiB at T5's 32,128.
@@ -84,6 +85,7 @@ class SubstringConstraint:
   enum_window: int = flax.struct.field(pytree_node=False, default=64)
   enum_iters: int = flax.struct.field(pytree_node=False, default=64)
   enum_chunk: int = flax.struct.field(pytree_node=False, default=64)
+  topk_block: int = flax.struct.field(pytree_node=False, default=TOPK_BLOCK)
   has_pairs: bool = flax.struct.field(pytree_node=False, default=False)
   static_searches: bool = flax.struct.field(pytree_node=False, default=False)
   sparse_steps: bool = flax.struct.field(pytree_node=False, default=True)
@@ -93,21 +95,27 @@ class SubstringConstraint:
   @classmethod
   def from_index(cls, index: SuffixArrayIndex, *, vocab_size: int, eos_id: int, allow_eos: bool = True,
                  top_m: int = 64, small_interval: int = 64, fallback_chunk: int | None = None,
-                 enum_window: int = 64, enum_iters: int = 64, enum_chunk: int | None = None,
-                 pair_budget_bytes: int = DEFAULT_PAIR_BUDGET_BYTES, bucket: bool = True,
+                 enum_window: int = 64, enum_iters: int | None = None, enum_chunk: int | None = None,
+                 topk_block: int = TOPK_BLOCK, pair_budget_bytes: int = DEFAULT_PAIR_BUDGET_BYTES, bucket: bool = True,
                  capacity: int = 0, static_searches: bool | None = None) -> "SubstringConstraint":
     """Copies a host index to device arrays, with the depth-0 mask, the depth-1 interval table and
     (when V * V / 8 bytes fit `pair_budget_bytes`) the bigram bit table. `bucket` pads the text to a
     power of two (at least `capacity`) so corpora of similar size share one compiled search.
     `static_searches` (None: on unless the default backend is CPU) picks the loop shapes described in
-    the module docstring; `fallback_chunk` / `enum_chunk` default to 8 / 64 rows with traced searches
-    and 64 / 1024 with static ones."""
+    the module docstring; `fallback_chunk` / `enum_chunk` / `enum_iters` default to 8 / 64 rows / 64 rounds
+    with traced searches and 64 / 1024 rows / 0 rounds (no enumeration) with static ones. `topk_block` bounds the block width of the top-M check's per-row top-k
+    pre-selection (`block_top_k`; 0: one top-k over the vocabulary)."""
     if static_searches is None:
       static_searches = jax.default_backend() != "cpu"
     if fallback_chunk is None:
       fallback_chunk = 64 if static_searches else 8
     if enum_chunk is None:
       enum_chunk = 1024 if static_searches else 64
+    if enum_iters is None:
+      # Each jump round is a data-dependent loop round, which XLA:GPU pays with a host read-back: skipping
+      # the enumeration (its rows go to the one-chunk full check) cut the biased search's H200 overhead
+      # from +111% to +83% at beam 20 (session 13, same rounds); on CPU the rounds cost nothing.
+      enum_iters = 0 if static_searches else 64
     t = index.num_tokens
     v = int(vocab_size)
     size = next_pow2(t + 1, capacity) if bucket else max(t + 1, capacity)
@@ -142,7 +150,7 @@ class SubstringConstraint:
                eos_id=int(eos_id), allow_eos=bool(allow_eos), top_m=int(min(top_m, v)),
                small_interval=int(small_interval), fallback_chunk=int(fallback_chunk),
                enum_window=int(max(enum_window, 1)), enum_iters=int(max(enum_iters, 0)),
-               enum_chunk=int(max(enum_chunk, 1)), has_pairs=bool(has_pairs),
+               enum_chunk=int(max(enum_chunk, 1)), topk_block=int(max(topk_block, 0)), has_pairs=bool(has_pairs),
                static_searches=bool(static_searches), search_rounds=search_rounds)
 
   @property
@@ -316,7 +324,7 @@ class SubstringConstraint:
       c, masked, chk, nxt = carry
       sel = jax.lax.dynamic_slice(idx, (c * chunk,), (chunk,))
       safe = jnp.minimum(sel, n - 1)
-      top_lp, top_tok = top_k(log_probs[safe], m + 1)
+      top_lp, top_tok = block_top_k(log_probs[safe], m + 1, block=self.topk_block)
       b_tok, b_lp = top_tok[:, :m], top_lp[:, :m]
       lo, depth = state.lo[safe], state.depth[safe]
       hi = jnp.where(sel < n, state.hi[safe], lo)
