@@ -269,16 +269,19 @@ class SubstringConstraint:
 
   def mask_log_probs(self, state, log_probs, beam_scores, *, num_beams, num_candidates):
     masked, large, eos_lp = self.exact_rows_mask(state, log_probs, beam_scores)
-
-    def check_large(masked):
-      masked, need = self.check_large_rows(state, log_probs, beam_scores, masked, large, eos_lp,
-                                           num_beams=num_beams, num_candidates=num_candidates)
-      masked, done = self.apply_enumeration(state, log_probs, masked, need)
-      return self.apply_fallback(state, log_probs, masked, need & ~done)
-
+    check = lambda m: self.check_large(state, log_probs, beam_scores, m, large, eos_lp, num_beams=num_beams,
+                                       num_candidates=num_candidates)
     # One branch holds every loop: steps whose rows all have exact sets already (most steps of a
     # typical n-gram search) pay one predicate, not one per loop.
-    return jax.lax.cond(jnp.any(large), check_large, lambda m: m, masked)
+    return jax.lax.cond(jnp.any(large), check, lambda m: m, masked)
+
+  def check_large(self, state, log_probs, beam_scores, masked, large, eos_lp, *, num_beams, num_candidates):
+    """Completes `exact_rows_mask`'s result for the large rows: the top-M check, then the enumeration and
+    the full check for the rows it cannot prove unaffected."""
+    masked, need = self.check_large_rows(state, log_probs, beam_scores, masked, large, eos_lp,
+                                         num_beams=num_beams, num_candidates=num_candidates)
+    masked, done = self.apply_enumeration(state, log_probs, masked, need)
+    return self.apply_fallback(state, log_probs, masked, need & ~done)
 
   def exact_rows_mask(self, state, log_probs, beam_scores):
     """The checks that need no search: depth 0 and 1 from the tables, small intervals read directly.

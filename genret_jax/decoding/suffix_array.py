@@ -80,6 +80,19 @@ class SuffixArrayIndex:
       sa = np.zeros(0, np.int32)
     return cls(tokens, sa, doc_starts, sep_id, build_seconds=time.perf_counter() - start)
 
+  @classmethod
+  def build_shards(cls, docs: Sequence[np.ndarray], sep_id: int, num_shards: int) -> list["SuffixArrayIndex"]:
+    """One index per contiguous run of documents, `num_shards` runs of about equal token counts (a
+    document is never split, so no n-gram is lost); shard k holds documents [first_doc[k], first_doc[k+1]).
+    For corpora past one shard's 2^31 - 1 tokens or one device's memory (docs/decoding.md)."""
+    if num_shards < 1:
+      raise InputError(f"num_shards must be >= 1, got {num_shards}", key="index_shards")
+    if num_shards > max(len(docs), 1):
+      raise InputError(f"{num_shards} shards for {len(docs)} documents: a shard needs at least one document",
+                       key="index_shards")
+    bounds = shard_bounds([len(d) + 1 for d in docs], num_shards)
+    return [cls.build(docs[bounds[k]:bounds[k + 1]], sep_id) for k in range(num_shards)]
+
   # --- persistence --------------------------------------------------------------------------------
 
   def save(self, directory: str) -> None:
@@ -187,3 +200,16 @@ class SuffixArrayIndex:
     if not 0 <= doc_idx < self.num_docs:
       raise IndexError(f"document index {doc_idx} out of range [0, {self.num_docs})")
     return np.asarray(self.tokens[self.doc_starts[doc_idx]:self.doc_starts[doc_idx + 1] - 1])
+
+
+def shard_bounds(doc_lengths: Sequence[int], num_shards: int) -> list[int]:
+  """First document of each of `num_shards` contiguous runs (plus the end), cut where the running token
+  count passes k / num_shards of the total; every run keeps at least one document when there are enough."""
+  n = len(doc_lengths)
+  ends = np.cumsum(np.asarray(doc_lengths, np.int64))
+  total = int(ends[-1]) if n else 0
+  cuts = [0]
+  for k in range(1, num_shards):
+    cut = int(np.searchsorted(ends, total * k / num_shards, side="left")) + 1
+    cuts.append(min(max(cut, cuts[-1] + 1), n - (num_shards - k)))
+  return cuts + [n]

@@ -18,9 +18,11 @@ import numpy as np
 
 from genret_jax.corpora.types import Collection, Query
 from genret_jax.decoding.beam_search import beam_search
+from genret_jax.decoding.sharded_substring import ShardedSubstringConstraint
 from genret_jax.decoding.substring import SubstringConstraint
 from genret_jax.decoding.suffix_array import SuffixArrayIndex
 from genret_jax.decoding.trie import TrieConstraint
+from genret_jax.errors import InputError
 from genret_jax.models import partitioning
 from genret_jax.retrieval import run as run_lib
 from genret_jax.retrieval.docids import DocidLookup
@@ -44,6 +46,9 @@ class RetrievalConfig:
   inputs_length: int = 64
   hits: int = 100
   query_prefix: str = ""
+  # n-gram identifiers: suffix-array shards on device (documents split into this many runs); with a mesh the
+  # shards are placed over its `model` axis when its size divides them (docs/decoding.md, "Sharding").
+  index_shards: int = 1
 
 
 def encode_inputs(vocab, texts: Sequence[str], length: int, prefix: str = "") -> np.ndarray:
@@ -66,15 +71,22 @@ class SchemeIndex:
   nbytes: int
 
 
-def build_scheme_index(scheme, vocab, vocab_size: int) -> SchemeIndex:
+def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1) -> SchemeIndex:
   if getattr(scheme, "is_ngram", False):
     # As the reference's FM-index: one entry per document (its views joined), separated so that no n-gram
     # spans two documents; positions map straight back to document indices.
     docs = [np.asarray(vocab.encode(scheme.document_string(d)), np.int32) for d in range(scheme.num_docs)]
     sep = vocab_size  # one id past the model vocabulary: never generated, never a token
     index = SuffixArrayIndex.build(docs, sep_id=sep)
-    constraint = SubstringConstraint.from_index(index, vocab_size=vocab_size, eos_id=EOS_ID)
-    return SchemeIndex(constraint, None, index, 0, int(index.num_tokens), int(index.nbytes))
+    if index_shards > 1:
+      constraint = ShardedSubstringConstraint.from_shards(SuffixArrayIndex.build_shards(docs, sep, index_shards),
+                                                          vocab_size=vocab_size, eos_id=EOS_ID)
+    else:
+      constraint = SubstringConstraint.from_index(index, vocab_size=vocab_size, eos_id=EOS_ID)
+    return SchemeIndex(constraint, None, index, 0, int(index.num_tokens), int(constraint.nbytes))
+  if index_shards != 1:
+    raise InputError(f"index_shards={index_shards}: suffix-array shards are for n-gram identifiers; this scheme "
+                     "decodes with a trie", key="index_shards")
   seqs, pairs = [], []
   for d in range(scheme.num_docs):
     for ident in scheme.doc_identifiers(d):
@@ -94,7 +106,9 @@ class Retriever:
     self.model, self.params, self.scheme, self.vocab, self.collection = model, params, scheme, vocab, collection
     self.cfg = cfg or RetrievalConfig()
     self.scoring = scoring or NgramScoringConfig(hits=self.cfg.hits)
-    self.index = scheme_index or build_scheme_index(scheme, vocab, model.config.vocab_size)
+    self.index = scheme_index or build_scheme_index(scheme, vocab, model.config.vocab_size, self.cfg.index_shards)
+    if mesh is not None and isinstance(self.index.constraint, ShardedSubstringConstraint):
+      self.index = dataclasses.replace(self.index, constraint=self.index.constraint.place(mesh))
     self.is_ngram = self.index.ngram_index is not None
     if self.cfg.max_decode_len:
       self.max_decode_len = self.cfg.max_decode_len

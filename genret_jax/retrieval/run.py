@@ -151,9 +151,11 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
                  split: str = "test", beam_size: int = 20, output_dir: str | None = None,
                  task_feature_lengths: Mapping[str, int] | None = None, batch_size: int = 32,
                  max_queries: int | None = None, mesh_data: int = -1, mesh_fsdp: int = 1, mesh_model: int = 1,
-                 overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                 index_shards: int = 1, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
   """Loads the checkpoint, runs the constrained beam search over the split's queries in batches (resumable:
-  batches already written are skipped), then writes run.trec, results.jsonl and metrics.json."""
+  batches already written are skipped), then writes run.trec, results.jsonl and metrics.json. `index_shards`
+  splits an n-gram scheme's suffix array into that many device shards, placed over the mesh's `model` axis
+  when `mesh_model` divides them."""
   import tasks  # noqa: F401  (registers the tasks)
   import os
   from genret_jax.models import model_api, params_io, partitioning
@@ -172,7 +174,8 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   mesh = partitioning.make_mesh(mesh_data, mesh_fsdp, mesh_model)
   params = params_io.restore_params(checkpoint_path, params_io.abstract_with_shardings(model, mesh))
   lengths = dict(task_feature_lengths or {"inputs": 64})
-  cfg = RetrievalConfig(beam_size=beam_size, batch_size=batch_size, inputs_length=lengths["inputs"])
+  cfg = RetrievalConfig(beam_size=beam_size, batch_size=batch_size, inputs_length=lengths["inputs"],
+                        index_shards=index_shards)
   retriever = Retriever(model, params, artefacts.identifier_scheme(), task.output_features["targets"].vocabulary,
                         collection, cfg, mesh=mesh)
   output_dir = output_dir or os.path.join(checkpoint_path, f"retrieve_{split}_beam{beam_size}")
