@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the machine's name and the docs/benchmarks.md section writer.
+"""What the benchmark scripts share: the machine's name, round-robin timing (`interleaved`, `round_ratio`) and
+the docs/benchmarks.md section writer.
 
 Each script owns one "## <name>" section of docs/benchmarks.md. A CPU run replaces the section's body; a GPU run
 (the lent GPU machine, seen rarely) writes a "### GPU: <card>" subsection inside it, and a later CPU run keeps
@@ -10,8 +11,10 @@ from __future__ import annotations
 import os
 import platform
 import re
+import statistics
 import sys
 import time
+from typing import Any, NamedTuple
 
 GPU_PREFIX = "### GPU: "
 
@@ -75,6 +78,64 @@ def time_reps(fn, min_seconds: float) -> float:
     if total >= min_seconds:
       return total / reps
     reps = max(reps * 2, int(reps * min_seconds / max(total, 1e-6)) + 1)
+
+
+# ---- round-robin timing of methods compared in one run ----------------------------------------------------------
+
+MAX_BLOCK_CALLS = 10
+WARMUP_ROUNDS = 1
+
+
+class Timed(NamedTuple):
+  seconds: float                 # median seconds per call over the timed rounds
+  result: Any
+  steps: int
+  round_seconds: list            # per timed round, the block's median call
+  first_call_seconds: float      # compile + one call: on a GPU the compile can dominate a run's wall time
+
+
+def interleaved(methods: dict, repeats: int, block_seconds: float) -> dict:
+  """methods: name -> callable returning (result, steps). Warms each up (two calls), then times them round-robin in
+  `repeats` blocks per method; returns name -> Timed.
+
+  A block is consecutive calls of one method (as a batch eval job runs: one framework, call after call), as
+  many as fit `block_seconds` (at least 1, at most MAX_BLOCK_CALLS); it reports its median call. A lone call
+  timed right after the other framework's measures the hand-over as well: torch's OpenMP workers and
+  XLA:CPU's pool each spin and sleep on the same 2 cores, and a 15 ms call read 13 ms back to back vs 19 ms
+  alternated one by one in a session-8 probe. Blocks still alternate, so machine drift hits both sides.
+  The first WARMUP_ROUNDS rounds are run and discarded: two warm-up calls were not enough for the first row of
+  a fresh process (tiny trie beam 1 read 21.5 ms per call there and 14.2 ms in an identical second row, session
+  10), which had made beam 1 the slowest-looking row of every table."""
+  res, per_call, first = {}, {}, {}
+  for name, fn in methods.items():
+    t = time.perf_counter()
+    fn()   # compiles
+    first[name] = time.perf_counter() - t
+    t = time.perf_counter()
+    res[name] = fn()
+    per_call[name] = time.perf_counter() - t
+  times = {name: [] for name in methods}
+  for rnd in range(WARMUP_ROUNDS + repeats):
+    for name, fn in methods.items():
+      calls = max(1, min(MAX_BLOCK_CALLS, int(block_seconds / max(per_call[name], 1e-6))))
+      block = []
+      for _ in range(calls):
+        t = time.perf_counter()
+        r = fn()
+        block.append(time.perf_counter() - t)
+        res[name] = r
+      per_call[name] = statistics.median(block)
+      if rnd >= WARMUP_ROUNDS:
+        times[name].append(per_call[name])
+  return {name: Timed(statistics.median(times[name]), *res[name], times[name], first[name]) for name in methods}
+
+
+def round_ratio(r: dict, slow: str, fast: str) -> float:
+  """Median over rounds of time[slow] / time[fast] (a speed-up of `fast` over `slow`), from `interleaved`'s
+  per-round times. This machine switches for seconds at a time between a fast and a ~1.6x slower state (the same
+  process CPU share, no steal time; session 10 probe), longer than a block: blocks of one round share a state
+  more often than the medians of the two methods do, so per-round ratios are the steadier figure."""
+  return statistics.median(s / f for s, f in zip(r[slow].round_seconds, r[fast].round_seconds))
 
 
 def jax_matmul(n: int):

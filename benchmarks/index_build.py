@@ -7,7 +7,9 @@
    ../shared/data/tokenizers (uint16 tokens).
 2. Decode time of the n-gram-constrained beam search (fake model, vocab 1,000, batch 32, 10 new tokens)
    as the corpus grows (1x, 4x, 16x copies of SciFact) and with beam size, against the same search
-   unconstrained.
+   unconstrained, timed round-robin with it in the same rounds.
+3. The same search over the index split into S shards by documents (`ShardedSubstringConstraint`, all
+   shards on this one device), against the one-shard constraint: what the shard loop costs in compute.
 With --write_docs the tables replace the "## Index build" section of docs/benchmarks.md.
 """
 
@@ -22,13 +24,13 @@ import pathlib
 import sys
 import time
 
-from _common import configure_host_malloc, cpu_model, python_command, write_section
+from _common import configure_host_malloc, cpu_model, interleaved, python_command, round_ratio, write_section
 
 HOST_MALLOC = configure_host_malloc() if __name__ == "__main__" else ""   # before jax starts its threads
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from genret_jax.decoding import SubstringConstraint, SuffixArrayIndex, beam_search
+from genret_jax.decoding import ShardedSubstringConstraint, SubstringConstraint, SuffixArrayIndex, beam_search
 from genret_jax.decoding.fake_model import FakeModel, fake_tokens_to_logits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -71,17 +73,14 @@ def _search(params, cache, first, constraint, *, num_beams, max_decode_len):
                      max_decode_len=max_decode_len, eos_id=EOS, constraint=constraint)
 
 
-def time_decode(model, cache, first, constraint, beams, steps, repeats=3):
-  out = _search(model.params, cache, first, constraint, num_beams=beams, max_decode_len=steps)
-  jax.block_until_ready(out)
-  best = None
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(_search(model.params, cache, first, constraint, num_beams=beams,
-                                  max_decode_len=steps))
-    dt = time.perf_counter() - t
-    best = dt if best is None else min(best, dt)
-  return best, out
+def decode_call(model, cache, first, constraint, beams, steps):
+  """One search call, as `_common.interleaved` times methods: () -> (output, 0)."""
+  return lambda: (jax.block_until_ready(_search(model.params, cache, first, constraint, num_beams=beams,
+                                                max_decode_len=steps)), 0)
+
+
+ROUNDS = 5          # timed round-robin rounds per row (`_common.interleaved`, after a discarded one)
+BLOCK_SECONDS = 0.5
 
 
 def main(argv=None) -> int:
@@ -91,6 +90,8 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--top_m", type=int, default=64)
+  p.add_argument("--shards", type=int, nargs="*", default=[4],
+                 help="shard counts timed against one shard on the first --copies corpus ('' for none)")
   p.add_argument("--write_docs", action="store_true")
   p.add_argument("--other_shapes", action=argparse.BooleanOptionalAction, default=True,
                  help="also time the substring constraint's other loop shapes (static on CPU, traced on "
@@ -112,32 +113,55 @@ def main(argv=None) -> int:
   rng = np.random.default_rng(0)
   cache, first = model.decode_init(rng.integers(2, vocab, size=(args.batch, 8)))
   dec = ["", f"Decode: fake model (vocab {vocab}, rank-32 logits), batch {args.batch}, "
-         f"{args.steps} new tokens, top_m {args.top_m}; queries/s (best of 3 after compile). Loop shapes of "
-         f"the substring constraint: this platform's default ({'static' if jax.default_backend() != 'cpu' else 'traced'}"
+         f"{args.steps} new tokens, top_m {args.top_m}; queries/s, timed round-robin against the unconstrained "
+         f"search in the same rounds (`_common.interleaved`: {ROUNDS} rounds of ~{BLOCK_SECONDS} s blocks per "
+         "method after a discarded one; overheads are medians of per-round time ratios). Loop shapes of the "
+         f"substring constraint: this platform's default ({'static' if jax.default_backend() != 'cpu' else 'traced'}"
          " searches)" + ("; the other shapes in the last column return the same n-grams (checked)."
                            if args.other_shapes else "; the other shapes were not run (--no-other_shapes)."), "",
          "| corpus | indexed tokens | beam | n-gram constrained q/s | unconstrained q/s | overhead | "
          "other loop shapes: q/s (overhead) |",
          "|---|---|---|---|---|---|---|"]
-  unc = {}
-  for beams in args.beams:
-    unc[beams], _ = time_decode(model, cache, first, None, beams, args.steps)
   for copies in args.copies:
     index = SuffixArrayIndex.build(pieces * copies, sep_id=SEP)
     sc = SubstringConstraint.from_index(index, vocab_size=vocab, eos_id=EOS, top_m=args.top_m)
     alt = SubstringConstraint.from_index(index, vocab_size=vocab, eos_id=EOS, top_m=args.top_m,
                                          static_searches=not sc.static_searches)
     for beams in args.beams:
-      sec, out = time_decode(model, cache, first, sc, beams, args.steps)
+      methods = {"ngram": decode_call(model, cache, first, sc, beams, args.steps),
+                 "free": decode_call(model, cache, first, None, beams, args.steps)}
+      if args.other_shapes:
+        methods["alt"] = decode_call(model, cache, first, alt, beams, args.steps)
+      r = interleaved(methods, ROUNDS, BLOCK_SECONDS)
+      out = r["ngram"].result
       assert bool(np.asarray(out.valid)[:, 0].all())
       other = "not run"
       if args.other_shapes:
-        alt_sec, alt_out = time_decode(model, cache, first, alt, beams, args.steps)
-        assert np.array_equal(np.asarray(out.tokens), np.asarray(alt_out.tokens))
-        other = f"{args.batch / alt_sec:.1f} ({alt_sec / unc[beams] - 1:+.0%})"
-      dec.append(f"| {copies}x SciFact | {index.num_tokens:,} | {beams} | {args.batch / sec:.1f} | "
-                 f"{args.batch / unc[beams]:.1f} | {sec / unc[beams] - 1:+.0%} | {other} |")
+        assert np.array_equal(np.asarray(out.tokens), np.asarray(r["alt"].result.tokens))
+        other = f"{args.batch / r['alt'].seconds:.1f} ({round_ratio(r, 'alt', 'free') - 1:+.0%})"
+      dec.append(f"| {copies}x SciFact | {index.num_tokens:,} | {beams} | {args.batch / r['ngram'].seconds:.1f} | "
+                 f"{args.batch / r['free'].seconds:.1f} | {round_ratio(r, 'ngram', 'free') - 1:+.0%} | {other} |")
       print(dec[-1], flush=True)
+  if args.shards:
+    index = SuffixArrayIndex.build(pieces * args.copies[0], sep_id=SEP)
+    one = SubstringConstraint.from_index(index, vocab_size=vocab, eos_id=EOS, top_m=args.top_m)
+    dec += ["", f"Sharded index ({args.copies[0]}x SciFact, every shard on this one device; same fake model and "
+            "search; the sharded searches return the same n-grams, scores and counts as one shard, checked), timed "
+            "as above; the last column is the median over rounds of the per-round time ratio:", "",
+            "| shards | beam | sharded q/s | one shard q/s | time, sharded / one shard |", "|---|---|---|---|---|"]
+    for shards in args.shards:
+      sharded = ShardedSubstringConstraint.from_shards(
+          SuffixArrayIndex.build_shards(pieces * args.copies[0], SEP, shards), vocab_size=vocab, eos_id=EOS,
+          top_m=args.top_m)
+      for beams in args.beams:
+        r = interleaved({"one": decode_call(model, cache, first, one, beams, args.steps),
+                         "sharded": decode_call(model, cache, first, sharded, beams, args.steps)},
+                        ROUNDS, BLOCK_SECONDS)
+        for x, y in zip(jax.tree.leaves(r["sharded"].result), jax.tree.leaves(r["one"].result)):
+          assert np.array_equal(np.asarray(x), np.asarray(y))
+        dec.append(f"| {shards} | {beams} | {args.batch / r['sharded'].seconds:.1f} | "
+                   f"{args.batch / r['one'].seconds:.1f} | {round_ratio(r, 'sharded', 'one'):.2f}x |")
+        print(dec[-1], flush=True)
   cmd = f"PYTHONPATH=. {python_command()} benchmarks/" + " ".join([pathlib.Path(__file__).name] +
                                                                (argv if argv else sys.argv[1:]))
   section = ["## Index build", "",

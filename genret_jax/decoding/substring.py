@@ -37,8 +37,9 @@ Loop shapes per platform (`static_searches`, default: on for every backend but C
 `lax.while_loop` on the host thread at no extra cost, so binary searches run only as many rounds as
 the widest interval of the call needs (a traced count). XLA:GPU reads each while loop's predicate back
 to the host every round (on an H200 these shapes cut the n-gram overhead at beam 20 from +33% to +5%,
-docs/benchmarks.md); there every binary search runs a static round count (`search_rounds`: enough for the corpus's most frequent token, which bounds every
-interval below the root), unrolled into straight-line gathers; the top-M check takes all rows in one
+docs/benchmarks.md); there every binary search runs a static round count (`search_rounds`: enough for
+the corpus's most frequent token, which bounds every interval below the root), unrolled into
+straight-line gathers; the top-M check takes all rows in one
 chunk (the fallback 64 rows at a time), and the jump enumeration is off (`enum_iters=0`: its rounds are
 host read-backs there; the rows it would take get the full check). Both give the same results.
 """
@@ -96,15 +97,16 @@ class SubstringConstraint:
   def from_index(cls, index: SuffixArrayIndex, *, vocab_size: int, eos_id: int, allow_eos: bool = True,
                  top_m: int = 64, small_interval: int = 64, fallback_chunk: int | None = None,
                  enum_window: int = 64, enum_iters: int | None = None, enum_chunk: int | None = None,
-                 topk_block: int = TOPK_BLOCK, pair_budget_bytes: int = DEFAULT_PAIR_BUDGET_BYTES, bucket: bool = True,
-                 capacity: int = 0, static_searches: bool | None = None) -> "SubstringConstraint":
+                 topk_block: int = TOPK_BLOCK, pair_budget_bytes: int = DEFAULT_PAIR_BUDGET_BYTES,
+                 bucket: bool = True, capacity: int = 0, static_searches: bool | None = None) -> "SubstringConstraint":
     """Copies a host index to device arrays, with the depth-0 mask, the depth-1 interval table and
     (when V * V / 8 bytes fit `pair_budget_bytes`) the bigram bit table. `bucket` pads the text to a
     power of two (at least `capacity`) so corpora of similar size share one compiled search.
     `static_searches` (None: on unless the default backend is CPU) picks the loop shapes described in
     the module docstring; `fallback_chunk` / `enum_chunk` / `enum_iters` default to 8 / 64 rows / 64 rounds
-    with traced searches and 64 / 1024 rows / 0 rounds (no enumeration) with static ones. `topk_block` bounds the block width of the top-M check's per-row top-k
-    pre-selection (`block_top_k`; 0: one top-k over the vocabulary)."""
+    with traced searches and 64 / 1024 rows / 0 rounds (no enumeration) with static ones. `topk_block` bounds
+    the block width of the top-M check's per-row top-k pre-selection (`block_top_k`; 0: one top-k over the
+    vocabulary)."""
     if static_searches is None:
       static_searches = jax.default_backend() != "cpu"
     if fallback_chunk is None:
@@ -113,7 +115,7 @@ class SubstringConstraint:
       enum_chunk = 1024 if static_searches else 64
     if enum_iters is None:
       # Each jump round is a data-dependent loop round, which XLA:GPU pays with a host read-back: skipping
-      # the enumeration (its rows go to the one-chunk full check) cut the biased search's H200 overhead
+      # the enumeration (its rows go to the full check) cut the biased search's H200 overhead
       # from +111% to +83% at beam 20 (session 13, same rounds); on CPU the rounds cost nothing.
       enum_iters = 0 if static_searches else 64
     t = index.num_tokens
@@ -150,8 +152,8 @@ class SubstringConstraint:
                eos_id=int(eos_id), allow_eos=bool(allow_eos), top_m=int(min(top_m, v)),
                small_interval=int(small_interval), fallback_chunk=int(fallback_chunk),
                enum_window=int(max(enum_window, 1)), enum_iters=int(max(enum_iters, 0)),
-               enum_chunk=int(max(enum_chunk, 1)), topk_block=int(max(topk_block, 0)), has_pairs=bool(has_pairs),
-               static_searches=bool(static_searches), search_rounds=search_rounds)
+               enum_chunk=int(max(enum_chunk, 1)), topk_block=int(max(topk_block, 0)),
+               has_pairs=bool(has_pairs), static_searches=bool(static_searches), search_rounds=search_rounds)
 
   @property
   def nbytes(self) -> int:
