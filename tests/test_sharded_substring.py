@@ -98,3 +98,27 @@ def test_shards_split_documents_without_loss():
     SuffixArrayIndex.build_shards(docs[:2], SEP, 3)
   with pytest.raises(InputError, match="at least one shard"):
     ShardedSubstringConstraint.from_shards([], vocab_size=V, eos_id=EOS)
+
+
+def test_a_corpus_past_one_int32_shard_goes_on_device_in_shards(monkeypatch):
+  """With the int32 limit lowered to 60 positions: the host index of a ~250-token corpus gets an int64 suffix
+  array with the same answers, the one-shard device constraint refuses it with a clear error, and 8 shards
+  (each under the limit) search exactly like the one-shard constraint over an ordinary build."""
+  from genret_jax.decoding import suffix_array
+  docs = _corpus(11, num_docs=16)
+  small = SuffixArrayIndex.build(docs, sep_id=SEP)
+  one = SubstringConstraint.from_index(small, vocab_size=V, eos_id=EOS, **KW)
+  monkeypatch.setattr(suffix_array, "MAX_INT32_TOKENS", 60)
+  wide = SuffixArrayIndex.build(docs, sep_id=SEP)
+  assert wide.num_tokens > 60 and wide.sa.dtype == np.int64 and small.sa.dtype == np.int32
+  np.testing.assert_array_equal(wide.sa, small.sa)
+  for gram in ([2], [3, 4], [2, 2, 2]):
+    assert wide.count(gram) == small.count(gram)
+    np.testing.assert_array_equal(np.sort(wide.occurrences(gram)), np.sort(small.occurrences(gram)))
+  with pytest.raises(InputError, match="split it into shards"):
+    SubstringConstraint.from_index(wide, vocab_size=V, eos_id=EOS)
+  many = ShardedSubstringConstraint.from_index(wide, 8, vocab_size=V, eos_id=EOS, **KW)
+  model = FakeModel(V, seed=2)
+  cache, first = model.decode_init(np.random.default_rng(2).integers(2, V, size=(3, 3)))
+  _assert_same(run(model.params, cache, first, many, num_beams=4, max_decode_len=5),
+               run(model.params, cache, first, one, num_beams=4, max_decode_len=5))

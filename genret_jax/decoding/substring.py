@@ -53,7 +53,9 @@ import numpy as np
 
 from genret_jax.decoding.constraints import (NEG_INF, TOPK_BLOCK, block_top_k, interval_iters, lower_bound,
                                              next_pow2, pad_to, search_iters, top_k)
+from genret_jax.decoding import suffix_array
 from genret_jax.decoding.suffix_array import SuffixArrayIndex
+from genret_jax.errors import InputError
 
 # The bigram bit table costs V * V / 8 bytes: 8 MiB at V = 8,192, 128 MiB at T5's 32,128.
 DEFAULT_PAIR_BUDGET_BYTES = 64 << 20
@@ -107,6 +109,10 @@ class SubstringConstraint:
     with traced searches and 64 / 1024 rows / 0 rounds (no enumeration) with static ones. `topk_block` bounds
     the block width of the top-M check's per-row top-k pre-selection (`block_top_k`; 0: one top-k over the
     vocabulary)."""
+    if index.num_tokens >= suffix_array.MAX_INT32_TOKENS:
+      raise InputError(f"the index has {index.num_tokens:,} tokens; one device shard addresses at most "
+                       f"{suffix_array.MAX_INT32_TOKENS - 1:,}: split it into shards (ShardedSubstringConstraint; "
+                       "genret retrieve: INDEX_SHARDS)", key="index_shards")
     if static_searches is None:
       static_searches = jax.default_backend() != "cpu"
     if fallback_chunk is None:

@@ -4,9 +4,10 @@ the retrieval stage's occurrence lookups (numpy; built with pydivsufsort).
 Layout: the text is every document's tokens followed by one separator token, in document order
 (`doc_starts[i]` is where document i begins; `doc_starts[-1] == num_tokens`). Documents must not contain
 the separator, so no n-gram that avoids the separator can span two documents. Tokens are stored as
-uint16 when every id (separator included) is below 65,536, else int32; the suffix array is int32 (one
-shard holds at most 2^31 - 1 tokens; see docs/decoding.md for sharding larger corpora). Memory is
-6 bytes per token with uint16 tokens (8 with int32), plus 8 bytes per document.
+uint16 when every id (separator included) is below 65,536, else int32; the suffix array is int32 up to
+2^31 - 1 tokens and int64 beyond (a host index only: on device such a corpus goes in shards,
+`ShardedSubstringConstraint`, docs/decoding.md). Memory is 6 bytes per token with uint16 tokens (8 with
+int32 tokens, 10 with an int64 suffix array), plus 8 bytes per document.
 
 Semantics match the reference FM-index (SLGR_BEHAVIOUR.md §1.1) read forward: `range(ngram)` is the
 half-open row interval of suffixes that start with `ngram`, and `count(ngram) = hi - lo` is the number of
@@ -26,6 +27,8 @@ import numpy as np
 from genret_jax.errors import InputError
 
 FORMAT_VERSION = 1
+# One int32 suffix array addresses at most this many positions; a larger corpus gets an int64 array.
+MAX_INT32_TOKENS = 2**31 - 1
 _FILES = ("tokens.npy", "sa.npy", "doc_starts.npy", "meta.json")
 
 
@@ -56,9 +59,6 @@ class SuffixArrayIndex:
     doc_starts = np.zeros(len(docs) + 1, np.int64)
     np.cumsum(lengths + 1, out=doc_starts[1:])
     total = int(doc_starts[-1])
-    if total >= 2**31 - 1:
-      raise InputError(f"corpus has {total:,} tokens; one suffix-array shard holds at most 2^31-1. "
-                       "Shard the corpus by documents (docs/decoding.md).", key="suffix_array")
     max_id = int(sep_id)
     for i, d in enumerate(docs):
       d = np.asarray(d)
@@ -75,7 +75,8 @@ class SuffixArrayIndex:
                          "never occurs in documents", key="suffix_array.sep_id")
       tokens[doc_starts[i]:doc_starts[i] + len(d)] = d
     if total:
-      sa = np.asarray(pydivsufsort.divsufsort(tokens), dtype=np.int32)
+      wide = total >= MAX_INT32_TOKENS
+      sa = np.asarray(pydivsufsort.divsufsort(tokens, force64=wide), dtype=np.int64 if wide else np.int32)
     else:
       sa = np.zeros(0, np.int32)
     return cls(tokens, sa, doc_starts, sep_id, build_seconds=time.perf_counter() - start)
