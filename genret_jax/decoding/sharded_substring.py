@@ -32,6 +32,7 @@ from genret_jax.decoding.substring import SubstringConstraint, SubstringState
 from genret_jax.decoding.suffix_array import SuffixArrayIndex
 from genret_jax.errors import InputError
 
+
 @flax.struct.dataclass
 class ShardedSubstringConstraint:
   """S stacked `SubstringConstraint` shards; build with `from_shards` or `from_index`."""

@@ -83,7 +83,7 @@ def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1) ->
                                                           vocab_size=vocab_size, eos_id=EOS_ID)
     else:
       constraint = SubstringConstraint.from_index(index, vocab_size=vocab_size, eos_id=EOS_ID)
-    return SchemeIndex(constraint, None, index, 0, int(index.num_tokens), int(constraint.nbytes))
+    return SchemeIndex(constraint, None, index, 0, int(index.num_tokens), int(index.nbytes))
   if index_shards != 1:
     raise InputError(f"index_shards={index_shards}: suffix-array shards are for n-gram identifiers; this scheme "
                      "decodes with a trie", key="index_shards")
