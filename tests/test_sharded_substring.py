@@ -60,26 +60,34 @@ def test_sharded_search_equals_one_shard(seed, shards, static, pairs):
   _assert_same(got, want)
 
 
-def test_shards_placed_over_a_mesh_axis_give_the_same_search():
-  """Four shards over a 4-way `model` axis (queries over a 2-way `data` axis): each device holds one shard's
-  arrays, and the search returns what the unplaced constraint returns."""
+@pytest.mark.parametrize("queries", [4, 3])
+def test_shards_placed_over_a_mesh_axis_give_the_same_search(queries):
+  """Four shards over a 4-way `model` axis of a (data 2, model 4) mesh: each device holds one shard's arrays
+  and masks with them under `shard_map`, and the search returns what the unplaced constraint returns. With 4
+  queries the rows split over `data` (2 whole queries per device); 3 queries do not split into whole queries,
+  so every device takes all rows (splitting them would cut a query's beams apart)."""
   docs = _corpus(7, num_docs=40)
   index = SuffixArrayIndex.build(docs, sep_id=SEP)
   many = ShardedSubstringConstraint.from_index(index, 4, vocab_size=V, eos_id=EOS, **KW)
   model = FakeModel(V, seed=3)
-  cache, first = model.decode_init(np.random.default_rng(3).integers(2, V, size=(4, 3)))
+  cache, first = model.decode_init(np.random.default_rng(3).integers(2, V, size=(queries, 3)))
   want = run(model.params, cache, first, many, num_beams=4, max_decode_len=5)
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
     placed = many.place(mesh)
     assert placed.shards.sa.sharding.spec == P("model") and placed.mesh_axis == "model"
     assert placed.shards.sa.addressable_shards[0].data.shape[0] == 1   # one shard's rows per device
-    rows = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+    rows = (lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))) if queries % 2 == 0 else (lambda x: x)
     got = run(model.params, jax.tree.map(rows, cache), rows(first), placed, num_beams=4, max_decode_len=5)
   _assert_same(got, want)
-  # An axis that does not divide the shard count replicates.
+  assert np.asarray(want.valid).sum() > 0
+
+
+def test_an_axis_that_does_not_divide_the_shards_replicates():
+  index = SuffixArrayIndex.build(_corpus(7, num_docs=40), sep_id=SEP)
+  many = ShardedSubstringConstraint.from_index(index, 4, vocab_size=V, eos_id=EOS, **KW)
   replicated = many.place(jax.make_mesh((8,), ("model",)))
-  assert replicated.shards.sa.sharding.spec == P() and replicated.mesh_axis is None
+  assert replicated.shards.sa.sharding.spec == P() and replicated.mesh_axis is None and replicated.mesh is None
 
 
 def test_shards_split_documents_without_loss():

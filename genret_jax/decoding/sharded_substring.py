@@ -14,9 +14,11 @@ sharded arrays stay on their devices) and the allowed sets are combined by a red
   so the token cannot enter the union's top set either;
 * the large-interval checks run under one `lax.cond` on "any shard has a large row" (a vmapped cond would
   run both branches every step); their loops run as long as the busiest shard needs;
-* sparse steps list each shard's few allowed tokens side by side, duplicates replaced by V.
+* sparse steps list each shard's few allowed tokens side by side, duplicates replaced by V;
+* placed on a mesh, the mask runs under `shard_map` (`_mask_per_device`): each device masks with its own
+  shards and only the allowed sets cross devices.
 
-With one shard the results equal `SubstringConstraint`'s (tested against it for several shard counts).
+The results equal the one-shard `SubstringConstraint`'s (tested for several shard counts, placed and not).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class ShardedSubstringConstraint:
   """S stacked `SubstringConstraint` shards; build with `from_shards` or `from_index`."""
 
   shards: SubstringConstraint    # every array leaf [S, ...]; the static settings are shared
-  # The mesh axis the shard axis is placed over (`place`), or None: it names the vmapped shard axis to the
-  # partitioner (`spmd_axis_name`), so that the per-shard work stays on the shard's devices.
+  # Where `place` put the shard axis (or None): the masks then run per device under `shard_map`, and the
+  # vmapped steps name the axis to the partitioner (`spmd_axis_name`), so per-shard work stays on its devices.
+  mesh: jax.sharding.Mesh | None = flax.struct.field(pytree_node=False, default=None)
   mesh_axis: str | None = flax.struct.field(pytree_node=False, default=None)
   truncated_is_valid: bool = flax.struct.field(pytree_node=False, default=True)
 
@@ -77,7 +80,7 @@ class ShardedSubstringConstraint:
     size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(axis, 1)
     sharded = size > 1 and self.num_shards % size == 0
     spec = jax.sharding.PartitionSpec(axis) if sharded else jax.sharding.PartitionSpec()
-    return jax.device_put(self.replace(mesh_axis=axis if sharded else None),
+    return jax.device_put(self.replace(mesh=mesh if sharded else None, mesh_axis=axis if sharded else None),
                           jax.sharding.NamedSharding(mesh, spec))
 
   @property
@@ -112,6 +115,9 @@ class ShardedSubstringConstraint:
     return jnp.where(repeat, v, tokens), jnp.all(usable)
 
   def mask_log_probs(self, state, log_probs, beam_scores, *, num_beams, num_candidates):
+    if self.mesh is not None:
+      return self._mask_per_device(state, log_probs, beam_scores, num_beams=num_beams,
+                                   num_candidates=num_candidates)
     masked, large, eos_lp = self._over_shards(lambda c, s: c.exact_rows_mask(s, log_probs, beam_scores))(
         self.shards, state)                                   # [S, N, V], [S, N], [S, N]
 
@@ -122,3 +128,29 @@ class ShardedSubstringConstraint:
 
     masked = jax.lax.cond(jnp.any(large), check, lambda m: m, masked)
     return jnp.where(jnp.any(masked > NEG_INF / 2, axis=0), log_probs, NEG_INF)
+
+  def _mask_per_device(self, state, log_probs, beam_scores, *, num_beams, num_candidates):
+    """`mask_log_probs` under `shard_map`: each device masks its rows with its own shards (the one-device code
+    path, nothing crosses devices inside it), then one max over the shard axis combines the allowed sets. Left
+    to the partitioner, the large-row checks' top-k operand was all-gathered over the shard axis (session 13,
+    8-device compile). Rows are split over the mesh's batch axes only in whole queries (a query's beams share
+    one threshold); otherwise every device takes all rows."""
+    P = jax.sharding.PartitionSpec
+    sizes = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
+    batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1 and a != self.mesh_axis)
+    split = 1
+    for a in batch_axes:
+      split *= sizes[a]
+    rows = batch_axes if batch_axes and (log_probs.shape[0] // num_beams) % split == 0 else None
+    local = self.replace(mesh=None, mesh_axis=None)
+
+    def body(shards, state, log_probs, beam_scores):
+      masked = local.replace(shards=shards).mask_log_probs(state, log_probs, beam_scores, num_beams=num_beams,
+                                                            num_candidates=num_candidates)
+      allowed = jax.lax.pmax((masked > NEG_INF / 2).astype(jnp.int8), self.mesh_axis) > 0
+      return jnp.where(allowed, log_probs, NEG_INF)
+
+    shard_spec = jax.tree.map(lambda _: P(self.mesh_axis), self.shards)
+    state_spec = jax.tree.map(lambda _: P(rows, self.mesh_axis), state)
+    return jax.shard_map(body, mesh=self.mesh, in_specs=(shard_spec, state_spec, P(rows, None), P(rows)),
+                         out_specs=P(rows, None), check_vma=False)(self.shards, state, log_probs, beam_scores)
