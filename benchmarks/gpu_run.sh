@@ -87,7 +87,7 @@ run_step() {
     decode_ngram) step decode_ngram 330 python3 benchmarks/decode_throughput.py --device gpu --parts ngram \
       --ngram_beams ${NGRAM_BEAMS:-1 20} --repeats 2 --json_out "$WORK/decode_ngram.json" \
       --ngram_biased_variants ${NGRAM_VARIANTS-enum_iters=64 topk_block=0} --profile_dir "$PROF" ;;
-    index) step index 150 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --write_docs ;;
+    index) step index 150 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --shards --write_docs ;;
     decode_trie)   # one sub-step per size, each with its own limit and JSON (merged per size and beam)
       step decode_trie_tiny 300 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie \
         --sizes tiny --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie_tiny.json"

@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     sc = SubstringConstraint.from_index(index, vocab_size=vocab, eos_id=EOS, top_m=args.top_m)
     alt = SubstringConstraint.from_index(index, vocab_size=vocab, eos_id=EOS, top_m=args.top_m,
                                          static_searches=not sc.static_searches)
+    if copies == args.copies[0]:
+      one = sc   # the shard table's reference
     for beams in args.beams:
       methods = {"ngram": decode_call(model, cache, first, sc, beams, args.steps),
                  "free": decode_call(model, cache, first, None, beams, args.steps)}
@@ -143,8 +145,6 @@ def main(argv=None) -> int:
                  f"{args.batch / r['free'].seconds:.1f} | {round_ratio(r, 'ngram', 'free') - 1:+.0%} | {other} |")
       print(dec[-1], flush=True)
   if args.shards:
-    index = SuffixArrayIndex.build(pieces * args.copies[0], sep_id=SEP)
-    one = SubstringConstraint.from_index(index, vocab_size=vocab, eos_id=EOS, top_m=args.top_m)
     dec += ["", f"Sharded index ({args.copies[0]}x SciFact, every shard on this one device; same fake model and "
             "search; the sharded searches return the same n-grams, scores and counts as one shard, checked), timed "
             "as above; the last column is the median over rounds of the per-round time ratio:", "",
