@@ -51,4 +51,6 @@ def test_retrieve_refuses_shards_for_a_docid_scheme(tmp_path, monkeypatch, capsy
   argv = ["retrieve", "--gin_file=runs/infer.gin", f"--gin.CHECKPOINT_PATH=\"{ckpt}\"", "--gin.INDEX_SHARDS=2",
           "--gin.genret.retrieve_run.max_queries=2", "--gin.genret.retrieve_run.progress=False"]
   assert cli.main(argv) == 2
-  assert "index_shards" in capsys.readouterr().err
+  assert "n-gram identifiers" in capsys.readouterr().err
+  assert cli.main([*argv[:3], "--gin.INDEX_SHARDS=0", *argv[4:]]) == 2
+  assert "index_shards must be >= 1" in capsys.readouterr().err

@@ -72,6 +72,8 @@ class SchemeIndex:
 
 
 def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1) -> SchemeIndex:
+  if index_shards < 1:
+    raise InputError(f"index_shards must be >= 1, got {index_shards}", key="index_shards")
   if getattr(scheme, "is_ngram", False):
     # As the reference's FM-index: one entry per document (its views joined), separated so that no n-gram
     # spans two documents; positions map straight back to document indices.
