@@ -126,7 +126,7 @@ def device_busy(space) -> list[tuple[str, float, float, int]]:
 
 
 def group(op_name: str, depth: int) -> str:
-  """'jit(search)/while/body/cond/branch_0_fun/vmap(jit(_take))/gather' -> path without the outer jit and
+  """'jit(search)/while/body/cond/branch_0_fun/vmap(jit(batched_take))/gather' -> path without the outer jit and
   without transform wrappers, cut to `depth` components after the last loop/branch marker."""
   parts = [p for p in op_name.split("/") if p and not re.fullmatch(r"(jit|vmap|pjit|closed_call)(\(.*\))?", p)]
   return "/".join(parts[:depth + sum(p in ("while", "body", "cond") or p.startswith("branch_") for p in parts)])

@@ -40,7 +40,7 @@ def test_time_goes_to_the_named_ops(tmp_path):
   assert heavy > 0 and heavy > light
   # The loop itself (a control-flow instruction spanning its body) is not counted on top of its ops.
   assert not any(name.endswith("/while") for name in times)
-  assert read_profile.group("jit(search)/while/body/vmap(jit(_take))/gather", 1) == "while/body/gather"
+  assert read_profile.group("jit(search)/while/body/vmap(jit(batched_take))/gather", 1) == "while/body/gather"
 
 
 def test_not_a_trace_directory(tmp_path):

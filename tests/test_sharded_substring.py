@@ -93,7 +93,7 @@ def test_an_axis_that_does_not_divide_the_shards_replicates():
 def test_shards_split_documents_without_loss():
   docs = _corpus(5, num_docs=11)
   shards = SuffixArrayIndex.build_shards(docs, SEP, 3)
-  assert [s.num_docs for s in shards] and sum(s.num_docs for s in shards) == len(docs)
+  assert all(s.num_docs >= 1 for s in shards) and sum(s.num_docs for s in shards) == len(docs)
   flat = [s.doc_tokens(d) for s in shards for d in range(s.num_docs)]
   for a, b in zip(flat, docs):
     np.testing.assert_array_equal(a, b)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genret_jax.decoding.constraints import NEG_INF, Unconstrained, block_top_k, top_k
+from genret_jax.decoding.constraints import NEG_INF, Unconstrained, batched_take, block_top_k, top_k
 
 PyTree = Any
 TokensToLogits = Callable[[PyTree, jax.Array, jax.Array], tuple[jax.Array, PyTree]]
@@ -95,16 +95,6 @@ def _map_beam_rows(fn: Callable[[PyTree], PyTree], cache: PyTree) -> PyTree:
     rest = fn({key: val for key, val in cache.items() if key != PER_QUERY})
     return {**rest, PER_QUERY: cache[PER_QUERY]}
   return fn(cache)
-
-
-def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
-  """x [B, W, ...], idx [B, J] -> [B, J, ...].
-
-  mode="clip" here and in `_gather_beams`: every index is a top-k position, so always in range, and jnp.take's
-  default ("fill") wraps each gather in a select over its whole output (the cache included) for out-of-range
-  rows that never occur; XLA's gather clamps anyway, so "clip" is the bare gather (the tiny beam-20 program's
-  optimized HLO shrank by 16%, identical results; session 11)."""
-  return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0, mode="clip"))(x, idx)
 
 
 def candidate_top_k(beam_scores: jax.Array, log_probs: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
@@ -257,7 +247,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
     valid = top_scores > NEG_INF / 2
     cand_cstate = constraint.advance(_gather_beams(s.cstate, parent, b, k), tok.reshape(b * c))
     cand_count = constraint.count(cand_cstate).reshape(b, c)
-    cand_seqs = _take(s.live_seqs, parent)
+    cand_seqs = batched_take(s.live_seqs, parent)
     cand_seqs = jax.lax.dynamic_update_slice_in_dim(cand_seqs, tok[:, :, None], i, axis=2)
     is_eos = tok == eos_id
     last = i == length - 1
@@ -267,19 +257,19 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
     fin_cand = jnp.where(new_fin, top_scores / length_penalty(i + 1, alpha), NEG_INF)
     pool_scores = jnp.concatenate([s.fin_scores, fin_cand], axis=1)
     fin_scores, sel = top_k(pool_scores, r)
-    cat = lambda old, new: _take(jnp.concatenate([old, new], axis=1), sel)
+    cat = lambda old, new: batched_take(jnp.concatenate([old, new], axis=1), sel)
     fin_seqs = cat(s.fin_seqs, cand_seqs)
     fin_logp = cat(s.fin_logp, top_scores)
     fin_len = cat(s.fin_len, jnp.full((b, c), i + 1, jnp.int32))
     fin_eos = cat(s.fin_eos, is_eos)
-    fin_count = cat(s.fin_count, jnp.where(is_eos, _take(constraint.count(s.cstate).reshape(b, k),
-                                                         parent), cand_count))
+    fin_count = cat(s.fin_count, jnp.where(is_eos, batched_take(constraint.count(s.cstate).reshape(b, k), parent),
+                                           cand_count))
 
     # Live beams: the best K valid non-EOS candidates (none after the last step).
     live_ok = valid & ~is_eos & ~last
     live_logp, live_sel = top_k(jnp.where(live_ok, top_scores, NEG_INF), k)
     live_logp = jnp.where(live_logp > NEG_INF / 2, live_logp, NEG_INF)
-    cache_idx = _take(parent, live_sel)
+    cache_idx = batched_take(parent, live_sel)
     new_cache = _map_beam_rows(lambda c: _gather_beams(c, cache_idx, b, k), cache)
     new_cstate = _gather_beams(cand_cstate, live_sel, b, c)
 
@@ -292,8 +282,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
                              lengths=upd(history.lengths, jnp.full((b, c), i + 1, jnp.int32)),
                              log_probs=upd(history.log_probs, top_scores),
                              counts=upd(history.counts, cand_count), valid=upd(history.valid, ok))
-    return _State(step=i + 1, live_seqs=_take(cand_seqs, live_sel), live_logp=live_logp,
-                  last_tokens=_take(tok, live_sel).reshape(n), cstate=new_cstate, cache=new_cache,
+    return _State(step=i + 1, live_seqs=batched_take(cand_seqs, live_sel), live_logp=live_logp,
+                  last_tokens=batched_take(tok, live_sel).reshape(n), cstate=new_cstate, cache=new_cache,
                   fin_seqs=fin_seqs, fin_scores=fin_scores, fin_logp=fin_logp, fin_len=fin_len,
                   fin_eos=fin_eos, fin_count=fin_count, history=history)
 

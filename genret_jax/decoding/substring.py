@@ -39,9 +39,9 @@ the widest interval of the call needs (a traced count). XLA:GPU reads each while
 to the host every round (on an H200 these shapes cut the n-gram overhead at beam 20 from +33% to +5%,
 docs/benchmarks.md); there every binary search runs a static round count (`search_rounds`: enough for
 the corpus's most frequent token, which bounds every interval below the root), unrolled into
-straight-line gathers; the top-M check takes all rows in one
-chunk (the fallback 64 rows at a time), and the jump enumeration is off (`enum_iters=0`: its rounds are
-host read-backs there; the rows it would take get the full check). Both give the same results.
+straight-line gathers; the top-M check takes all rows in one chunk (the fallback 64 rows at a time),
+and the jump enumeration is off (`enum_iters=0`: its rounds are host read-backs there; the rows it
+would take get the full check). Both give the same results.
 """
 
 from __future__ import annotations

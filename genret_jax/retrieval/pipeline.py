@@ -81,8 +81,7 @@ def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1) ->
     sep = vocab_size  # one id past the model vocabulary: never generated, never a token
     index = SuffixArrayIndex.build(docs, sep_id=sep)
     if index_shards > 1:
-      constraint = ShardedSubstringConstraint.from_shards(SuffixArrayIndex.build_shards(docs, sep, index_shards),
-                                                          vocab_size=vocab_size, eos_id=EOS_ID)
+      constraint = ShardedSubstringConstraint.from_index(index, index_shards, vocab_size=vocab_size, eos_id=EOS_ID)
     else:
       constraint = SubstringConstraint.from_index(index, vocab_size=vocab_size, eos_id=EOS_ID)
     return SchemeIndex(constraint, None, index, 0, int(index.num_tokens), int(index.nbytes))
