@@ -99,6 +99,11 @@ class CollectionArtefacts:
 
   # ---- identifiers and vocabulary ------------------------------------------------------------------
 
+  def retrieval_index_dir(self, vocab_size: int) -> str:
+    """Where the retrieval constraint for a model vocabulary of `vocab_size` is cached (written by `genret retrieve`,
+    sweeps and `genret build-index --task`; `genret_jax.retrieval.scheme_index`)."""
+    return os.path.join(self.directory(), f"retrieval_index_v{int(vocab_size)}")
+
   def identifier_scheme(self) -> identifiers.IdentifierScheme:
     def make():
       d = os.path.join(self.directory(), "identifiers")

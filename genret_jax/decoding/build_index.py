@@ -3,12 +3,20 @@
 per corpus token.
 
 Input, either
+  * `--task`: a registered seqio task or mixture; builds the constraint of its identifier scheme for a model
+    vocabulary of `--vocab_size` into the task's artefact cache, where `genret retrieve` and sweeps load it
+    (n-gram schemes: also `--index_shards` device shards). With `--gin_file=<run>/model.gin` the task and the
+    vocabulary size default to its MIXTURE_OR_TASK_NAME and model. Built once, e.g. on a large CPU host
+    before a pod job (`retrieval/scheme_index.py`);
   * `--tokens_file`: one document (suffix array) or identifier (trie) per line, whitespace-separated
     non-negative token ids (an empty line is an empty document); or
   * `--corpus` + `--spm_model`: a corpus path (any format `genret_jax.corpora.load` reads), tokenised
     as "title text" with a SentencePiece model.
-Every option can also come from gin (`build_index.kind = 'trie'`, ...); flags win over gin.
+The last two write `--output_dir`, for use through the Python API (`SuffixArrayIndex.load`,
+`TrieConstraint.load`). Every option can also come from gin (`build_index.kind = 'trie'`, ...); flags win
+over gin.
 
+  genret build-index --gin_file=/runs/r0/model.gin --index_shards=4
   genret build-index --tokens_file=docs.txt --output_dir=idx --sep_id=0
   genret build-index --gin_file=index.gin --gin.build_index.output_dir="'idx'"
 """
@@ -65,9 +73,28 @@ def tokenize_corpus(corpus: str, spm_model: str) -> list[np.ndarray]:
 def build_index_config(kind: str = "suffix_array", output_dir: str | None = None,
                        tokens_file: str | None = None, corpus: str | None = None,
                        spm_model: str | None = None, sep_id: int = 0, eos_id: int = 1,
-                       vocab_size: int | None = None, dense_levels: int | None = None) -> dict:
+                       vocab_size: int | None = None, dense_levels: int | None = None, task: str | None = None,
+                       index_shards: int = 1) -> dict:
   """The gin-bound options (gin's wrapper would decorate errors raised inside, so it only collects)."""
   return dict(locals())
+
+
+def build_task_index(task: str | None, vocab_size: int | None, index_shards: int = 1) -> dict:
+  """`--task` mode: the task and the vocabulary size default to those of a parsed model.gin
+  (MIXTURE_OR_TASK_NAME; `models.get_model.model`'s vocabulary)."""
+  from genret_jax.gin_utils import config_value  # pylint: disable=g-import-not-at-top
+  from genret_jax.models import model_api  # pylint: disable=g-import-not-at-top
+  from genret_jax.retrieval import run as retrieval_run  # pylint: disable=g-import-not-at-top
+  task = task or config_value("MIXTURE_OR_TASK_NAME")
+  if not vocab_size and config_value("models.get_model.model") is not None:
+    vocab_size = model_api.get_model().config.vocab_size
+  if not isinstance(task, str) or not task:
+    raise InputError("give --task (or a --gin_file with a MIXTURE_OR_TASK_NAME name), --tokens_file, or --corpus "
+                     f"and --spm_model; task: {task!r}", key="build_index.task")
+  if not isinstance(vocab_size, int) or vocab_size < 2:
+    raise InputError("the model vocabulary size is required with --task (--vocab_size, or a model.gin as "
+                     f"--gin_file); got {vocab_size!r}", key="build_index.vocab_size")
+  return retrieval_run.build_task_index(task, vocab_size, index_shards)
 
 
 def build_index(kind: str = "suffix_array", output_dir: str | None = None, tokens_file: str | None = None,
@@ -125,14 +152,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--eos_id", type=int, help="EOS id (trie identifiers end with it).")
   parser.add_argument("--vocab_size", type=int)
   parser.add_argument("--dense_levels", type=int)
+  parser.add_argument("--task", help="Registered task or mixture: build the index `genret retrieve` loads.")
+  parser.add_argument("--index_shards", type=int, help="With --task, n-gram schemes: device shards to save.")
 
 
 def run(args: argparse.Namespace) -> int:
+  from genret_jax.models import model_api  # noqa: F401  (registers the model configurables a model.gin binds)
   parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
   overrides = {k: getattr(args, k) for k in ("kind", "output_dir", "tokens_file", "corpus", "spm_model",
-                                             "sep_id", "eos_id", "vocab_size", "dense_levels")
+                                             "sep_id", "eos_id", "vocab_size", "dense_levels", "task",
+                                             "index_shards")
                if getattr(args, k) is not None}
-  report = build_index(**{**build_index_config(), **overrides})
+  options = {**build_index_config(), **overrides}
+  task, index_shards = options.pop("task"), options.pop("index_shards")
+  if task or (not options["tokens_file"] and not options["corpus"]):
+    report = build_task_index(task, options["vocab_size"], index_shards)
+  else:
+    report = build_index(**options)
   json.dump(report, sys.stdout, indent=2)
   print()
   return 0

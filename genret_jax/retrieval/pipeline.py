@@ -1,7 +1,7 @@
 """End-to-end retrieval for one model: queries -> jitted constrained beam search -> documents.
 
-Builds the scheme's constraint once (a trie over the tokenised docids, or a suffix array over the tokenised
-document views for n-grams), runs `decoding.beam_search` jitted over fixed-shape query batches (the last batch
+Takes the scheme's constraint (`scheme_index.build_scheme_index`: a trie over the tokenised docids, or a suffix
+array over the tokenised document views for n-grams), runs `decoding.beam_search` jitted over fixed-shape query batches (the last batch
 padded and masked), and turns each batch into ranked documents with `run.retrieve_batch`.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import gin
 import jax
@@ -19,17 +19,13 @@ import numpy as np
 from genret_jax.corpora.types import Collection, Query
 from genret_jax.decoding.beam_search import beam_search
 from genret_jax.decoding.sharded_substring import ShardedSubstringConstraint
-from genret_jax.decoding.substring import SubstringConstraint
-from genret_jax.decoding.suffix_array import SuffixArrayIndex
-from genret_jax.decoding.trie import TrieConstraint
 from genret_jax.errors import InputError
 from genret_jax.models import partitioning
 from genret_jax.retrieval import run as run_lib
-from genret_jax.retrieval.docids import DocidLookup
 from genret_jax.retrieval.ngram_scoring import NgramScoringConfig
 from genret_jax.retrieval.run_files import QueryResult
+from genret_jax.retrieval.scheme_index import EOS_ID, SchemeIndex, build_scheme_index
 
-EOS_ID = 1
 PAD_ID = 0
 
 
@@ -60,45 +56,6 @@ def encode_inputs(vocab, texts: Sequence[str], length: int, prefix: str = "") ->
   return out
 
 
-@dataclasses.dataclass
-class SchemeIndex:
-  """The constraint and the host structures that map identifiers back to documents."""
-  constraint: Any
-  lookup: DocidLookup | None
-  ngram_index: SuffixArrayIndex | None
-  max_identifier_len: int
-  num_tokens: int
-  nbytes: int
-
-
-def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1) -> SchemeIndex:
-  if index_shards < 1:
-    raise InputError(f"index_shards must be >= 1, got {index_shards}", key="index_shards")
-  if getattr(scheme, "is_ngram", False):
-    # As the reference's FM-index: one entry per document (its views joined), separated so that no n-gram
-    # spans two documents; positions map straight back to document indices.
-    docs = [np.asarray(vocab.encode(scheme.document_string(d)), np.int32) for d in range(scheme.num_docs)]
-    sep = vocab_size  # one id past the model vocabulary: never generated, never a token
-    index = SuffixArrayIndex.build(docs, sep_id=sep)
-    if index_shards > 1:
-      constraint = ShardedSubstringConstraint.from_index(index, index_shards, vocab_size=vocab_size, eos_id=EOS_ID)
-    else:
-      constraint = SubstringConstraint.from_index(index, vocab_size=vocab_size, eos_id=EOS_ID)
-    return SchemeIndex(constraint, None, index, 0, int(index.num_tokens), int(index.nbytes))
-  if index_shards != 1:
-    raise InputError(f"index_shards={index_shards}: suffix-array shards are for n-gram identifiers; this scheme "
-                     "decodes with a trie", key="index_shards")
-  seqs, pairs = [], []
-  for d in range(scheme.num_docs):
-    for ident in scheme.doc_identifiers(d):
-      toks = tuple(int(t) for t in vocab.encode(ident))
-      seqs.append(list(toks) + [EOS_ID])
-      pairs.append((d, toks))
-  trie = TrieConstraint.build(seqs, vocab_size=vocab_size, eos_id=EOS_ID)
-  return SchemeIndex(trie, DocidLookup(pairs), None, max(len(s) for s in seqs), sum(len(s) for s in seqs),
-                     int(trie.nbytes))
-
-
 class Retriever:
   """Retrieval with one model (params fixed) and one identifier scheme; `search` is jitted once per shape."""
 
@@ -108,6 +65,12 @@ class Retriever:
     self.cfg = cfg or RetrievalConfig()
     self.scoring = scoring or NgramScoringConfig(hits=self.cfg.hits)
     self.index = scheme_index or build_scheme_index(scheme, vocab, model.config.vocab_size, self.cfg.index_shards)
+    if mesh is not None:
+      shape = dict(zip(mesh.axis_names, mesh.devices.shape))
+      rows = shape.get("data", 1) * shape.get("fsdp", 1)
+      if self.cfg.batch_size % rows:
+        raise InputError(f"batch size {self.cfg.batch_size} does not split over the mesh's {rows} data x fsdp "
+                         "devices; use a multiple", key="INFER_BATCH_SIZE")
     if mesh is not None and isinstance(self.index.constraint, ShardedSubstringConstraint):
       self.index = dataclasses.replace(self.index, constraint=self.index.constraint.place(mesh))
     self.is_ngram = self.index.ngram_index is not None

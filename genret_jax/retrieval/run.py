@@ -155,12 +155,14 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   """Loads the checkpoint, runs the constrained beam search over the split's queries in batches (resumable:
   batches already written are skipped), then writes run.trec, results.jsonl and metrics.json. `index_shards`
   splits an n-gram scheme's suffix array into that many device shards, placed over the mesh's `model` axis
-  when `mesh_model` divides them."""
+  when `mesh_model` divides them. The constraint is cached in the task's artefact directory
+  (`retrieval_index_v<vocab size>`, see `retrieval.scheme_index`): later jobs load it."""
   import tasks  # noqa: F401  (registers the tasks)
   import os
   from genret_jax.models import model_api, params_io, partitioning
   from genret_jax.retrieval.pipeline import RetrievalConfig, Retriever
   from genret_jax.retrieval.run_files import process_batches
+  from genret_jax.retrieval.scheme_index import build_scheme_index
   from genret_jax.scaling.cgl_command import _retrieval_task
 
   task = _retrieval_task(mixture_or_task_name)
@@ -176,8 +178,11 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   lengths = dict(task_feature_lengths or {"inputs": 64})
   cfg = RetrievalConfig(beam_size=beam_size, batch_size=batch_size, inputs_length=lengths["inputs"],
                         index_shards=index_shards)
-  retriever = Retriever(model, params, artefacts.identifier_scheme(), task.output_features["targets"].vocabulary,
-                        collection, cfg, mesh=mesh)
+  scheme, vocab = artefacts.identifier_scheme(), task.output_features["targets"].vocabulary
+  vocab_size = model.config.vocab_size
+  scheme_index = build_scheme_index(scheme, vocab, vocab_size, index_shards,
+                                    cache_dir=artefacts.retrieval_index_dir(vocab_size))
+  retriever = Retriever(model, params, scheme, vocab, collection, cfg, mesh=mesh, scheme_index=scheme_index)
   output_dir = output_dir or os.path.join(checkpoint_path, f"retrieve_{split}_beam{beam_size}")
   meta = {"checkpoint_path": os.path.abspath(checkpoint_path), "task": task.name, "split": split,
           "beam_size": beam_size, "batch_size": batch_size, "num_queries": len(queries)}
@@ -195,6 +200,26 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
                  answers=answers, query_ids=[q.query_id for q in queries])
   out["output_dir"] = os.path.abspath(output_dir)
   return out
+
+
+def build_task_index(mixture_or_task_name: str, vocab_size: int, index_shards: int = 1) -> dict[str, Any]:
+  """`genret build-index --task`: builds (or finds) the retrieval constraint `genret retrieve` will load for this
+  task and a model vocabulary of `vocab_size`; returns the report."""
+  import tasks  # noqa: F401  (registers the tasks)
+  from genret_jax.retrieval.scheme_index import build_scheme_index
+  from genret_jax.scaling.cgl_command import _retrieval_task
+
+  task = _retrieval_task(mixture_or_task_name)
+  artefacts = tasks.artefacts_for(task.name)
+  cache_dir = artefacts.retrieval_index_dir(vocab_size)
+  scheme = artefacts.identifier_scheme()
+  si = build_scheme_index(scheme, task.output_features["targets"].vocabulary, vocab_size, index_shards,
+                          cache_dir=cache_dir)
+  indexed = si.num_tokens   # suffix array: documents + separators; trie: identifier tokens + EOS
+  return {"kind": "suffix_array" if si.ngram_index is not None else "trie", "task": task.name,
+          "output_dir": cache_dir, "source": si.source, "seconds": si.seconds, "num_docs": scheme.num_docs,
+          "index_shards": index_shards, "indexed_tokens": indexed, "nbytes": si.nbytes,
+          "bytes_per_token": si.nbytes / max(indexed, 1)}
 
 
 def add_arguments(parser) -> None:
