@@ -107,6 +107,10 @@ TASK_FEATURE_LENGTHS = {{"inputs": 32, "targets": 16}}
   assert "--task" in capsys.readouterr().err
   assert cli.main(["build-index", f"--task={task.name}"]) == 2
   assert "build_index.vocab_size" in capsys.readouterr().err
+  (cache_env / "docs.txt").write_text("5 6 7\n")
+  assert cli.main(["build-index", f"--tokens_file={cache_env / 'docs.txt'}", f"--output_dir={cache_env / 'sa'}",
+                   "--index_shards=2"]) == 2   # shards are saved for a task's index only: not silently ignored
+  assert "build_index.index_shards" in capsys.readouterr().err
   # Task and vocabulary size from the run's model.gin.
   assert cli.main(["build-index", f"--gin_file={ckpt}/model.gin", "--index_shards=2"]) == 0
   report = json.loads(capsys.readouterr().out)

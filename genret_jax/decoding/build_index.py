@@ -167,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
   task, index_shards = options.pop("task"), options.pop("index_shards")
   if task or (not options["tokens_file"] and not options["corpus"]):
     report = build_task_index(task, options["vocab_size"], index_shards)
+  elif index_shards != 1:
+    raise InputError("index shards are saved with --task only (the index `genret retrieve` loads)",
+                     key="build_index.index_shards")
   else:
     report = build_index(**options)
   json.dump(report, sys.stdout, indent=2)

@@ -162,7 +162,6 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   from genret_jax.models import model_api, params_io, partitioning
   from genret_jax.retrieval.pipeline import RetrievalConfig, Retriever
   from genret_jax.retrieval.run_files import process_batches
-  from genret_jax.retrieval.scheme_index import build_scheme_index
   from genret_jax.scaling.cgl_command import _retrieval_task
 
   task = _retrieval_task(mixture_or_task_name)
@@ -178,10 +177,7 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   lengths = dict(task_feature_lengths or {"inputs": 64})
   cfg = RetrievalConfig(beam_size=beam_size, batch_size=batch_size, inputs_length=lengths["inputs"],
                         index_shards=index_shards)
-  scheme, vocab = artefacts.identifier_scheme(), task.output_features["targets"].vocabulary
-  vocab_size = model.config.vocab_size
-  scheme_index = build_scheme_index(scheme, vocab, vocab_size, index_shards,
-                                    cache_dir=artefacts.retrieval_index_dir(vocab_size))
+  scheme, vocab, scheme_index = task_scheme_index(task, model.config.vocab_size, index_shards)
   retriever = Retriever(model, params, scheme, vocab, collection, cfg, mesh=mesh, scheme_index=scheme_index)
   output_dir = output_dir or os.path.join(checkpoint_path, f"retrieve_{split}_beam{beam_size}")
   meta = {"checkpoint_path": os.path.abspath(checkpoint_path), "task": task.name, "split": split,
@@ -202,24 +198,29 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   return out
 
 
+def task_scheme_index(task, vocab_size: int, index_shards: int = 1):
+  """(scheme, vocabulary, `SchemeIndex`) of a seqio retrieval task for a model vocabulary of `vocab_size`, through
+  the cache in the task's artefact directory (`retrieval_index_v<vocab size>`, see `retrieval.scheme_index`)."""
+  import tasks
+  from genret_jax.retrieval.scheme_index import build_scheme_index
+  artefacts = tasks.artefacts_for(task.name)
+  scheme, vocab = artefacts.identifier_scheme(), task.output_features["targets"].vocabulary
+  return scheme, vocab, build_scheme_index(scheme, vocab, vocab_size, index_shards,
+                                           cache_dir=artefacts.retrieval_index_dir(vocab_size))
+
+
 def build_task_index(mixture_or_task_name: str, vocab_size: int, index_shards: int = 1) -> dict[str, Any]:
   """`genret build-index --task`: builds (or finds) the retrieval constraint `genret retrieve` will load for this
   task and a model vocabulary of `vocab_size`; returns the report."""
   import tasks  # noqa: F401  (registers the tasks)
-  from genret_jax.retrieval.scheme_index import build_scheme_index
   from genret_jax.scaling.cgl_command import _retrieval_task
-
   task = _retrieval_task(mixture_or_task_name)
-  artefacts = tasks.artefacts_for(task.name)
-  cache_dir = artefacts.retrieval_index_dir(vocab_size)
-  scheme = artefacts.identifier_scheme()
-  si = build_scheme_index(scheme, task.output_features["targets"].vocabulary, vocab_size, index_shards,
-                          cache_dir=cache_dir)
+  scheme, _, si = task_scheme_index(task, vocab_size, index_shards)
   indexed = si.num_tokens   # suffix array: documents + separators; trie: identifier tokens + EOS
   return {"kind": "suffix_array" if si.ngram_index is not None else "trie", "task": task.name,
-          "output_dir": cache_dir, "source": si.source, "seconds": si.seconds, "num_docs": scheme.num_docs,
-          "index_shards": index_shards, "indexed_tokens": indexed, "nbytes": si.nbytes,
-          "bytes_per_token": si.nbytes / max(indexed, 1)}
+          "output_dir": tasks.artefacts_for(task.name).retrieval_index_dir(vocab_size), "source": si.source,
+          "seconds": si.seconds, "num_docs": scheme.num_docs, "index_shards": index_shards,
+          "indexed_tokens": indexed, "nbytes": si.nbytes, "bytes_per_token": si.nbytes / max(indexed, 1)}
 
 
 def add_arguments(parser) -> None:
