@@ -56,6 +56,21 @@ def test_add_tokens_to_existing_model(botchan_model, tmp_path):
     vocab.read_model(str(tmp_path / "junk.model"))
 
 
+def test_encode_batch_equals_one_text_at_a_time(botchan_model, tmp_path):
+  path = vocab.write_model(vocab.add_tokens(vocab.read_model(botchan_model), ["<title_eos>"]),
+                           str(tmp_path / "v.model"))
+  v = vocab.seqio_vocabulary(path, extra_ids=5)
+  texts = ["I am a cat.", "", "  spaces  ", "Ünïcode and <title_eos> tokens", "x" * 3000, "I am a cat."] * 3
+  want = [list(v.encode(t)) for t in texts]
+  assert vocab.encode_batch(v, texts) == want
+  assert vocab.encode_batch(v, texts, chunk=4) == want   # chunk boundaries do not matter
+
+  class Words:   # any other vocabulary: one encode call per text
+    def encode(self, t):
+      return [len(w) for w in t.split()]
+  assert vocab.encode_batch(Words(), ["a bb", ""]) == [[1, 2], []]
+
+
 def test_build_vocab_cli(cranfield_dir, botchan_model, tmp_path, capsys):
   out = tmp_path / "v.model"
   rc = cli.main(["build-vocab", f"--corpus={cranfield_dir}", "--scheme=codebook",

@@ -50,6 +50,8 @@ def test_ngram_index_and_shards_are_saved_then_loaded(cache_env, monkeypatch, ca
   cache = artefacts.retrieval_index_dir(v)
   built = build_scheme_index(scheme, vocab, v, cache_dir=cache)
   assert built.source == "built" and (cache_env / "cache").exists()
+  for d in (0, 7, scheme.num_docs - 1):   # batched tokenisation = the vocabulary's own encode
+    assert built.ngram_index.doc_tokens(d).tolist() == list(vocab.encode(scheme.document_string(d)))
   sharded = build_scheme_index(scheme, vocab, v, index_shards=3, cache_dir=cache)   # host index loaded, shards built
   assert sharded.source == "loaded"
   with monkeypatch.context() as m:
@@ -80,6 +82,8 @@ def test_docid_index_is_saved_then_loaded(cache_env):
   built = build_scheme_index(scheme, vocab, v, cache_dir=cache)
   loaded = build_scheme_index(scheme, vocab, v, cache_dir=cache)
   assert (built.source, loaded.source) == ("built", "loaded")
+  first = scheme.doc_identifiers(0)[0]
+  assert 0 in built.lookup.lookup(list(vocab.encode(first)))   # batched tokenisation = the vocabulary's encode
   _same_leaves(loaded.constraint, built.constraint)
   assert loaded.lookup._table == built.lookup._table and len(loaded.lookup) == scheme.num_docs
   assert (loaded.max_identifier_len, loaded.num_tokens) == (built.max_identifier_len, built.num_tokens)

@@ -33,6 +33,7 @@ from genret_jax.decoding.substring import SubstringConstraint
 from genret_jax.decoding.suffix_array import SuffixArrayIndex
 from genret_jax.decoding.trie import TrieConstraint
 from genret_jax.errors import InputError
+from genret_jax.identifiers.vocab import encode_batch
 from genret_jax.retrieval.docids import DocidLookup
 
 EOS_ID = 1
@@ -92,12 +93,13 @@ def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1,
     lookup, max_len, num_tokens = DocidLookup(pairs), cached["max_identifier_len"], cached["num_tokens"]
     return SchemeIndex(trie, lookup, None, max_len, num_tokens, int(trie.nbytes), "loaded",
                        time.perf_counter() - start)
-  seqs, pairs = [], []
-  for d in range(scheme.num_docs):
-    for ident in scheme.doc_identifiers(d):
-      toks = tuple(int(t) for t in vocab.encode(ident))
-      seqs.append(list(toks) + [EOS_ID])
-      pairs.append((d, toks))
+  listed = [(d, ident) for d in range(scheme.num_docs) for ident in scheme.doc_identifiers(d)]
+  if not listed:
+    raise InputError(f"the identifier scheme lists no identifiers for its {scheme.num_docs} documents",
+                     key="identifiers")
+  owners, identifiers = zip(*listed)
+  pairs = [(d, tuple(ids)) for d, ids in zip(owners, encode_batch(vocab, identifiers))]
+  seqs = [list(toks) + [EOS_ID] for _, toks in pairs]
   trie = TrieConstraint.build(seqs, vocab_size=vocab_size, eos_id=EOS_ID)
   max_len, num_tokens = max(len(s) for s in seqs), sum(len(s) for s in seqs)
   if cache_dir:
@@ -115,7 +117,8 @@ def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1,
 def _ngram_host_index(scheme, vocab, vocab_size: int) -> SuffixArrayIndex:
   # As the reference's FM-index: one entry per document (its views joined), separated so that no n-gram spans
   # two documents; positions map straight back to document indices.
-  docs = [np.asarray(vocab.encode(scheme.document_string(d)), np.int32) for d in range(scheme.num_docs)]
+  texts = [scheme.document_string(d) for d in range(scheme.num_docs)]
+  docs = [np.asarray(ids, np.int32) for ids in encode_batch(vocab, texts)]
   return SuffixArrayIndex.build(docs, sep_id=vocab_size)   # one id past the vocabulary: never generated
 
 
