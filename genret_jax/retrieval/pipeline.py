@@ -20,6 +20,7 @@ from genret_jax.corpora.types import Collection, Query
 from genret_jax.decoding.beam_search import beam_search
 from genret_jax.decoding.sharded_substring import ShardedSubstringConstraint
 from genret_jax.errors import InputError
+from genret_jax.identifiers.vocab import encode_batch
 from genret_jax.models import partitioning
 from genret_jax.retrieval import run as run_lib
 from genret_jax.retrieval.ngram_scoring import NgramScoringConfig
@@ -50,8 +51,8 @@ class RetrievalConfig:
 def encode_inputs(vocab, texts: Sequence[str], length: int, prefix: str = "") -> np.ndarray:
   """Like the seqio tasks: tokenise, trim, append EOS, right-pad with 0."""
   out = np.zeros((len(texts), length), np.int32)
-  for i, t in enumerate(texts):
-    ids = list(vocab.encode(prefix + t))[:length - 1] + [EOS_ID]
+  for i, encoded in enumerate(encode_batch(vocab, [prefix + t for t in texts])):
+    ids = encoded[:length - 1] + [EOS_ID]
     out[i, :len(ids)] = ids
   return out
 
