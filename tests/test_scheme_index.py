@@ -111,6 +111,8 @@ TASK_FEATURE_LENGTHS = {{"inputs": 32, "targets": 16}}
   assert "--task" in capsys.readouterr().err
   assert cli.main(["build-index", f"--task={task.name}"]) == 2
   assert "build_index.vocab_size" in capsys.readouterr().err
+  assert cli.main(["build-index", "--task=no_such_task", "--vocab_size=300"]) == 2
+  assert "build_index.task: unknown seqio task or mixture 'no_such_task'" in capsys.readouterr().err
   (cache_env / "docs.txt").write_text("5 6 7\n")
   assert cli.main(["build-index", f"--tokens_file={cache_env / 'docs.txt'}", f"--output_dir={cache_env / 'sa'}",
                    "--index_shards=2"]) == 2   # shards are saved for a task's index only: not silently ignored

@@ -205,6 +205,7 @@ def task_scheme_index(task, vocab_size: int, index_shards: int = 1):
   from genret_jax.retrieval.scheme_index import build_scheme_index
   artefacts = tasks.artefacts_for(task.name)
   scheme, vocab = artefacts.identifier_scheme(), task.output_features["targets"].vocabulary
+  artefacts.vocab_file()   # built on first use: before the index, so the index's reported time is its own
   return scheme, vocab, build_scheme_index(scheme, vocab, vocab_size, index_shards,
                                            cache_dir=artefacts.retrieval_index_dir(vocab_size))
 
@@ -214,7 +215,10 @@ def build_task_index(mixture_or_task_name: str, vocab_size: int, index_shards: i
   task and a model vocabulary of `vocab_size`; returns the report."""
   import tasks  # noqa: F401  (registers the tasks)
   from genret_jax.scaling.cgl_command import _retrieval_task
-  task = _retrieval_task(mixture_or_task_name)
+  try:
+    task = _retrieval_task(mixture_or_task_name)
+  except InputError as e:   # named by the option this command took it from
+    raise InputError(e.message, key="build_index.task") from e
   scheme, _, si = task_scheme_index(task, vocab_size, index_shards)
   indexed = si.num_tokens   # suffix array: documents + separators; trie: identifier tokens + EOS
   return {"kind": "suffix_array" if si.ngram_index is not None else "trie", "task": task.name,
