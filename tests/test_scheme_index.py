@@ -134,3 +134,52 @@ TASK_FEATURE_LENGTHS = {{"inputs": 32, "targets": 16}}
   # A batch that does not split over the 8 (simulated) data devices: one line naming the key.
   assert cli.main([*argv[:6], "--gin.INFER_BATCH_SIZE=4", *argv[7:]]) == 2
   assert "INFER_BATCH_SIZE" in capsys.readouterr().err
+
+
+_CONCURRENT_JOB = """
+import hashlib, sys
+import jax, numpy as np
+from genret_jax.retrieval.scheme_index import build_scheme_index
+
+class Scheme:   # n-gram scheme stand-in: 40 documents of letters
+  is_ngram, num_docs = True, 40
+  def document_string(self, d):
+    return " ".join("abcdefgh"[(d * 7 + i * 3) % 8] * (1 + i % 3) for i in range(20 + d))
+
+class Vocab:
+  def encode(self, text):
+    return [3 + ord(c) % 40 for c in text]
+
+if len(sys.argv) > 2:   # start together: wait for the go file once everything is imported
+  import os, time
+  print("ready", flush=True)
+  while not os.path.exists(sys.argv[2]):
+    time.sleep(0.001)
+si = build_scheme_index(Scheme(), Vocab(), 64, index_shards=2, cache_dir=sys.argv[1])
+digest = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(si.constraint))).hexdigest()
+print(si.source, digest)
+"""
+
+
+def test_jobs_sharing_a_cache_build_it_concurrently(tmp_path):
+  """Several hosts' jobs starting at once on one shared cache (here: a stale one) all finish with the same
+  constraint, and leave one valid cache behind."""
+  import subprocess
+  import sys
+  cache = tmp_path / "retrieval_index_v64"
+  cache.mkdir()
+  (cache / "meta.json").write_text(json.dumps({"format_version": si_lib.FORMAT_VERSION, "kind": "ngram",
+                                               "vocab_size": 65, "num_docs": 40}))
+  go = tmp_path.parent / f"{tmp_path.name}_go"
+  jobs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT_JOB, str(cache), str(go)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for _ in range(3)]
+  assert [job.stdout.readline().strip() for job in jobs] == ["ready"] * 3
+  go.touch()
+  outs = [job.communicate(timeout=300) for job in jobs]
+  assert all(job.returncode == 0 for job in jobs), [err[-2000:] for _, err in outs]
+  digests = {out.split()[-1] for out, _ in outs}
+  assert len(digests) == 1
+  again = subprocess.run([sys.executable, "-c", _CONCURRENT_JOB, str(cache)], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+  assert again == ["loaded", digests.pop()]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["retrieval_index_v64"]   # no temporary left behind

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -149,8 +150,11 @@ def _read_cache(cache_dir: str, expected: dict) -> dict | None:
     return meta
   log.warning("retrieval index cache %s was built for %s, not %s: rebuilding it", cache_dir,
               {k: a for k, (a, _) in differs.items()}, {k: b for k, (_, b) in differs.items()})
-  stale = f"{cache_dir}.stale{os.getpid()}"
-  os.rename(cache_dir, stale)
+  stale = f"{cache_dir}.stale{uuid.uuid4().hex}"   # unique across hosts sharing the filesystem
+  try:
+    os.rename(cache_dir, stale)
+  except OSError:   # another job moved it first
+    return None
   shutil.rmtree(stale, ignore_errors=True)
   return None
 
@@ -166,8 +170,7 @@ def _save(cache_dir: str, meta: dict, write) -> None:
 def _atomic_dir(path: str, write) -> None:
   """Writes a directory through a temporary one renamed into place; another job's finished copy wins."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
+  tmp = f"{path}.tmp{uuid.uuid4().hex}"   # unique across hosts sharing the filesystem (pids are not)
   os.makedirs(tmp)
   write(tmp)
   try:
