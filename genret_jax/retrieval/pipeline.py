@@ -1,8 +1,8 @@
 """End-to-end retrieval for one model: queries -> jitted constrained beam search -> documents.
 
 Takes the scheme's constraint (`scheme_index.build_scheme_index`: a trie over the tokenised docids, or a suffix
-array over the tokenised document views for n-grams), runs `decoding.beam_search` jitted over fixed-shape query batches (the last batch
-padded and masked), and turns each batch into ranked documents with `run.retrieve_batch`.
+array over the tokenised document views for n-grams), runs `decoding.beam_search` jitted over fixed-shape query
+batches (the last batch padded and masked), and turns each batch into ranked documents with `run.retrieve_batch`.
 """
 
 from __future__ import annotations

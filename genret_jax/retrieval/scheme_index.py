@@ -73,27 +73,37 @@ def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1,
   start = time.perf_counter()
   cached = _read_cache(cache_dir, meta) if cache_dir else None
   if is_ngram:
-    if cached is not None:
-      index, source = SuffixArrayIndex.load(os.path.join(cache_dir, "suffix_array")), "loaded"
-    else:
-      index, source = _ngram_host_index(scheme, vocab, vocab_size), "built"
-      if cache_dir:
-        _save(cache_dir, {**meta, "num_tokens": index.num_tokens}, lambda d: index.save(os.path.join(d, "suffix_array")))
-    if index_shards > 1:
-      shards = _shard_indexes(index, index_shards, cache_dir)
-      constraint = ShardedSubstringConstraint.from_shards(shards, vocab_size=vocab_size, eos_id=EOS_ID)
-    else:
-      constraint = SubstringConstraint.from_index(index, vocab_size=vocab_size, eos_id=EOS_ID)
-    return SchemeIndex(constraint, None, index, 0, int(index.num_tokens), int(index.nbytes), source,
-                       time.perf_counter() - start)
+    si = _ngram_scheme_index(scheme, vocab, vocab_size, index_shards, cache_dir, meta, cached)
+  else:
+    si = _docid_scheme_index(scheme, vocab, vocab_size, cache_dir, meta, cached)
+  si.seconds = time.perf_counter() - start
+  return si
+
+
+def _ngram_scheme_index(scheme, vocab, vocab_size, index_shards, cache_dir, meta, cached) -> SchemeIndex:
+  if cached is not None:
+    index, source = SuffixArrayIndex.load(os.path.join(cache_dir, "suffix_array")), "loaded"
+  else:
+    index, source = _ngram_host_index(scheme, vocab, vocab_size), "built"
+    if cache_dir:
+      _save(cache_dir, {**meta, "num_tokens": index.num_tokens},
+            lambda d: index.save(os.path.join(d, "suffix_array")))
+  if index_shards > 1:
+    shards = _shard_indexes(index, index_shards, cache_dir)
+    constraint = ShardedSubstringConstraint.from_shards(shards, vocab_size=vocab_size, eos_id=EOS_ID)
+  else:
+    constraint = SubstringConstraint.from_index(index, vocab_size=vocab_size, eos_id=EOS_ID)
+  return SchemeIndex(constraint, None, index, 0, int(index.num_tokens), int(index.nbytes), source)
+
+
+def _docid_scheme_index(scheme, vocab, vocab_size, cache_dir, meta, cached) -> SchemeIndex:
   if cached is not None:
     trie = TrieConstraint.load(os.path.join(cache_dir, "trie"))
     with np.load(os.path.join(cache_dir, "lookup.npz")) as z:
       offsets, tokens = z["offsets"], z["tokens"]
       pairs = [(int(d), tokens[offsets[i]:offsets[i + 1]].tolist()) for i, d in enumerate(z["docs"])]
-    lookup, max_len, num_tokens = DocidLookup(pairs), cached["max_identifier_len"], cached["num_tokens"]
-    return SchemeIndex(trie, lookup, None, max_len, num_tokens, int(trie.nbytes), "loaded",
-                       time.perf_counter() - start)
+    return SchemeIndex(trie, DocidLookup(pairs), None, cached["max_identifier_len"], cached["num_tokens"],
+                       int(trie.nbytes), "loaded")
   listed = [(d, ident) for d in range(scheme.num_docs) for ident in scheme.doc_identifiers(d)]
   if not listed:
     raise InputError(f"the identifier scheme lists no identifiers for its {scheme.num_docs} documents",
@@ -107,12 +117,11 @@ def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1,
     def write(d):
       trie.save(os.path.join(d, "trie"))
       lengths = np.array([len(t) for _, t in pairs], np.int64)
-      np.savez(os.path.join(d, "lookup.npz"), docs=np.array([p for p, _ in pairs], np.int64),
+      np.savez(os.path.join(d, "lookup.npz"), docs=np.array(owners, np.int64),
                offsets=np.concatenate([[0], np.cumsum(lengths)]),
                tokens=np.array([t for _, toks in pairs for t in toks], np.int64))
     _save(cache_dir, {**meta, "max_identifier_len": max_len, "num_tokens": num_tokens}, write)
-  return SchemeIndex(trie, DocidLookup(pairs), None, max_len, num_tokens, int(trie.nbytes), "built",
-                     time.perf_counter() - start)
+  return SchemeIndex(trie, DocidLookup(pairs), None, max_len, num_tokens, int(trie.nbytes), "built")
 
 
 def _ngram_host_index(scheme, vocab, vocab_size: int) -> SuffixArrayIndex:
