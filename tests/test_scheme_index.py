@@ -123,6 +123,7 @@ TASK_FEATURE_LENGTHS = {{"inputs": 32, "targets": 16}}
   assert report["source"] == "built" and report["kind"] == "suffix_array" and report["index_shards"] == 2
   assert report["output_dir"] == artefacts.retrieval_index_dir(v)
   assert report["indexed_tokens"] > 0 and 0 < report["bytes_per_token"] < 16
+  assert report["device_nbytes"] > 0 and report["device_bytes_per_token"] > 0
 
   _no_build(monkeypatch)   # retrieve must load the host index and the two shards
   out = cache_env / "out"

@@ -224,7 +224,10 @@ def build_task_index(mixture_or_task_name: str, vocab_size: int, index_shards: i
   return {"kind": "suffix_array" if si.ngram_index is not None else "trie", "task": task.name,
           "output_dir": tasks.artefacts_for(task.name).retrieval_index_dir(vocab_size), "source": si.source,
           "seconds": si.seconds, "num_docs": scheme.num_docs, "index_shards": index_shards,
-          "indexed_tokens": indexed, "nbytes": si.nbytes, "bytes_per_token": si.nbytes / max(indexed, 1)}
+          "indexed_tokens": indexed, "nbytes": si.nbytes, "bytes_per_token": si.nbytes / max(indexed, 1),
+          # On the accelerator (all shards; a placed sharded constraint holds S / mesh_model of them per device).
+          "device_nbytes": int(si.constraint.nbytes),
+          "device_bytes_per_token": si.constraint.nbytes / max(indexed, 1)}
 
 
 def add_arguments(parser) -> None:
