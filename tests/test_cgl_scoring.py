@@ -165,6 +165,16 @@ def _evaluate(model, params, cran, queries, negatives_path, n=256, **kw):
                                length_buckets=BUCKETS, **kw)
 
 
+def test_tokenize_batch_is_seqio_tokenize_with_eos_after_trim(cranfield):
+  _, scheme, vocab, queries = cranfield
+  texts = [q.text for q in queries[:20]] + [scheme.retrieval_targets(queries[0].text, 0, 0)[0], ""]
+  for max_length in (None, 1, 8, 32):
+    keep = None if max_length is None else max_length - 1
+    want = [list(vocab.encode(t))[:keep] + [vocab.eos_id] for t in texts]
+    assert cgl_eval.tokenize_batch(vocab, texts, max_length) == want
+    assert [cgl_eval.tokenize(vocab, t, max_length) for t in texts] == want
+
+
 def test_chance_level_and_negatives_shared_across_models(cranfield, tmp_path):
   model = t5()
   params = jax.jit(model.init)(jax.random.key(0))

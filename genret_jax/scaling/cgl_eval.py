@@ -26,6 +26,7 @@ import numpy as np
 from genret_jax.corpora.types import Collection, Query
 from genret_jax.errors import InputError
 from genret_jax.identifiers.base import DocidScheme, IdentifierScheme
+from genret_jax.identifiers.vocab import encode_batch
 from genret_jax.scaling import cgl, scoring
 
 logger = logging.getLogger(__name__)
@@ -64,10 +65,14 @@ class CGLEvaluation:
 
 def tokenize(vocabulary, text: str, max_length: int | None) -> list[int]:
   """seqio `tokenize` + `append_eos_after_trim`: ids trimmed to max_length - 1, then EOS."""
-  ids = [int(t) for t in vocabulary.encode(text)]
-  if max_length is not None:
-    ids = ids[:max(0, max_length - 1)]
-  return ids + [int(vocabulary.eos_id)]
+  return tokenize_batch(vocabulary, [text], max_length)[0]
+
+
+def tokenize_batch(vocabulary, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
+  """`tokenize` of every text, encoded in batches (`identifiers.vocab.encode_batch`)."""
+  keep = None if max_length is None else max(0, max_length - 1)
+  eos = int(vocabulary.eos_id)
+  return [[int(t) for t in ids[:keep]] + [eos] for ids in encode_batch(vocabulary, texts)]
 
 
 def documents_without_identifiers(scheme: IdentifierScheme) -> list[int]:
@@ -141,9 +146,8 @@ def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary
   negatives = load_or_sample_negatives(negatives_path, len(collection.documents), positives, query_ids,
                                        num_negatives, negatives_seed, excluded, allow_fewer_negatives)
   excluded_set = set(excluded)
-  inputs = [tokenize(vocabulary, query_prefix + q.text, input_length) for q in kept]
-  targets, rq, rd, ri = [], [], [], []
-  token_cache: dict[str, list[int]] = {}
+  inputs = tokenize_batch(vocabulary, [query_prefix + q.text for q in kept], input_length)
+  texts, rq, rd, ri = [], [], [], []
   max_ids = 1
   skipped["positives_without_identifiers"] = 0
   for qi, q in enumerate(kept):
@@ -157,12 +161,13 @@ def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary
       idents = scheme.retrieval_targets(q.text, d, target_seed)
       max_ids = max(max_ids, len(idents))
       for j, t in enumerate(idents):
-        if t not in token_cache:
-          token_cache[t] = tokenize(vocabulary, t, target_length)
-        targets.append(token_cache[t])
+        texts.append(t)
         rq.append(qi)
         rd.append(slot)
         ri.append(j)
+  unique = list(dict.fromkeys(texts))   # each distinct identifier tokenised once
+  encoded = dict(zip(unique, tokenize_batch(vocabulary, unique, target_length)))
+  targets = [encoded[t] for t in texts]
   return CGLSequences(query_ids, inputs, positives, negatives, targets, np.asarray(rq, np.int64),
                       np.asarray(rd, np.int64), np.asarray(ri, np.int64), max_ids, skipped)
 
