@@ -69,10 +69,8 @@ class ShardedSubstringConstraint:
   @classmethod
   def from_index(cls, index: SuffixArrayIndex, num_shards: int, *, vocab_size: int, eos_id: int,
                  **kw) -> "ShardedSubstringConstraint":
-    """Splits a host index's documents into `num_shards` runs of about equal size (`build_shards`)."""
-    docs = [index.doc_tokens(d) for d in range(index.num_docs)]
-    return cls.from_shards(SuffixArrayIndex.build_shards(docs, index.sep_id, num_shards),
-                           vocab_size=vocab_size, eos_id=eos_id, **kw)
+    """Splits a host index's documents into `num_shards` runs of about equal size (`SuffixArrayIndex.split`)."""
+    return cls.from_shards(index.split(num_shards), vocab_size=vocab_size, eos_id=eos_id, **kw)
 
   def place(self, mesh: jax.sharding.Mesh, axis: str = "model") -> "ShardedSubstringConstraint":
     """The shard axis over mesh `axis` (every device keeps S / size shards), or replicated when the axis is

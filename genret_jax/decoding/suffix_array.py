@@ -94,6 +94,10 @@ class SuffixArrayIndex:
     bounds = shard_bounds([len(d) + 1 for d in docs], num_shards)
     return [cls.build(docs[bounds[k]:bounds[k + 1]], sep_id) for k in range(num_shards)]
 
+  def split(self, num_shards: int) -> list["SuffixArrayIndex"]:
+    """This index's documents as `num_shards` shard indexes (`build_shards`)."""
+    return self.build_shards([self.doc_tokens(d) for d in range(self.num_docs)], self.sep_id, num_shards)
+
   # --- persistence --------------------------------------------------------------------------------
 
   def save(self, directory: str) -> None:

@@ -162,6 +162,7 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   from genret_jax.models import model_api, params_io, partitioning
   from genret_jax.retrieval.pipeline import RetrievalConfig, Retriever
   from genret_jax.retrieval.run_files import process_batches
+  from genret_jax.retrieval.scheme_index import cached_scheme_index
   from genret_jax.scaling.cgl_command import _retrieval_task
 
   task = _retrieval_task(mixture_or_task_name)
@@ -177,8 +178,10 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   lengths = dict(task_feature_lengths or {"inputs": 64})
   cfg = RetrievalConfig(beam_size=beam_size, batch_size=batch_size, inputs_length=lengths["inputs"],
                         index_shards=index_shards)
-  scheme, vocab, scheme_index = task_scheme_index(task, model.config.vocab_size, index_shards)
-  retriever = Retriever(model, params, scheme, vocab, collection, cfg, mesh=mesh, scheme_index=scheme_index)
+  vocab = task.output_features["targets"].vocabulary
+  scheme_index = cached_scheme_index(artefacts, vocab, model.config.vocab_size, index_shards)
+  retriever = Retriever(model, params, artefacts.identifier_scheme(), vocab, collection, cfg, mesh=mesh,
+                        scheme_index=scheme_index)
   output_dir = output_dir or os.path.join(checkpoint_path, f"retrieve_{split}_beam{beam_size}")
   meta = {"checkpoint_path": os.path.abspath(checkpoint_path), "task": task.name, "split": split,
           "beam_size": beam_size, "batch_size": batch_size, "num_queries": len(queries)}
@@ -198,32 +201,22 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   return out
 
 
-def task_scheme_index(task, vocab_size: int, index_shards: int = 1):
-  """(scheme, vocabulary, `SchemeIndex`) of a seqio retrieval task for a model vocabulary of `vocab_size`, through
-  the cache in the task's artefact directory (`retrieval_index_v<vocab size>`, see `retrieval.scheme_index`)."""
-  import tasks
-  from genret_jax.retrieval.scheme_index import build_scheme_index
-  artefacts = tasks.artefacts_for(task.name)
-  scheme, vocab = artefacts.identifier_scheme(), task.output_features["targets"].vocabulary
-  artefacts.vocab_file()   # built on first use: before the index, so the index's reported time is its own
-  return scheme, vocab, build_scheme_index(scheme, vocab, vocab_size, index_shards,
-                                           cache_dir=artefacts.retrieval_index_dir(vocab_size))
-
-
 def build_task_index(mixture_or_task_name: str, vocab_size: int, index_shards: int = 1) -> dict[str, Any]:
   """`genret build-index --task`: builds (or finds) the retrieval constraint `genret retrieve` will load for this
   task and a model vocabulary of `vocab_size`; returns the report."""
   import tasks  # noqa: F401  (registers the tasks)
+  from genret_jax.retrieval.scheme_index import cached_scheme_index
   from genret_jax.scaling.cgl_command import _retrieval_task
   try:
     task = _retrieval_task(mixture_or_task_name)
   except InputError as e:   # named by the option this command took it from
     raise InputError(e.message, key="build_index.task") from e
-  scheme, _, si = task_scheme_index(task, vocab_size, index_shards)
+  artefacts = tasks.artefacts_for(task.name)
+  si = cached_scheme_index(artefacts, task.output_features["targets"].vocabulary, vocab_size, index_shards)
   indexed = si.num_tokens   # suffix array: documents + separators; trie: identifier tokens + EOS
   return {"kind": "suffix_array" if si.ngram_index is not None else "trie", "task": task.name,
-          "output_dir": tasks.artefacts_for(task.name).retrieval_index_dir(vocab_size), "source": si.source,
-          "seconds": si.seconds, "num_docs": scheme.num_docs, "index_shards": index_shards,
+          "output_dir": artefacts.retrieval_index_dir(vocab_size), "source": si.source,
+          "seconds": si.seconds, "num_docs": artefacts.identifier_scheme().num_docs, "index_shards": index_shards,
           "indexed_tokens": indexed, "nbytes": si.nbytes, "bytes_per_token": si.nbytes / max(indexed, 1),
           # On the accelerator (all shards; a placed sharded constraint holds S / mesh_model of them per device).
           "device_nbytes": int(si.constraint.nbytes),

@@ -80,6 +80,14 @@ def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1,
   return si
 
 
+def cached_scheme_index(artefacts, vocab, vocab_size: int, index_shards: int = 1) -> SchemeIndex:
+  """`build_scheme_index` for a task's artefacts (`tasks.CollectionArtefacts`): its identifier scheme, cached in
+  its `retrieval_index_dir(vocab_size)`; what `genret retrieve`, `genret build-index --task` and sweeps use."""
+  artefacts.vocab_file()   # built on first use: before the index, so the index's reported time is its own
+  return build_scheme_index(artefacts.identifier_scheme(), vocab, vocab_size, index_shards,
+                            cache_dir=artefacts.retrieval_index_dir(vocab_size))
+
+
 def _ngram_scheme_index(scheme, vocab, vocab_size, index_shards, cache_dir, meta, cached) -> SchemeIndex:
   if cached is not None:
     index, source = SuffixArrayIndex.load(os.path.join(cache_dir, "suffix_array")), "loaded"
@@ -137,8 +145,7 @@ def _shard_indexes(index: SuffixArrayIndex, num_shards: int, cache_dir: str | No
   shard_dir = os.path.join(cache_dir, f"shards_{num_shards}") if cache_dir else None
   if shard_dir and os.path.isdir(shard_dir):
     return [SuffixArrayIndex.load(os.path.join(shard_dir, f"shard_{k:05d}")) for k in range(num_shards)]
-  docs = [index.doc_tokens(d) for d in range(index.num_docs)]
-  shards = SuffixArrayIndex.build_shards(docs, index.sep_id, num_shards)
+  shards = index.split(num_shards)
   if shard_dir:
     _atomic_dir(shard_dir, lambda d: [s.save(os.path.join(d, f"shard_{k:05d}")) for k, s in enumerate(shards)])
   return shards

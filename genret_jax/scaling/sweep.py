@@ -194,7 +194,7 @@ class Sweep:
     from genret_jax.models import accounting
     from genret_jax.retrieval import metrics as metrics_lib
     from genret_jax.retrieval.pipeline import RetrievalConfig, Retriever
-    from genret_jax.retrieval.scheme_index import build_scheme_index
+    from genret_jax.retrieval.scheme_index import cached_scheme_index
     from genret_jax.scaling import cgl_eval, scoring
 
     t0 = time.time()
@@ -212,11 +212,9 @@ class Sweep:
     cgl_res = cgl_eval.reduce_scores(seqs, scored.nll, scored.num_tokens)
     stage_s["cgl"] = time.time() - t0 - sum(stage_s.values())
     queries = [q for q in queries if q.query_id in set(seqs.query_ids)]
-    scheme, vocab_size = self.artefacts.identifier_scheme(), model.config.vocab_size
-    scheme_index = build_scheme_index(scheme, vocab, vocab_size,
-                                      cache_dir=self.artefacts.retrieval_index_dir(vocab_size))
-    retriever = Retriever(model, train_result.params, scheme, vocab, collection, RetrievalConfig(inputs_length=lin),
-                          scheme_index=scheme_index)
+    retriever = Retriever(model, train_result.params, self.artefacts.identifier_scheme(), vocab, collection,
+                          RetrievalConfig(inputs_length=lin),
+                          scheme_index=cached_scheme_index(self.artefacts, vocab, model.config.vocab_size))
     qrels = {q.query_id: collection.qrels.get(q.query_id, {}) for q in queries}
     rows, per_query_rows = [], {}
     cgl_pq = cgl_res.per_query(list(seqs.query_ids))
