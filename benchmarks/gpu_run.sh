@@ -4,8 +4,8 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh [seconds, default 580: give the call a 600 s limit]
 #   STEPS="decode_trie decode_ngram" NGRAM_BEAMS="20 1" OUT=... bash benchmarks/gpu_run.sh 480   # these steps, in order
-#   NGRAM_VARIANTS="enum_iters=64 topk_block=0"   # biased n-gram settings also timed (default: these two, the
-#       settings before session 13's accelerator defaults, docs/decoding.md; "" none)
+#   NGRAM_VARIANTS="enum_iters=64 topk_block=0"   # biased n-gram settings also timed in the same rounds (default
+#       none; session 15 timed these two, the settings before session 13's accelerator defaults, on an H100)
 #
 # Session 4 (H100) timings: jax compiles 13-42 s per train rung and ~10-30 s per decode program there. The first
 # search of each decode shape pays most of it (most likely GEMM autotuning, docs/decoding.md; the rows'
@@ -86,7 +86,7 @@ run_step() {
   case $1 in
     decode_ngram) step decode_ngram 330 python3 benchmarks/decode_throughput.py --device gpu --parts ngram \
       --ngram_beams ${NGRAM_BEAMS:-1 20} --repeats 2 --json_out "$WORK/decode_ngram.json" \
-      --ngram_biased_variants ${NGRAM_VARIANTS-enum_iters=64 topk_block=0} --profile_dir "$PROF" ;;
+      --ngram_biased_variants ${NGRAM_VARIANTS:-} --profile_dir "$PROF" ;;
     index) step index 150 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --shards --write_docs ;;
     decode_trie)   # one sub-step per size, each with its own limit and JSON (merged per size and beam)
       step decode_trie_tiny 300 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie \
