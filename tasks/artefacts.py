@@ -179,11 +179,10 @@ class CollectionArtefacts:
         with open(path, encoding="utf-8") as f:
           return json.load(f)
       scheme = self.identifier_scheme()
-      out = []
-      for q, idx in self.retrieval_pairs(split):
-        targets = scheme.retrieval_targets(q.text, idx, self.seed)
-        out.append([{"inputs": q.text, "targets": t, "query_id": q.query_id,
-                     "doc_id": scheme.doc_ids[idx]} for t in targets])
+      pairs = self.retrieval_pairs(split)
+      targets = scheme.retrieval_targets_many([(q.text, idx) for q, idx in pairs], self.seed)
+      out = [[{"inputs": q.text, "targets": t, "query_id": q.query_id, "doc_id": scheme.doc_ids[idx]}
+              for t in pair_targets] for (q, idx), pair_targets in zip(pairs, targets)]
       _write_json(path, out)
       return out
     return self._memoized(f"retrieval/{split}", make)

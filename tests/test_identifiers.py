@@ -150,6 +150,26 @@ def test_span_sampling_follows_reference():
   assert a == b and len(a) == 10 and a != c
 
 
+def test_span_sampling_in_processes_equals_one_at_a_time(cranfield, monkeypatch):
+  ng = identifiers.build("ngram", cranfield, seed=0, views=("body", "title"), title_samples=2)
+  pairs = [(q.text, (7 * i + 3) % len(cranfield.documents)) for i, q in enumerate(cranfield.queries[:9])]
+  pairs.append(("", 5))   # nothing scorable: the reference's one span
+  one_by_one = [ng.retrieval_targets(q, d, seed=3) for q, d in pairs]
+  assert all(len(t) == 12 for t in one_by_one[:-1]) and len(one_by_one[-1]) == 3
+  # Two spawned processes, chunks of 4 jobs (the default chunk would keep 10 pairs in this process).
+  jobs = [(q, ng.body_words(d), d) for q, d in pairs]
+  kw = dict(n_samples=10, min_length=10, max_length=10, temperature=1.0)
+  in_processes = spans.extract_spans_many(jobs, 3, workers=2, chunk=4, **kw)
+  assert in_processes == [t[:-2] for t in one_by_one]
+  assert ng.retrieval_targets_many(pairs, seed=3, workers=1) == one_by_one
+  assert spans.default_workers(10) == 1
+  monkeypatch.setenv("GENRET_SPAN_WORKERS", "3")
+  assert spans.default_workers(10) == 3
+  monkeypatch.setenv("GENRET_SPAN_WORKERS", "many")
+  with pytest.raises(InputError, match="GENRET_SPAN_WORKERS: must be an integer"):
+    spans.default_workers(10)
+
+
 def test_determinism(cranfield):
   for name in ("semantic", "codebook"):
     again = identifiers.build(name, cranfield, seed=0, **FAST_CFG[name])

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 from genret_jax.corpora.types import Collection, Document
 from genret_jax.errors import InputError
@@ -137,6 +137,14 @@ class IdentifierScheme(abc.ABC):
   @abc.abstractmethod
   def retrieval_targets(self, query_text: str, doc_idx: int, seed: int) -> list[str]:
     """Training targets for (query, relevant document): [docid], or sampled spans for n-gram schemes."""
+
+  def retrieval_targets_many(self, pairs: Sequence[tuple[str, int]], seed: int,
+                             workers: int | None = None) -> list[list[str]]:
+    """`retrieval_targets` of every (query text, document index) pair, in order. A scheme whose targets cost host
+    time (the n-gram scheme's span sampling) spreads them over `workers` processes (None: as many as the host and
+    the number of pairs suit); the result does not depend on `workers`."""
+    del workers
+    return [self.retrieval_targets(q, d, seed) for q, d in pairs]
 
   @abc.abstractmethod
   def indexing_examples(self, doc_idx: int) -> list[tuple[str, str]]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import threadpoolctl
-from sklearn.decomposition import TruncatedSVD
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from genret_jax.corpora.types import Collection
 from genret_jax.identifiers.base import document_text
@@ -19,6 +17,9 @@ def tfidf_svd_vectors(collection: Collection, dim: int, seed: int, max_features:
 
 
 def _vectors(texts: list[str], dim: int, seed: int, max_features: int) -> np.ndarray:
+  # Imported here, not at the top: see learned_schemes._kmeans.
+  from sklearn.decomposition import TruncatedSVD  # pylint: disable=g-import-not-at-top
+  from sklearn.feature_extraction.text import TfidfVectorizer  # pylint: disable=g-import-not-at-top
   # min_df=2: words seen once cannot make two documents similar and only slow the SVD down.
   min_df = 2 if len(texts) >= 50 else 1
   vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english", min_df=min_df,

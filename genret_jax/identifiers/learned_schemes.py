@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import threadpoolctl
-from sklearn.cluster import KMeans
 
 from genret_jax.corpora.types import Collection
 from genret_jax.identifiers.base import DocidScheme
@@ -21,6 +20,9 @@ def _node_seed(seed: int, *path: int) -> int:
 
 
 def _kmeans(points: np.ndarray, k: int, seed: int) -> np.ndarray:
+  # scikit-learn is imported where it is used: importing it costs ~1 s, paid by every process that imports
+  # genret_jax.identifiers (the span-sampling workers among them) otherwise.
+  from sklearn.cluster import KMeans  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings(), threadpoolctl.threadpool_limits(1):
     warnings.simplefilter("ignore")  # duplicate points -> fewer distinct clusters; handled by the caller
     return KMeans(n_clusters=k, n_init=1, random_state=seed).fit(points)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Sequence
 
 import numpy as np
 
 from genret_jax.corpora.types import Collection
 from genret_jax.errors import InputError
 from genret_jax.identifiers.base import IdentifierScheme, normalize_whitespace
-from genret_jax.identifiers.spans import extract_spans, span_rng
+from genret_jax.identifiers.spans import extract_spans_many
 
 VIEWS = ("body", "title", "query")
 
@@ -116,14 +117,25 @@ class NgramScheme(IdentifierScheme):
     return [v for v in [self.title_view(doc_idx), body, *self.query_views(doc_idx)] if v]
 
   def retrieval_targets(self, query_text: str, doc_idx: int, seed: int) -> list[str]:
+    return self.retrieval_targets_many([(query_text, doc_idx)], seed, workers=1)[0]
+
+  def retrieval_targets_many(self, pairs: Sequence[tuple[str, int]], seed: int,
+                             workers: int | None = None) -> list[list[str]]:
+    cfg = self.config
+    body: list[list[str]] = [[] for _ in pairs]
+    if "body" in cfg.views:   # the span sampling is the cost (fuzzy matching), so it is what runs in parallel
+      body = extract_spans_many([(q, self.body_words(d), d) for q, d in pairs], seed, workers=workers,
+                                n_samples=cfg.n_samples, min_length=cfg.min_length, max_length=cfg.max_length,
+                                temperature=cfg.temperature)
+    return [self._targets(d, spans) for (_, d), spans in zip(pairs, body)]
+
+  def _targets(self, doc_idx: int, body_spans: list[str]) -> list[str]:
     cfg = self.config
     targets: list[str] = []
     has_title = bool(self.collection.documents[doc_idx].title.strip())
     for view in cfg.views:
       if view == "body":
-        targets += extract_spans(self.body_words(doc_idx), query_text, span_rng(seed, query_text, doc_idx),
-                                 n_samples=cfg.n_samples, min_length=cfg.min_length,
-                                 max_length=cfg.max_length, temperature=cfg.temperature)
+        targets += body_spans
       elif view == "title" and has_title:
         targets += [self.title_view(doc_idx)] * cfg.title_samples
       elif view == "query":

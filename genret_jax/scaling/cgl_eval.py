@@ -134,8 +134,9 @@ def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary
                     target_seed: int, num_negatives: int = cgl.DEFAULT_NUM_NEGATIVES, negatives_seed: int = 0,
                     negatives_path: str | None = None, input_length: int | None = None,
                     target_length: int | None = None, query_prefix: str = "", min_grade: int = 1,
-                    allow_fewer_negatives: bool = False) -> CGLSequences:
-  """Every (query, document, identifier) sequence of the evaluation, tokenised like the retrieval task."""
+                    allow_fewer_negatives: bool = False, span_workers: int | None = None) -> CGLSequences:
+  """Every (query, document, identifier) sequence of the evaluation, tokenised like the retrieval task.
+  `span_workers`: processes for the n-gram scheme's span sampling (None: as many as the host and the work suit)."""
   kept, positives, skipped = query_positives(collection, queries, min_grade)
   if not kept:
     raise InputError(f"no query of the split has a judged-relevant document (grade >= {min_grade})",
@@ -147,8 +148,7 @@ def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary
                                        num_negatives, negatives_seed, excluded, allow_fewer_negatives)
   excluded_set = set(excluded)
   inputs = tokenize_batch(vocabulary, [query_prefix + q.text for q in kept], input_length)
-  texts, rq, rd, ri = [], [], [], []
-  max_ids = 1
+  pairs, pair_slots = [], []
   skipped["positives_without_identifiers"] = 0
   for qi, q in enumerate(kept):
     docs = list(positives[qi]) + [int(d) for d in negatives.negatives[qi]]
@@ -158,13 +158,18 @@ def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary
           skipped["positives_without_identifiers"] += 1
           continue
         raise InputError(f"negative document {d} of query {q.query_id!r} has no identifier", key="negatives")
-      idents = scheme.retrieval_targets(q.text, d, target_seed)
-      max_ids = max(max_ids, len(idents))
-      for j, t in enumerate(idents):
-        texts.append(t)
-        rq.append(qi)
-        rd.append(slot)
-        ri.append(j)
+      pairs.append((q.text, d))
+      pair_slots.append((qi, slot))
+  pair_targets = scheme.retrieval_targets_many(pairs, target_seed, workers=span_workers)
+  texts, rq, rd, ri = [], [], [], []
+  max_ids = 1
+  for (qi, slot), idents in zip(pair_slots, pair_targets):
+    max_ids = max(max_ids, len(idents))
+    for j, t in enumerate(idents):
+      texts.append(t)
+      rq.append(qi)
+      rd.append(slot)
+      ri.append(j)
   unique = list(dict.fromkeys(texts))   # each distinct identifier tokenised once
   encoded = dict(zip(unique, tokenize_batch(vocabulary, unique, target_length)))
   targets = [encoded[t] for t in texts]
