@@ -13,6 +13,7 @@ import seqio
 import toy_tasks
 from genret_jax.decoding.suffix_array import SuffixArrayIndex
 from genret_jax.retrieval import scheme_index as si_lib
+from genret_jax.retrieval.pipeline import RetrievalConfig, Retriever
 from genret_jax.retrieval.scheme_index import build_scheme_index
 
 
@@ -64,6 +65,9 @@ def test_ngram_index_and_shards_are_saved_then_loaded(cache_env, monkeypatch, ca
   _same_leaves(loaded.constraint, built.constraint)
   _same_leaves(loaded_sharded.constraint, sharded.constraint)
   assert loaded_sharded.constraint.num_shards == 3
+  # An index of 3 shards handed to a Retriever configured for 1 is refused, not used with the other count.
+  with pytest.raises(si_lib.InputError, match="index_shards: the scheme index given has 3 suffix-array shard"):
+    Retriever(None, None, scheme, vocab, artefacts.collection(), RetrievalConfig(), scheme_index=loaded_sharded)
   # Built for another model vocabulary (the separator id): rebuilt, with a warning naming the difference.
   meta_path = f"{cache}/meta.json"
   meta = json.load(open(meta_path))

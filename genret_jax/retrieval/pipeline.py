@@ -66,6 +66,11 @@ class Retriever:
     self.cfg = cfg or RetrievalConfig()
     self.scoring = scoring or NgramScoringConfig(hits=self.cfg.hits)
     self.index = scheme_index or build_scheme_index(scheme, vocab, model.config.vocab_size, self.cfg.index_shards)
+    shards = self.index.constraint.num_shards if isinstance(self.index.constraint, ShardedSubstringConstraint) else 1
+    if scheme_index is not None and self.index.ngram_index is not None and shards != self.cfg.index_shards:
+      raise InputError(f"the scheme index given has {shards} suffix-array shard(s), the config asks for "
+                       f"{self.cfg.index_shards}; build it with index_shards={self.cfg.index_shards}",
+                       key="index_shards")
     if mesh is not None:
       shape = dict(zip(mesh.axis_names, mesh.devices.shape))
       rows = shape.get("data", 1) * shape.get("fsdp", 1)
