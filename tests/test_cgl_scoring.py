@@ -175,6 +175,34 @@ def test_tokenize_batch_is_seqio_tokenize_with_eos_after_trim(cranfield):
     assert [cgl_eval.tokenize(vocab, t, max_length) for t in texts] == want
 
 
+def test_identifiers_cached_for_later_evaluations(cranfield, tmp_path, monkeypatch, caplog):
+  coll, scheme, vocab, queries = cranfield
+  kw = dict(num_negatives=16, negatives_seed=3, negatives_path=str(tmp_path / "negatives.npz"), input_length=32,
+            target_length=32)
+  build = lambda seed=0, **more: cgl_eval.build_sequences(coll, scheme, vocab, queries[:2], target_seed=seed,
+                                                         **kw, **more)
+  plain = build()
+  cache = tmp_path / "artefacts"
+  first = build(targets_cache_dir=str(cache))
+  (saved,) = cache.glob("cgl_targets_*.json.gz")
+
+  def refuse(*a, **k):
+    raise AssertionError("sampled instead of loaded")
+  with monkeypatch.context() as m:
+    m.setattr(type(scheme), "retrieval_targets_many", refuse)
+    second = build(targets_cache_dir=str(cache))
+  for s in (first, second):
+    assert s.targets == plain.targets and s.inputs == plain.inputs
+    for name in ("row_query", "row_doc_slot", "row_ident"):
+      np.testing.assert_array_equal(getattr(s, name), getattr(plain, name))
+  other_seed = build(seed=1, targets_cache_dir=str(cache))   # other pairs or seed: another file
+  assert len(list(cache.glob("cgl_targets_*.json.gz"))) == 2 and other_seed.targets != plain.targets
+  saved.write_bytes(b"not gzip")   # unreadable: sampled again, with a warning, and rewritten
+  with caplog.at_level("WARNING"):
+    assert build(targets_cache_dir=str(cache)).targets == plain.targets
+  assert "sampling again" in caplog.text and saved.read_bytes()[:2] == b"\x1f\x8b"
+
+
 def test_chance_level_and_negatives_shared_across_models(cranfield, tmp_path):
   model = t5()
   params = jax.jit(model.init)(jax.random.key(0))

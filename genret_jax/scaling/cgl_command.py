@@ -119,7 +119,8 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
       negatives_seed=negatives_seed, negatives_path=negatives_path, input_length=lengths.get("inputs"),
       target_length=lengths.get("targets"), query_prefix=query_prefix, min_grade=artefacts.min_grade,
       averaging=averaging, mesh=mesh, batch_size=batch_size, inputs_per_batch=inputs_per_batch,
-      share_inputs=share_inputs, allow_fewer_negatives=allow_fewer_negatives, progress=show)
+      share_inputs=share_inputs, allow_fewer_negatives=allow_fewer_negatives, progress=show,
+      targets_cache_dir=artefacts.directory())
   out = cgl_eval.evaluation_json(
       ev, bootstrap_resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed,
       extra={"checkpoint_path": os.path.abspath(checkpoint_path), "task": task.name,

@@ -7,7 +7,8 @@ Per query q of the split (SLGR_BEHAVIOUR.md §5, with the reference's defects fi
   (and minus documents that have no identifier at all); drawn once, saved, and reused for every model;
 * the identifier sequences of (q, d): `scheme.retrieval_targets(q.text, d, seed)` — n-gram: the 10 query-biased
   body spans drawn by the per-(seed, query, document) generator, exactly the spans the retrieval task trains on
-  for positives; docid schemes: [the docid];
+  for positives (sampled over worker processes, and saved with the task's artefacts so that later evaluations of
+  the same pairs load them: `pair_identifiers`); docid schemes: [the docid];
 * tokenisation shared with training: the task's vocabulary, the task's query prefix on the input, truncated to
   the feature lengths and EOS appended after trimming (seqio `append_eos_after_trim`).
 Loss of (q, d) = total NLL / total tokens over its identifiers ("token" averaging, the reference's).
@@ -16,9 +17,13 @@ Loss of (q, d) = total NLL / total tokens over its identifiers ("token" averagin
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import hashlib
+import json
 import logging
 import os
 import time
+import uuid
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -130,13 +135,43 @@ def load_or_sample_negatives(path: str | None, num_docs: int, positives: Sequenc
   return neg
 
 
+def pair_identifiers(scheme: IdentifierScheme, pairs: Sequence[tuple[str, int]], seed: int, *,
+                     workers: int | None = None, cache_dir: str | None = None) -> list[list[str]]:
+  """`scheme.retrieval_targets_many(pairs, seed)`. The n-gram scheme's span sampling is most of a CGL evaluation's
+  host time and does not depend on the model, so with `cache_dir` (a directory that belongs to this scheme: the
+  task's artefacts) its result is saved there, named by a hash of (seed, pairs), and later evaluations of the same
+  pairs load it. `workers`: processes for the sampling (None: as many as the host and the work suit)."""
+  if not cache_dir or not scheme.is_ngram:
+    return scheme.retrieval_targets_many(pairs, seed, workers=workers)
+  key = hashlib.sha256(json.dumps([int(seed), [[q, int(d)] for q, d in pairs]]).encode()).hexdigest()[:20]
+  path = os.path.join(cache_dir, f"cgl_targets_{key}.json.gz")
+  if os.path.exists(path):
+    try:
+      with gzip.open(path, "rt", encoding="utf-8") as f:
+        cached = json.load(f)
+      if isinstance(cached, list) and len(cached) == len(pairs):
+        logger.info("identifiers of %d (query, document) pairs loaded from %s", len(pairs), path)
+        return cached
+      logger.warning("%s holds %s entries for %d pairs; sampling again", path, len(cached), len(pairs))
+    except (OSError, EOFError, ValueError) as e:
+      logger.warning("cannot read %s (%s); sampling again", path, e)
+  targets = scheme.retrieval_targets_many(pairs, seed, workers=workers)
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = f"{path}.tmp{uuid.uuid4().hex}"   # unique across hosts sharing the cache; renamed into place whole
+  with gzip.open(tmp, "wt", encoding="utf-8") as f:
+    json.dump(targets, f)
+  os.replace(tmp, path)
+  return targets
+
+
 def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary, queries: Sequence[Query], *,
                     target_seed: int, num_negatives: int = cgl.DEFAULT_NUM_NEGATIVES, negatives_seed: int = 0,
                     negatives_path: str | None = None, input_length: int | None = None,
                     target_length: int | None = None, query_prefix: str = "", min_grade: int = 1,
-                    allow_fewer_negatives: bool = False, span_workers: int | None = None) -> CGLSequences:
+                    allow_fewer_negatives: bool = False, span_workers: int | None = None,
+                    targets_cache_dir: str | None = None) -> CGLSequences:
   """Every (query, document, identifier) sequence of the evaluation, tokenised like the retrieval task.
-  `span_workers`: processes for the n-gram scheme's span sampling (None: as many as the host and the work suit)."""
+  `span_workers`, `targets_cache_dir`: see `pair_identifiers`."""
   kept, positives, skipped = query_positives(collection, queries, min_grade)
   if not kept:
     raise InputError(f"no query of the split has a judged-relevant document (grade >= {min_grade})",
@@ -160,7 +195,7 @@ def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary
         raise InputError(f"negative document {d} of query {q.query_id!r} has no identifier", key="negatives")
       pairs.append((q.text, d))
       pair_slots.append((qi, slot))
-  pair_targets = scheme.retrieval_targets_many(pairs, target_seed, workers=span_workers)
+  pair_targets = pair_identifiers(scheme, pairs, target_seed, workers=span_workers, cache_dir=targets_cache_dir)
   texts, rq, rd, ri = [], [], [], []
   max_ids = 1
   for (qi, slot), idents in zip(pair_slots, pair_targets):
@@ -208,14 +243,16 @@ def evaluate_cgl(model, params, collection: Collection, scheme: IdentifierScheme
                  averaging: str = "token", mesh=None, batch_size: int = scoring.DEFAULT_BATCH_SIZE,
                  inputs_per_batch: int | None = None, share_inputs: bool = True,
                  allow_fewer_negatives: bool = False, length_buckets: Sequence[int] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> CGLEvaluation:
-  """CGL (and contrastive entropy) of `model` with `params` on `queries`; see the module docstring."""
+                 progress: Callable[[int, int], None] | None = None,
+                 targets_cache_dir: str | None = None) -> CGLEvaluation:
+  """CGL (and contrastive entropy) of `model` with `params` on `queries`; see the module docstring.
+  `targets_cache_dir`: see `pair_identifiers`."""
   t0 = time.perf_counter()
   seqs = build_sequences(collection, scheme, vocabulary, queries, target_seed=target_seed,
                          num_negatives=num_negatives, negatives_seed=negatives_seed,
                          negatives_path=negatives_path, input_length=input_length, target_length=target_length,
                          query_prefix=query_prefix, min_grade=min_grade,
-                         allow_fewer_negatives=allow_fewer_negatives)
+                         allow_fewer_negatives=allow_fewer_negatives, targets_cache_dir=targets_cache_dir)
   build_s = time.perf_counter() - t0
   scorer = scoring.PairScorer(model, params, mesh=mesh, batch_size=batch_size, inputs_per_batch=inputs_per_batch,
                               share_inputs=share_inputs, length_buckets=length_buckets)

@@ -152,7 +152,8 @@ class Sweep:
           self.artefacts.collection(), self.artefacts.identifier_scheme(), self.artefacts_vocab(),
           self.eval_queries(), target_seed=self.cfg.seed, num_negatives=self.cfg.num_negatives,
           negatives_seed=self.cfg.negatives_seed, negatives_path=os.path.join(self.out_dir, "negatives.json"),
-          input_length=lengths["inputs"], target_length=lengths["targets"])
+          input_length=lengths["inputs"], target_length=lengths["targets"],
+          targets_cache_dir=self.artefacts.directory())
       path = os.path.join(self.out_dir, "negatives.json")
       if not os.path.exists(path):
         self._cgl_seqs.negatives.save(path)
