@@ -1,7 +1,11 @@
 """Identifier schemes on Cranfield and SciFact: round trips, determinism, save/load, n-gram targets."""
 
 import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -168,6 +172,27 @@ def test_span_sampling_in_processes_equals_one_at_a_time(cranfield, monkeypatch)
   monkeypatch.setenv("GENRET_SPAN_WORKERS", "many")
   with pytest.raises(InputError, match="GENRET_SPAN_WORKERS: must be an integer"):
     spans.default_workers(10)
+
+
+def test_span_workers_do_not_rerun_the_main_script(tmp_path):
+  # A script without a __main__ guard: spawned workers would re-run it (and its imports) before their task.
+  runs = tmp_path / "runs.txt"
+  script = tmp_path / "unguarded.py"
+  script.write_text(f"""
+import json
+from genret_jax.identifiers import spans
+open({str(runs)!r}, "a").write("ran\\n")
+words = ("the boundary layer of a swept wing separates near the tip while the flow over the fuselage stays "
+         "attached").split()
+jobs = [(q, words, d) for d in range(6) for q in ("swept wing", "flow over the tip", "")]
+a = spans.extract_spans_many(jobs, 5, workers=2, chunk=4)
+b = spans.extract_spans_many(jobs, 5, workers=1)
+print(json.dumps(a == b))
+""")
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "true" and runs.read_text() == "ran\n" and "failed" not in out.stderr
 
 
 def test_determinism(cranfield):

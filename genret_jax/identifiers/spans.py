@@ -10,13 +10,16 @@ the caller seeds per (seed, query, document), never from the global `random` mod
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import difflib
 import hashlib
 import itertools
 import logging
 import multiprocessing
 import os
+import sys
 import time
+import types
 from typing import Sequence
 
 import numpy as np
@@ -116,16 +119,30 @@ def extract_spans_many(jobs: Sequence[tuple[str, Sequence[str], int]], seed: int
   t0 = time.perf_counter()
   try:
     with concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
-      for part in pool.map(_spans_chunk, chunks, itertools.repeat(seed), itertools.repeat(kw)):
+      with _main_module_hidden():   # map submits every chunk at once, so every worker starts in here
+        parts = pool.map(_spans_chunk, chunks, itertools.repeat(seed), itertools.repeat(kw))
+      for part in parts:
         out += part
-  except concurrent.futures.process.BrokenProcessPool as e:
-    # Most often a script without an `if __name__ == "__main__":` guard: spawn re-imports the main script.
-    logger.warning("span sampling processes failed (%s); sampling in this process instead. A script that starts "
-                   "this needs an `if __name__ == \"__main__\":` guard, or set GENRET_SPAN_WORKERS=1.", e)
+  except concurrent.futures.process.BrokenProcessPool as e:   # e.g. a worker killed for memory
+    logger.warning("span sampling processes failed (%s); sampling in this process instead", e)
     return _spans_chunk(jobs, seed, kw)
   logger.info("spans of %d (query, document) pairs in %.1f s over %d processes", len(jobs),
               time.perf_counter() - t0, min(workers, len(chunks)))
   return out
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+  """A spawned process re-runs the parent's main script (or module) before its task, so that functions defined
+  there can be unpickled. Ours need nothing from it, and re-running it would cost every worker the script's
+  imports (TensorFlow, JAX: seconds and hundreds of MB each, for a t5x-style trainer's main) and break scripts
+  without an `if __name__ == "__main__":` guard. With an empty main module, the workers skip that step."""
+  main = sys.modules.get("__main__")
+  sys.modules["__main__"] = types.ModuleType("__main__")
+  try:
+    yield
+  finally:
+    sys.modules["__main__"] = main
 
 
 def _spans_chunk(jobs, seed: int, kw: dict) -> list[list[str]]:
