@@ -151,7 +151,7 @@ def _spans_chunk(jobs, seed: int, kw: dict) -> list[list[str]]:
 
 def default_workers(num_jobs: int, jobs_per_worker: int = 128) -> int:
   """Processes for `num_jobs` span samplings: this host's usable cores, or `GENRET_SPAN_WORKERS`; one for small
-  batches, where starting processes (~1 s each) costs more than the sampling (~5-20 ms a job)."""
+  batches, where starting a process (~0.2 s here) costs more than the sampling (~5-20 ms a job)."""
   env = os.environ.get("GENRET_SPAN_WORKERS", "").strip()
   if env:
     try:

@@ -152,7 +152,7 @@ def pair_identifiers(scheme: IdentifierScheme, pairs: Sequence[tuple[str, int]],
       if isinstance(cached, list) and len(cached) == len(pairs):
         logger.info("identifiers of %d (query, document) pairs loaded from %s", len(pairs), path)
         return cached
-      logger.warning("%s holds %s entries for %d pairs; sampling again", path, len(cached), len(pairs))
+      logger.warning("%s does not hold a list of %d pairs' identifiers; sampling again", path, len(pairs))
     except (OSError, EOFError, ValueError) as e:
       logger.warning("cannot read %s (%s); sampling again", path, e)
   targets = scheme.retrieval_targets_many(pairs, seed, workers=workers)
