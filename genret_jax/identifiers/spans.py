@@ -112,6 +112,9 @@ def extract_spans_many(jobs: Sequence[tuple[str, Sequence[str], int]], seed: int
   if workers <= 1 or len(jobs) <= chunk:
     return _spans_chunk(jobs, seed, kw)
   chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  # disable=None: a bar on a terminal only (NQ-scale CGL set-up samples for minutes), nothing in logs.
+  bar = tqdm(total=len(jobs), desc="sampling spans", unit="pair", disable=None, leave=False)
   # spawn, not fork: the calling process usually runs JAX's threads, and a forked copy of a multithreaded
   # process can deadlock; a spawned worker imports only genret_jax.identifiers (numpy, cydifflib; no JAX or TF).
   ctx = multiprocessing.get_context("spawn")
@@ -123,9 +126,12 @@ def extract_spans_many(jobs: Sequence[tuple[str, Sequence[str], int]], seed: int
         parts = pool.map(_spans_chunk, chunks, itertools.repeat(seed), itertools.repeat(kw))
       for part in parts:
         out += part
+        bar.update(len(part))
   except concurrent.futures.process.BrokenProcessPool as e:   # e.g. a worker killed for memory
     logger.warning("span sampling processes failed (%s); sampling in this process instead", e)
     return _spans_chunk(jobs, seed, kw)
+  finally:
+    bar.close()
   logger.info("spans of %d (query, document) pairs in %.1f s over %d processes", len(jobs),
               time.perf_counter() - t0, min(workers, len(chunks)))
   return out
