@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decode_throughput.py --repeats 2 --write_docs
 	$(BIN)/python benchmarks/index_build.py --write_docs
 	$(BIN)/python benchmarks/bench_ngram_scoring.py
+	$(BIN)/python benchmarks/span_sampling.py --write_docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info
