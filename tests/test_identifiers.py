@@ -165,6 +165,8 @@ def test_span_sampling_in_processes_equals_one_at_a_time(cranfield, monkeypatch)
   kw = dict(n_samples=10, min_length=10, max_length=10, temperature=1.0)
   in_processes = spans.extract_spans_many(jobs, 3, workers=2, chunk=4, **kw)
   assert in_processes == [t[:-2] for t in one_by_one]
+  texts = [(q, cranfield.documents[d].text, d) for q, d in pairs]   # a passage given as its text: split there
+  assert spans.extract_spans_many(texts, 3, workers=2, chunk=4, **kw) == in_processes
   assert ng.retrieval_targets_many(pairs, seed=3, workers=1) == one_by_one
   assert spans.default_workers(10) == 1
   monkeypatch.setenv("GENRET_SPAN_WORKERS", "3")

@@ -124,7 +124,9 @@ class NgramScheme(IdentifierScheme):
     cfg = self.config
     body: list[list[str]] = [[] for _ in pairs]
     if "body" in cfg.views:   # the span sampling is the cost (fuzzy matching), so it is what runs in parallel
-      body = extract_spans_many([(q, self.body_words(d), d) for q, d in pairs], seed, workers=workers,
+      # The document's text, split where the job runs exactly as `body_words` splits it.
+      texts = self.collection.documents
+      body = extract_spans_many([(q, texts[d].text, d) for q, d in pairs], seed, workers=workers,
                                 n_samples=cfg.n_samples, min_length=cfg.min_length, max_length=cfg.max_length,
                                 temperature=cfg.temperature)
     return [self._targets(d, spans) for (_, d), spans in zip(pairs, body)]

@@ -102,11 +102,13 @@ def extract_spans(passage_words: Sequence[str], query: str, rng: np.random.Gener
   return spans
 
 
-def extract_spans_many(jobs: Sequence[tuple[str, Sequence[str], int]], seed: int, *, workers: int | None = None,
-                       chunk: int = 64, **kw) -> list[list[str]]:
-  """`extract_spans(words, query, span_rng(seed, query, doc), **kw)` of every (query, passage words, document
-  index) job, in order; with `workers` > 1 spread over that many processes (None: `default_workers`). A job's
-  spans depend only on the job and `seed`, so the result does not depend on `workers` or `chunk` (tested)."""
+def extract_spans_many(jobs: Sequence[tuple[str, Sequence[str] | str, int]], seed: int, *,
+                       workers: int | None = None, chunk: int = 64, **kw) -> list[list[str]]:
+  """`extract_spans(words, query, span_rng(seed, query, doc), **kw)` of every (query, passage, document index)
+  job, in order; the passage is its words, or its text (split on whitespace where the job runs: a reference to a
+  document's text costs nothing to hold, a list of its words per pair does at CGL scale). With `workers` > 1 the
+  jobs are spread over that many processes (None: `default_workers`). A job's spans depend only on the job and
+  `seed`, so the result does not depend on `workers` or `chunk` (tested)."""
   jobs = list(jobs)
   workers = default_workers(len(jobs)) if workers is None else workers
   if workers <= 1 or len(jobs) <= chunk:
@@ -152,7 +154,8 @@ def _main_module_hidden():
 
 
 def _spans_chunk(jobs, seed: int, kw: dict) -> list[list[str]]:
-  return [extract_spans(words, query, span_rng(seed, query, doc), **kw) for query, words, doc in jobs]
+  return [extract_spans(passage.split() if isinstance(passage, str) else passage, query,
+                        span_rng(seed, query, doc), **kw) for query, passage, doc in jobs]
 
 
 def default_workers(num_jobs: int, jobs_per_worker: int = 128) -> int:
