@@ -30,7 +30,7 @@ from _common import cpu_model, python_command, write_section
 
 from genret_jax import corpora
 from genret_jax.identifiers import spans
-from genret_jax.scaling import cgl
+from genret_jax.scaling import cgl, cgl_eval
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(os.environ.get("GENRET_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -50,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def workload(n_queries: int, n_negatives: int) -> list[tuple[str, str, int]]:
   coll = corpora.load(str(DATA / "cranfield"))
-  queries = [q for q in coll.queries if coll.positives(q.query_id)][:n_queries]
-  positives = [sorted(coll.doc_index(d) for d in coll.positives(q.query_id)) for q in queries]
+  queries, positives, _ = cgl_eval.query_positives(coll, coll.queries)
+  queries, positives = queries[:n_queries], positives[:n_queries]
   neg = cgl.sample_negatives(len(coll.documents), positives, n=n_negatives, seed=3)
   # Each passage as its text, split where the job runs, as `NgramScheme.retrieval_targets_many` hands it over.
   return [(q.text, coll.documents[d].text, d) for q, pos, negs in zip(queries, positives, neg.negatives)

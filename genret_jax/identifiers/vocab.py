@@ -130,8 +130,8 @@ def seqio_vocabulary(path: str, extra_ids: int = 0):
 def encode_batch(vocabulary, texts: Sequence[str], chunk: int = 8192) -> list[list[int]]:
   """`vocabulary.encode(t)` for every text. A seqio SentencePiece vocabulary encodes `chunk` texts per call to
   its processor, which spreads them over the host's threads instead of one Python call per text (the same
-  processor, so the same ids: tested): 1.7x on this 2-core machine for SciFact's 5,183 document strings (ad hoc, session 14), and
-  it scales with the cores of the host that tokenises a 21M-passage corpus."""
+  processor, so the same ids: tested): 1.7x on this 2-core machine for SciFact's 5,183 document strings (ad hoc,
+  session 14), and it scales with the cores of the host that tokenises a 21M-passage corpus."""
   tokenizer = getattr(vocabulary, "tokenizer", None)
   if not isinstance(tokenizer, spm.SentencePieceProcessor):
     return [list(vocabulary.encode(t)) for t in texts]

@@ -168,10 +168,9 @@ def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary
                     target_seed: int, num_negatives: int = cgl.DEFAULT_NUM_NEGATIVES, negatives_seed: int = 0,
                     negatives_path: str | None = None, input_length: int | None = None,
                     target_length: int | None = None, query_prefix: str = "", min_grade: int = 1,
-                    allow_fewer_negatives: bool = False, span_workers: int | None = None,
-                    targets_cache_dir: str | None = None) -> CGLSequences:
+                    allow_fewer_negatives: bool = False, targets_cache_dir: str | None = None) -> CGLSequences:
   """Every (query, document, identifier) sequence of the evaluation, tokenised like the retrieval task.
-  `span_workers`, `targets_cache_dir`: see `pair_identifiers`."""
+  `targets_cache_dir`: see `pair_identifiers`."""
   kept, positives, skipped = query_positives(collection, queries, min_grade)
   if not kept:
     raise InputError(f"no query of the split has a judged-relevant document (grade >= {min_grade})",
@@ -195,7 +194,7 @@ def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary
         raise InputError(f"negative document {d} of query {q.query_id!r} has no identifier", key="negatives")
       pairs.append((q.text, d))
       pair_slots.append((qi, slot))
-  pair_targets = pair_identifiers(scheme, pairs, target_seed, workers=span_workers, cache_dir=targets_cache_dir)
+  pair_targets = pair_identifiers(scheme, pairs, target_seed, cache_dir=targets_cache_dir)
   texts, rq, rd, ri = [], [], [], []
   max_ids = 1
   for (qi, slot), idents in zip(pair_slots, pair_targets):
