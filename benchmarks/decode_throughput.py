@@ -576,7 +576,7 @@ def markdown(res: dict, command: str) -> str:
                 "ours/HF could read at this beam with free decode steps.", ""]
   if "ngram" in res:
     m = res["ngram"]["meta"]
-    out += [f"### n-gram (SciFact suffix array): tiny T5, vocab 8,192, batch 32, 10 new tokens", "",
+    out += ["### n-gram (SciFact suffix array): tiny T5, vocab 8,192, batch 32, 10 new tokens", "",
             f"Corpus: {m['docs']:,} documents, {m['corpus_tokens']:,} indexed tokens; tokenizer: "
             f"{m['tokenizer']}; device constraint arrays {m['constraint_bytes'] / 2**20:.1f} MiB "
             f"(bigram table: {m['pair_table']}). Ours n-gram runs with `keep_history=True`"

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from genret_jax import corpora, identifiers
+from genret_jax import atomic_files, corpora, identifiers
 from genret_jax.corpora import default as default_corpus
 from genret_jax.corpora.types import Collection, Query
 from genret_jax.errors import InputError
@@ -41,13 +41,6 @@ def load_collection(path: str, fmt: str | None = None) -> Collection:
       _collections[key] = (default_corpus.load_default() if path == DEFAULT_CORPUS
                            else corpora.load(path, format=fmt))
     return _collections[key]
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, ensure_ascii=False)
-  os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +176,7 @@ class CollectionArtefacts:
       targets = scheme.retrieval_targets_many([(q.text, idx) for q, idx in pairs], self.seed)
       out = [[{"inputs": q.text, "targets": t, "query_id": q.query_id, "doc_id": scheme.doc_ids[idx]}
               for t in pair_targets] for (q, idx), pair_targets in zip(pairs, targets)]
-      _write_json(path, out)
+      atomic_files.write_json(path, out, ensure_ascii=False)
       return out
     return self._memoized(f"retrieval/{split}", make)
 
@@ -206,9 +199,9 @@ class CollectionArtefacts:
         pairs = scheme.indexing_examples(i)
         skipped += not pairs
         out += [{"inputs": s, "targets": t, "query_id": "", "doc_id": scheme.doc_ids[i]} for s, t in pairs]
-      _write_json(path, out)
-      _write_json(os.path.join(self.directory(), "indexing_report.json"),
-                  {"documents": scheme.num_docs, "documents_without_examples": skipped,
-                   "examples": len(out)})
+      atomic_files.write_json(path, out, ensure_ascii=False)
+      atomic_files.write_json(os.path.join(self.directory(), "indexing_report.json"),
+                              {"documents": scheme.num_docs, "documents_without_examples": skipped,
+                               "examples": len(out)})
       return out
     return self._memoized("indexing", make)

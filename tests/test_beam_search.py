@@ -286,7 +286,6 @@ def test_sparse_candidate_top_k_equals_masked_top_k(seed, k, v, width):
 def test_block_preselection_leaves_search_results_unchanged(monkeypatch):
   """The same searches (unconstrained and trie, vocab 1,024 so the block path runs) with the pre-selection
   on and off return identical outputs; so do the trie's sparse steps on and off."""
-  bs_mod = importlib.import_module("genret_jax.decoding.beam_search")   # the package re-exports the function
   v = 1024
   model = FakeModel(v, seed=5)
   inputs = np.random.default_rng(5).integers(2, v, size=(3, 3))

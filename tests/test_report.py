@@ -1,7 +1,6 @@
 """`genret report` on a synthetic sweep drawn from a known power law plus seeded per-query noise."""
 
 import json
-import math
 import pathlib
 
 import numpy as np

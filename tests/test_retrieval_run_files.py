@@ -46,7 +46,7 @@ def test_store_round_trip_and_outputs(tmp_path):
   assert run["q1-2"] == [("d12", -1.0), ("d2x", -3.0)]
   path = store.write_metrics({"nDCG@10": 0.5})
   assert json.load(open(path)) == {"nDCG@10": 0.5}
-  assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]
+  assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
   with pytest.raises(InputError):
     store.write_batch(0, _batch(0))
   with pytest.raises(InputError):

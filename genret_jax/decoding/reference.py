@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import numpy as np
 
 AllowedFn = Callable[[tuple[int, ...]], set[int]]
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
-import json
 import os
 import re
 from typing import Any, ClassVar, Sequence
 
+from genret_jax import atomic_files
 from genret_jax.corpora.types import Collection, Document
 from genret_jax.errors import InputError
 
@@ -168,10 +168,7 @@ class IdentifierScheme(abc.ABC):
         "state": self._state(),
     }
     path = os.path.join(directory, SCHEME_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(payload, f, ensure_ascii=False, sort_keys=True)
-    os.replace(tmp, path)  # atomic: concurrent builders of one cache entry never see half a file
+    atomic_files.write_json(path, payload, ensure_ascii=False, sort_keys=True)
     return path
 
   @classmethod

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from genret_jax import atomic_files
 from genret_jax.corpora.types import Collection
 from genret_jax.errors import InputError
 from genret_jax.identifiers.base import document_text
@@ -103,11 +104,7 @@ def read_model(path: str) -> bytes:
 
 
 def write_model(model_bytes: bytes, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(model_bytes)
-  os.replace(tmp, path)
+  atomic_files.write_bytes(path, model_bytes)
   return path
 
 

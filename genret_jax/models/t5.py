@@ -18,7 +18,6 @@ Parameter layout (unscanned; with `scan_layers` the `layers_{i}` become one `lay
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import flax.linen as nn

@@ -20,6 +20,7 @@ import os
 import shutil
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from genret_jax import atomic_files
 from genret_jax.errors import InputError
 
 RESULTS_FILE = "results.jsonl"
@@ -39,18 +40,8 @@ class QueryResult:
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes via a temporary file in the same directory and a rename (atomic on POSIX)."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def _write_json(path: str, obj: Any) -> None:
+  atomic_files.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _check_docid(docid: str, qid: str) -> None:
@@ -73,7 +64,7 @@ def format_trec_run(run: Mapping[str, Sequence[tuple[str, float]]], tag: str = "
 
 
 def write_trec_run(path: str, run: Mapping[str, Sequence[tuple[str, float]]], tag: str = "genret") -> None:
-  write_text_atomic(path, format_trec_run(run, tag))
+  atomic_files.write_text(path, format_trec_run(run, tag))
 
 
 def read_trec_run(path: str) -> dict[str, list[tuple[str, float]]]:
@@ -130,7 +121,7 @@ class ResultsStore:
         raise InputError(f"holds results of a different job (differs in {changed}); pass a new output "
                          "directory or --overwrite", path=out_dir)
     else:
-      write_json_atomic(meta_path, self.meta)
+      _write_json(meta_path, self.meta)
     self.report = dict(partial_lines_dropped=0)
     self._completed: dict[int, int] = {}  # batch -> number of queries
     self._recover()
@@ -224,7 +215,7 @@ class ResultsStore:
 
   def write_metrics(self, metrics: Mapping[str, Any]) -> str:
     path = os.path.join(self.out_dir, METRICS_FILE)
-    write_json_atomic(path, dict(metrics))
+    _write_json(path, dict(metrics))
     return path
 
 

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import optimize
 
+from genret_jax import atomic_files
 from genret_jax.errors import InputError
 from genret_jax.scaling import fits as fits_lib
 
@@ -240,6 +241,6 @@ def run(args: argparse.Namespace) -> int:
     out["best_family"] = min(advised, key=lambda f: advised[f]["best"]["score"])
   text = json.dumps(out, indent=2)
   if args.output:
-    fits_lib.write_json_atomic(pathlib.Path(args.output), out)
+    atomic_files.write_json(args.output, out, indent=2)
   print(text)
   return 0 if advised else 1

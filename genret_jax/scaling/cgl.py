@@ -38,6 +38,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from genret_jax import atomic_files
 from genret_jax.errors import InputError
 from genret_jax.scaling import bootstrap
 
@@ -86,10 +87,8 @@ class NegativeSet:
   def save(self, path: str | os.PathLike) -> None:
     """Writes `.json` (readable) or `.npz` (compact) by suffix, atomically (temp file + rename)."""
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".npz":
-      with open(tmp, "wb") as f:
+      with atomic_files.atomic_open(path, "wb") as f:
         np.savez(f, negatives=self.negatives.astype(np.int64), seed=np.int64(self.seed),
                  num_docs=np.int64(self.num_docs),
                  query_ids=np.array(self.query_ids if self.query_ids is not None else [], dtype=str),
@@ -99,10 +98,9 @@ class NegativeSet:
                  "num_negatives": self.num_negatives, "fingerprint": self.fingerprint(),
                  "query_ids": list(self.query_ids) if self.query_ids is not None else None,
                  "negatives": self.negatives.astype(np.int64).tolist()}
-      tmp.write_text(json.dumps(payload))
+      atomic_files.write_json(path, payload)
     else:
       raise InputError("negatives file must end in .json or .npz", path=str(path))
-    os.replace(tmp, path)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "NegativeSet":

@@ -13,7 +13,6 @@ saved next to it (or read from NEGATIVES_PATH when that file exists, so every mo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -23,7 +22,7 @@ from typing import Mapping
 import gin
 import jax
 
-from genret_jax import gin_utils
+from genret_jax import atomic_files, gin_utils
 from genret_jax.errors import InputError
 from genret_jax.scaling import cgl, cgl_eval, scoring
 
@@ -129,11 +128,7 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
              "negatives_path": os.path.abspath(negatives_path), "model_family": model.family,
              "num_devices": jax.device_count(), "wall_seconds": None})
   out["wall_seconds"] = time.perf_counter() - t0
-  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-  tmp = f"{output_path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=1)
-  os.replace(tmp, output_path)
+  atomic_files.write_json(output_path, out, indent=1)
   out["output_path"] = os.path.abspath(output_path)
   return out
 

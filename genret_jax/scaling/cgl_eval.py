@@ -23,11 +23,11 @@ import json
 import logging
 import os
 import time
-import uuid
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from genret_jax import atomic_files
 from genret_jax.corpora.types import Collection, Query
 from genret_jax.errors import InputError
 from genret_jax.identifiers.base import DocidScheme, IdentifierScheme
@@ -156,11 +156,8 @@ def pair_identifiers(scheme: IdentifierScheme, pairs: Sequence[tuple[str, int]],
     except (OSError, EOFError, ValueError) as e:
       logger.warning("cannot read %s (%s); sampling again", path, e)
   targets = scheme.retrieval_targets_many(pairs, seed, workers=workers)
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = f"{path}.tmp{uuid.uuid4().hex}"   # unique across hosts sharing the cache; renamed into place whole
-  with gzip.open(tmp, "wt", encoding="utf-8") as f:
+  with atomic_files.atomic_open(path, "wt", opener=gzip.open) as f:
     json.dump(targets, f)
-  os.replace(tmp, path)
   return targets
 
 

@@ -22,15 +22,14 @@ refits (warm-started from the point estimate plus a few seeded random restarts).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import pathlib
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import optimize
 
+from genret_jax import atomic_files
 from genret_jax.errors import InputError
 from genret_jax.scaling import bootstrap
 
@@ -264,7 +263,7 @@ class FitResult:
     return cls(**{k: v for k, v in d.items() if k in known})
 
   def save(self, path: str | os.PathLike) -> None:
-    write_json_atomic(pathlib.Path(path), self.to_dict())
+    atomic_files.write_json(path, self.to_dict(), indent=2)
 
 
 def _jsonable(obj):
@@ -280,13 +279,6 @@ def _jsonable(obj):
   if isinstance(obj, np.integer):
     return int(obj)
   return obj
-
-
-def write_json_atomic(path: pathlib.Path, payload) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(payload, indent=2))
-  os.replace(tmp, path)
 
 
 def _as_inputs(x, law: LawForm) -> np.ndarray:

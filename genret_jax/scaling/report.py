@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from genret_jax import atomic_files
 from genret_jax.errors import InputError
 from genret_jax.scaling import bootstrap
 from genret_jax.scaling import cgl as cgl_lib
@@ -325,7 +326,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
                                                  if v is not None and (p := fit_problem(v))}}
                           for fam, fam_fits in fitted.items()},
              "matched_pairs": pairs, "notes": notes}
-  fits_lib.write_json_atomic(run_dir / FITS_JSON, payload)
+  atomic_files.write_json(run_dir / FITS_JSON, payload, indent=2)
 
   pngs: list[tuple[str, str]] = []
   if cfg.plots:
@@ -370,9 +371,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
   md += ["## Results", "", *_results_table(rows), ""]
   md += ["## Notes", ""] + ([f"- {n}" for n in notes] or ["- none"]) + [""]
   out = run_dir / REPORT_MD
-  tmp = out.with_name(out.name + ".tmp")
-  tmp.write_text("\n".join(md))
-  tmp.replace(out)
+  atomic_files.write_text(out, "\n".join(md))
   return out
 
 

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from genret_jax import atomic_files
 from genret_jax.errors import InputError
 
 RESULTS_CSV = "results.csv"
@@ -100,15 +101,12 @@ def write_results(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) ->
   path = pathlib.Path(path)
   rows = list(rows)
   extra = sorted({k for r in rows for k in r} - set(COLUMNS))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w", newline="") as f:
+  with atomic_files.atomic_open(path, newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(COLUMNS) + extra)
     w.writeheader()
     for r in rows:
       w.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else
                       (repr(v) if isinstance(v, float) else v)) for k, v in r.items()})
-  os.replace(tmp, path)
 
 
 def per_query_path(run_dir: str | os.PathLike, cell_id: str) -> pathlib.Path:
@@ -117,12 +115,8 @@ def per_query_path(run_dir: str | os.PathLike, cell_id: str) -> pathlib.Path:
 
 def write_per_query(run_dir: str | os.PathLike, cell_id: str, values: Mapping[str, Any]) -> None:
   """Writes cells/<cell_id>/per_query.json atomically; `values` maps metric name -> per-query list."""
-  path = per_query_path(run_dir, cell_id)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps({k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v)
-                             for k, v in values.items()}))
-  os.replace(tmp, path)
+  atomic_files.write_json(per_query_path(run_dir, cell_id),
+                          {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in values.items()})
 
 
 def load_per_query(run_dir: str | os.PathLike, cell_id: str) -> dict[str, Any] | None:

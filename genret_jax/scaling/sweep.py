@@ -21,12 +21,12 @@ import logging
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import gin
 import numpy as np
 
-from genret_jax import gin_utils
+from genret_jax import atomic_files, gin_utils
 from genret_jax.errors import InputError
 from genret_jax.scaling import results as results_lib
 
@@ -90,15 +90,6 @@ def plan(cfg: SweepConfig) -> list[dict]:
         cells.append({"model_id": _model_id(family, rung, f), "family": family, "rung": rung, "fraction": f,
                       "beams": beams})
   return cells
-
-
-def _write_json_atomic(path: str, payload: Any) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 class Sweep:
@@ -254,7 +245,7 @@ class Sweep:
       results_lib.write_per_query(self.out_dir, row_id, pq)
     cell_dir = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"])
     os.makedirs(cell_dir, exist_ok=True)
-    _write_json_atomic(os.path.join(cell_dir, RESULT_JSON),
+    atomic_files.write_json(os.path.join(cell_dir, RESULT_JSON),
                        {"cell": cell, "rows": rows, "flops_version": accounting.FLOPS_VERSION})
     return rows
 

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 
-import gin
 
 from genret_jax import gin_utils
 from genret_jax.training import distributed
