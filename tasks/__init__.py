@@ -18,7 +18,8 @@ import gin
 from genret_jax import identifiers
 from tasks.artefacts import DEFAULT_CORPUS, CollectionArtefacts, cache_root
 from tasks.registration import (DEFAULT_FRACTIONS, LazySentencePieceVocabulary, artefacts_for,
-                                collection_task, fraction_suffix, register_collection_tasks)
+                                check_distinct_fractions, collection_task, fraction_suffix,
+                                register_collection_tasks)
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,4 +53,4 @@ if os.environ.get("GENRET_REGISTER_DEFAULT_TASKS", "1") != "0":
 
 __all__ = ["register_collection_tasks", "collection_task", "register_default_tasks", "artefacts_for",
            "CollectionArtefacts", "LazySentencePieceVocabulary", "DEFAULT_FRACTIONS", "fraction_suffix",
-           "cache_root", "shared_data_dir"]
+           "check_distinct_fractions", "cache_root", "shared_data_dir"]

@@ -187,6 +187,13 @@ class CollectionArtefacts:
     order = np.random.default_rng([self.seed & 0xFFFFFFFF, 11]).permutation(n_pairs)
     return sorted(order[:int(round(n_pairs * fraction))].tolist())
 
+  def num_train_examples(self, fraction: float = 1.0) -> tuple[int, int]:
+    """(retrieval training examples at `fraction`, indexing examples): what an epoch is counted in."""
+    groups = self.retrieval_examples("train")
+    if fraction < 1.0:
+      groups = [groups[i] for i in self.fraction_pairs(len(groups), fraction)]
+    return sum(len(g) for g in groups), len(self.indexing_examples())
+
   def indexing_examples(self) -> list[dict]:
     def make():
       path = os.path.join(self.directory(), "indexing.json")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from typing import Any
 
 import gin
 import seqio
@@ -50,7 +51,30 @@ class LazySentencePieceVocabulary(seqio.SentencePieceVocabulary):
 
 
 def fraction_suffix(fraction: float) -> str:
-  return f"_f{int(round(fraction * 100)):03d}"
+  """`_f020` for 0.2 (whole percents keep the short form); `_f0p125`, `_f0p001` for finer fractions, so no two
+  fractions of a log-spaced sweep share a task name."""
+  percent = fraction * 100
+  if abs(percent - round(percent)) < 1e-9:
+    return f"_f{int(round(percent)):03d}"
+  return "_f" + f"{fraction:.6g}".replace(".", "p")
+
+
+def check_distinct_fractions(fractions, key: str = "data_fractions") -> None:
+  seen: dict[str, float] = {}
+  for f in fractions:
+    other = seen.setdefault(fraction_suffix(f), f)
+    if other != f:
+      raise InputError(f"data fractions {other} and {f} are too close to tell apart (both {fraction_suffix(f)})",
+                       key=key)
+
+
+def _examples_rate(task, *, artefacts: CollectionArtefacts, role: str, fraction: float = 1.0) -> float:
+  """Examples-proportional mixing rate: every training example is drawn about once per epoch of the mixture,
+  as from the reference's one shuffled training file, so a data fraction changes D, not how often each
+  example is seen. Called by seqio when the mixture's dataset is built, so registration stays cheap."""
+  del task
+  retrieval, indexing = artefacts.num_train_examples(fraction)
+  return float(indexing if role == "indexing" else retrieval)
 
 
 def _to_dataset(examples: list[dict]) -> tf.data.Dataset:
@@ -96,7 +120,7 @@ def _add_task(name: str, source, vocabulary, inputs_prefix: str) -> None:
                      seqio.CacheDatasetPlaceholder(), seqio.preprocessors.append_eos_after_trim])
 
 
-def _add_mixture(name: str, tasks: list[tuple[str, float]]) -> None:
+def _add_mixture(name: str, tasks: list[tuple[str, Any]]) -> None:
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
   seqio.MixtureRegistry.add(name, tasks)
@@ -108,7 +132,8 @@ def register_collection_tasks(collection_name: str, collection_path: str, scheme
                               seed: int = 0, data_fractions=DEFAULT_FRACTIONS, vocab_size: int = 2000,
                               collection_format: str | None = None, task_prefix: str | None = None,
                               validation_fraction: float = 0.1, test_fraction: float = 0.1,
-                              min_grade: int = 1, indexing_rate: float = 1.0, retrieval_rate: float = 1.0,
+                              min_grade: int = 1, indexing_rate: float | None = None,
+                              retrieval_rate: float | None = None,
                               query_prefix: str = "", document_prefix: str = "",
                               cache_dir: str | None = None) -> dict[str, str]:
   """Registers indexing/retrieval tasks and mixtures for a corpus + scheme; returns {role: name}.
@@ -117,6 +142,8 @@ def register_collection_tasks(collection_name: str, collection_path: str, scheme
   `collection_path` is a path `genret_jax.corpora.load` reads, or "default" for the embedded corpus.
   `vocab_path` extends an existing SentencePiece model (T5's, LLaMA's) with the scheme's tokens; without it
   a vocabulary of `vocab_size` is trained on the corpus (+ queries) once and cached.
+  Mixtures draw each task in proportion to its number of training examples (one epoch of the mixture is one
+  pass over both); `indexing_rate` and `retrieval_rate`, given together, are fixed weights instead.
   """
   # Bad options fail here, before anything is registered, not at first use.
   identifiers.scheme_class(scheme).make_config(**dict(scheme_config or {}))
@@ -124,6 +151,10 @@ def register_collection_tasks(collection_name: str, collection_path: str, scheme
   for f in fractions:
     if not 0 < f <= 1:
       raise InputError(f"data fractions must be in (0, 1], got {f}", key="data_fractions")
+  check_distinct_fractions(fractions)
+  if (indexing_rate is None) != (retrieval_rate is None):
+    raise InputError("give both mixing rates or neither (neither: in proportion to the tasks' training examples)",
+                     key="indexing_rate" if indexing_rate is None else "retrieval_rate")
   artefacts = CollectionArtefacts(
       collection_name=collection_name, collection_path=str(collection_path), scheme=scheme,
       scheme_config_json=json.dumps(dict(scheme_config or {}), sort_keys=True), seed=int(seed),
@@ -139,7 +170,13 @@ def register_collection_tasks(collection_name: str, collection_path: str, scheme
   splits = ["train", "validation", "test"]
   _add_task(names["retrieval"], seqio.FunctionDataSource(
       functools.partial(_retrieval_dataset, artefacts=artefacts), splits=splits), vocabulary, query_prefix)
-  _add_mixture(prefix, [(names["indexing"], indexing_rate), (names["retrieval"], retrieval_rate)])
+  def rate(role: str, fraction: float = 1.0):
+    given = indexing_rate if role == "indexing" else retrieval_rate
+    if given is not None:
+      return float(given)
+    return functools.partial(_examples_rate, artefacts=artefacts, role=role, fraction=fraction)
+
+  _add_mixture(prefix, [(names["indexing"], rate("indexing")), (names["retrieval"], rate("retrieval"))])
   for f in fractions:
     if f == 1.0:
       continue
@@ -149,8 +186,8 @@ def register_collection_tasks(collection_name: str, collection_path: str, scheme
         functools.partial(_retrieval_dataset, artefacts=artefacts, fraction=f), splits=splits),
               vocabulary, query_prefix)
     names[f"mixture{suffix}"] = f"{prefix}{suffix}"
-    _add_mixture(f"{prefix}{suffix}", [(names["indexing"], indexing_rate),
-                                       (names[f"retrieval{suffix}"], retrieval_rate)])
+    _add_mixture(f"{prefix}{suffix}", [(names["indexing"], rate("indexing")),
+                                       (names[f"retrieval{suffix}"], rate("retrieval", f))])
   _registered[prefix] = artefacts
   return names
 

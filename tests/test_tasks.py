@@ -76,6 +76,47 @@ def test_splits_and_nested_fractions(tasks_module):
   assert len(sci["test"]) == 300 and len(sci["train"]) + len(sci["validation"]) == 809
 
 
+
+def test_mixtures_draw_tasks_in_proportion_to_their_examples(tasks_module):
+  """One epoch of a mixture is one pass over both tasks at every data fraction (equal rates drew indexing and
+  retrieval 50/50, so a smaller fraction repeated its pairs more often and the data axis was confounded)."""
+  import seqio
+  art = tasks_module.artefacts_for("genret_cranfield_atomic")
+  for suffix, fraction in (("", 1.0), ("_f020", 0.2), ("_f060", 0.6)):
+    mix = seqio.get_mixture_or_task(f"genret_cranfield_atomic{suffix}")
+    retrieval, indexing = art.num_train_examples(fraction)
+    rates = {"indexing" if t.name.endswith("_indexing") else "retrieval": mix.get_rate(t) for t in mix.tasks}
+    assert rates == {"indexing": indexing, "retrieval": retrieval} and indexing > 0 and retrieval > 0
+  # The sampled batches follow the counts.
+  ds = seqio.get_mixture_or_task("genret_cranfield_atomic_f020").get_dataset(
+      sequence_length=LENGTHS, split="train", shuffle=True, seed=0, passthrough_features=["query_id"])
+  kinds = [bool(q) for (q,) in _rows(ds.take(2000), "query_id")]   # indexing examples have none
+  retrieval, indexing = art.num_train_examples(0.2)
+  assert abs(sum(kinds) / len(kinds) - retrieval / (retrieval + indexing)) < 0.05
+  # Fixed weights, given together, still work; one alone is refused.
+  names = tasks_module.register_collection_tasks("cranfield", art.collection_path, "atomic",
+                                                 task_prefix="test_fixed_rates", indexing_rate=1.0,
+                                                 retrieval_rate=3.0, data_fractions=(1.0,))
+  mix = seqio.get_mixture_or_task(names["mixture"])
+  assert sorted(mix.get_rate(t) for t in mix.tasks) == [1.0, 3.0]
+  from genret_jax.errors import InputError
+  with pytest.raises(InputError, match="retrieval_rate"):
+    tasks_module.register_collection_tasks("cranfield", art.collection_path, "atomic", task_prefix="test_one_rate",
+                                           indexing_rate=1.0)
+
+
+def test_fraction_names_never_collide(tasks_module):
+  suffix = tasks_module.fraction_suffix
+  assert [suffix(f) for f in (0.2, 1.0, 0.05)] == ["_f020", "_f100", "_f005"]
+  assert [suffix(f) for f in (0.001, 0.002, 0.125, 0.12)] == ["_f0p001", "_f0p002", "_f0p125", "_f012"]
+  from genret_jax.errors import InputError
+  with pytest.raises(InputError, match="too close"):
+    tasks_module.check_distinct_fractions([0.1234561, 0.1234562])
+  from genret_jax.scaling import sweep
+  cfg = sweep.SweepConfig(rungs={"t5": ["r0.gin"]}, data_fractions=(0.001, 0.002, 0.004), fraction_rungs=(0,))
+  assert [c["model_id"] for c in sweep.plan(cfg)] == ["t5-r0-f0p001", "t5-r0-f0p002", "t5-r0-f0p004",
+                                                       "t5-r0-f100"]
+
 def test_indexing_task_and_default_corpus(tasks_module):
   import seqio
   ds = seqio.get_mixture_or_task("genret_default_title_indexing").get_dataset(

@@ -54,8 +54,9 @@ class SweepConfig:
   default_beam: int = 10
   run_gin: str = "runs/train.gin"
   extra_bindings: Sequence[str] = ()
-  # Same epochs over the retrieval data for every fraction (steps grow with D), same batch size: the data
-  # axis is not confounded with batch size as in the reference.
+  # Same epochs over the retrieval data for every fraction (steps grow with D; the mixtures draw each task in
+  # proportion to its examples), same batch size: the data axis is not confounded with batch size as in the
+  # reference.
   train_epochs: float = 10.0
   min_train_steps: int = 50
   max_train_steps: int = 100000
@@ -69,14 +70,17 @@ class SweepConfig:
 
 
 def _model_id(family: str, rung_gin: str, fraction: float) -> str:
+  import tasks
   rung = os.path.splitext(os.path.basename(rung_gin))[0]
-  return f"{family}-{rung}-f{int(round(fraction * 100)):03d}"
+  return f"{family}-{rung}-{tasks.fraction_suffix(fraction)[1:]}"
 
 
 def plan(cfg: SweepConfig) -> list[dict]:
   """Every model of the sweep, with the beams it is decoded at."""
+  import tasks
   cells = []
   fractions = sorted(set(float(f) for f in cfg.data_fractions) | {1.0})
+  tasks.check_distinct_fractions(fractions, key="SweepConfig.data_fractions")
   for family, rungs in cfg.rungs.items():
     n = len(rungs)
     frac_idx = ({i % n for i in cfg.fraction_rungs}
@@ -115,13 +119,6 @@ class Sweep:
       return self.names["mixture"]
     import tasks
     return self.names[f"mixture{tasks.fraction_suffix(fraction)}"]
-
-  def num_train_examples(self, fraction: float) -> tuple[int, int]:
-    """(retrieval training pairs D at this fraction, indexing examples)."""
-    groups = self.artefacts.retrieval_examples("train")
-    if fraction < 1.0:
-      groups = [groups[i] for i in self.artefacts.fraction_pairs(len(groups), fraction)]
-    return sum(len(g) for g in groups), len(self.artefacts.indexing_examples())
 
   def eval_queries(self):
     queries = self.artefacts.query_splits().get(self.cfg.eval_split, [])
@@ -172,7 +169,7 @@ class Sweep:
   def train_model(self, cell: dict):
     from genret_jax.training import trainer  # noqa: F401  (registers configurables)
     from genret_jax.models import model_api
-    d_retrieval, d_index = self.num_train_examples(cell["fraction"])
+    d_retrieval, d_index = self.artefacts.num_train_examples(cell["fraction"])
     steps = int(np.clip(math.ceil(self.cfg.train_epochs * (d_retrieval + d_index) / self.cfg.batch_size),
                         self.cfg.min_train_steps, self.cfg.max_train_steps))
     model_dir = os.path.join(self.out_dir, "models", cell["model_id"])
