@@ -3,6 +3,7 @@ forward, and our export loads back into HF with the same logits. Nothing is down
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -150,12 +151,47 @@ def test_convert_cli_roundtrip(tmp_path, capsys):
   assert cli.main(["convert-hf", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ours"),
                    "--dtype", "float32"]) == 0
   assert (tmp_path / "ours" / "model.gin").exists()
+  # Back to HF from the model directory (model.gin found there) and, as before, from its params/ + a gin file.
+  assert cli.main(["convert-hf", "--to_hf", "--checkpoint", str(tmp_path / "ours"),
+                   "--out", str(tmp_path / "back")]) == 0
   assert cli.main(["convert-hf", "--to_hf", "--gin_file", str(tmp_path / "ours" / "model.gin"),
-                   "--checkpoint", str(tmp_path / "ours" / "params"), "--out", str(tmp_path / "back")]) == 0
-  back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+                   "--checkpoint", str(tmp_path / "ours" / "params"), "--out", str(tmp_path / "back2")]) == 0
   ids = torch.tensor([[3, 4, 5, 6]])
-  with torch.no_grad():
-    np.testing.assert_allclose(back(input_ids=ids).logits.numpy(), hf(input_ids=ids).logits.numpy(), atol=1e-5)
+  for d in ("back", "back2"):
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / d).eval()
+    with torch.no_grad():
+      np.testing.assert_allclose(back(input_ids=ids).logits.numpy(), hf(input_ids=ids).logits.numpy(), atol=1e-5)
+
+
+def test_converted_checkpoint_is_what_training_and_inference_read(tmp_path):
+  """convert-hf writes the params format the trainer writes: fine-tuning (`initial_checkpoint_path`), retrieve and
+  cgl restore it into the model's mesh shardings, and a trained MODEL_DIR exports back (they were two formats:
+  convert-hf wrapped the tree as {"params": tree}, so each cross path failed)."""
+  import gin
+  from genret_jax import cli
+  from genret_jax.gin_utils import parse_gin
+  from genret_jax.models import model_api, params_io, partitioning
+  from genret_jax.training import trainer
+  _save_llama(tmp_path / "hf", "odd_heads_tied")
+  assert cli.main(["convert-hf", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ours"),
+                   "--dtype", "float32"]) == 0
+  gin.clear_config()
+  parse_gin([str(tmp_path / "ours" / "model.gin")], [])
+  model = model_api.get_model()
+  mesh = partitioning.make_mesh(data=2, fsdp=2, model=2)   # conftest: 8 simulated devices
+  restored = trainer.load_params(str(tmp_path / "ours"), model, mesh, None)
+  _, direct = hf_convert.load_hf(tmp_path / "hf", dtype="float32")
+  jax.tree.map(np.testing.assert_array_equal, restored, direct)
+  # A trained model's directory (same format, written by params_io) exports with no gin file.
+  params_io.save_params(str(tmp_path / "trained"), restored, model_gin=(tmp_path / "ours" / "model.gin").read_text())
+  assert cli.main(["convert-hf", "--to_hf", "--checkpoint", str(tmp_path / "trained"),
+                   "--out", str(tmp_path / "back")]) == 0
+  # An output of the older convert-hf ({"params": tree}) still restores.
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(tmp_path / "old" / "params"), {"params": direct})
+  jax.tree.map(np.testing.assert_array_equal, params_io.restore_params(str(tmp_path / "old")), direct)
+  gin.clear_config()
 
 
 def test_bad_hf_dir_is_an_input_error(tmp_path):

@@ -340,29 +340,12 @@ def gin_for_config(config) -> str:
   return "\n".join(lines) + "\n"
 
 
-def save_params(params: dict, path: str | os.PathLike) -> None:
-  import orbax.checkpoint as ocp
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(path), {"params": params}, force=True)
-  ckpt.wait_until_finished()
-
-
-def load_params(path: str | os.PathLike, abstract_params: Any | None = None) -> dict:
-  """Restores `{'params': ...}` written by `save_params` (into `abstract_params` shardings when given)."""
-  import orbax.checkpoint as ocp
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise InputError("checkpoint not found", path=path)
-  ckpt = ocp.StandardCheckpointer()
-  target = None if abstract_params is None else {"params": abstract_params}
-  return ckpt.restore(path, target)["params"]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--hf_dir", help="Hugging Face checkpoint directory (import), or output dir with --to_hf.")
   parser.add_argument("--out", required=True, help="Output directory.")
   parser.add_argument("--to_hf", action="store_true", help="Export a genret checkpoint to Hugging Face format.")
-  parser.add_argument("--checkpoint", help="With --to_hf: the orbax params directory (e.g. OUT/params).")
+  parser.add_argument("--checkpoint", help="With --to_hf: a model directory (a finished `genret train` MODEL_DIR "
+                      "or a convert-hf output: params/ + model.gin) or its params/ directory.")
   parser.add_argument("--scan_layers", action="store_true", help="Import into the scan-over-layers layout.")
   parser.add_argument("--dtype", default="bfloat16", help="Compute dtype written to the gin config.")
   from genret_jax.gin_utils import add_gin_arguments
@@ -370,22 +353,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  from genret_jax.models import params_io
   if args.to_hf:
     from genret_jax.gin_utils import parse_gin
     from genret_jax.models.model_api import get_model
-    if not args.checkpoint or not args.gin_file:
-      raise InputError("--to_hf needs --checkpoint and --gin_file", key="--to_hf")
-    parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+    if not args.checkpoint:
+      raise InputError("--to_hf needs --checkpoint (a model directory)", key="--checkpoint")
+    model_dir = os.path.abspath(args.checkpoint)
+    if os.path.basename(model_dir) == params_io.PARAMS_SUBDIR and not params_io.has_params(model_dir):
+      model_dir = os.path.dirname(model_dir)
+    gin_files = args.gin_file or [os.path.join(model_dir, params_io.MODEL_GIN)]
+    if not os.path.isfile(gin_files[0]) and not args.gin_file:
+      raise InputError(f"no {params_io.MODEL_GIN} next to the params; pass the model's --gin_file", path=model_dir)
+    parse_gin(gin_files, args.gin_bindings, args.gin_search_paths)
     config = get_model().config
-    save_hf(load_params(args.checkpoint), config, args.out)
+    save_hf(params_io.restore_params(model_dir), config, args.out)
     print(f"wrote {args.out}/config.json and model.safetensors ({config.family})")
     return 0
   if not args.hf_dir:
     raise InputError("--hf_dir is required (or --to_hf)", key="--hf_dir")
   config, params = load_hf(args.hf_dir, dtype=args.dtype, scan_layers=args.scan_layers)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  save_params(params, out / "params")
-  (out / "model.gin").write_text(gin_for_config(config))
-  print(f"wrote {out}/params (orbax) and {out}/model.gin ({config.family})")
+  # The one params format (params_io): `genret train --gin.INITIAL_CHECKPOINT_PATH`, retrieve and cgl read it.
+  params_io.save_params(args.out, params, model_gin=gin_for_config(config))
+  print(f"wrote {args.out}/params (orbax) and {args.out}/model.gin ({config.family})")
   return 0

@@ -43,14 +43,19 @@ def restore_params(directory: str, abstract_params: Any | None = None) -> Any:
     raise InputError(f"no parameter checkpoint at {path} (expected the output of `genret train` or "
                      f"`genret convert-hf`)", path=directory)
   with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    # convert-hf before session 16 saved {"params": tree}; a model's own top-level names are its modules.
+    wrapped = isinstance(tree, dict) and list(tree) == ["params"]
     if abstract_params is None:
       # Onto this process's first device, whatever mesh wrote it (e.g. a multi-host run): orbax refuses to
       # reuse saved shardings whose devices are not here.
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      meta = ckptr.metadata(path)
-      tree = getattr(meta, "item_metadata", meta)
-      tree = getattr(tree, "tree", tree)
-      abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+      abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                     tree["params"] if wrapped else tree)
+    if wrapped:
+      return ckptr.restore(path, {"params": abstract_params})["params"]
     return ckptr.restore(path, abstract_params)
 
 
