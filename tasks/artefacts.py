@@ -76,12 +76,23 @@ class CollectionArtefacts:
   def fingerprint(self) -> str:
     return self._memoized("fingerprint", lambda: identifiers.collection_fingerprint(self.collection()))
 
+  def queries_fingerprint(self) -> str:
+    """sha256 of the queries (id, text, split, answers) and judgments: the retrieval examples, the query splits
+    and the vocabulary (trained on queries too) depend on them, so an edited query or qrel gets a new cache entry."""
+    def make():
+      c = self.collection()
+      h = hashlib.sha256(json.dumps([dataclasses.asdict(q) for q in c.queries], ensure_ascii=False).encode())
+      h.update(json.dumps(c.qrels, sort_keys=True, ensure_ascii=False).encode())
+      return h.hexdigest()
+    return self._memoized("queries_fingerprint", make)
+
   def directory(self) -> str:
     def make():
       fields = dataclasses.asdict(self)
       fields.pop("cache_dir")
       fields.pop("collection_path")  # the fingerprint identifies the corpus, wherever it lives
       fields["fingerprint"] = self.fingerprint()
+      fields["queries_fingerprint"] = self.queries_fingerprint()
       if self.vocab_path:
         fields["vocab_md5"] = hashlib.md5(vocab_lib.read_model(self.vocab_path)).hexdigest()
       key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

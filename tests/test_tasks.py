@@ -117,6 +117,32 @@ def test_fraction_names_never_collide(tasks_module):
   assert [c["model_id"] for c in sweep.plan(cfg)] == ["t5-r0-f0p001", "t5-r0-f0p002", "t5-r0-f0p004",
                                                        "t5-r0-f100"]
 
+
+def test_edited_queries_or_judgments_get_new_artefacts(tasks_module, tmp_path):
+  """The cache entry is keyed by the queries and qrels as well as the documents: the retrieval examples are
+  built from them (an edited query text or qrel was served from the old entry)."""
+  import json as json_lib
+  import shutil
+  src = tmp_path / "c"
+  shutil.copytree(tasks_module.shared_data_dir() + "/cranfield", src)
+  def artefacts(name):
+    names = tasks_module.register_collection_tasks("cranfield", str(src), "atomic", task_prefix=name,
+                                                   data_fractions=(1.0,))
+    return tasks_module.artefacts_for(names["mixture"])
+  before = artefacts("test_edit_a")
+  train, where, docs = before.retrieval_examples("train"), before.directory(), before.fingerprint()
+  queries = [json_lib.loads(line) for line in open(src / "queries.jsonl")]
+  for q in queries:
+    q["text"] = "edited " + q["text"]
+  (src / "queries.jsonl").write_text("".join(json_lib.dumps(q) + "\n" for q in queries))
+  from tasks import artefacts as artefacts_module
+  artefacts_module._collections.clear()   # what a new process would see: the edited files, read again
+  artefacts_module._memo.clear()
+  after = artefacts("test_edit_b")
+  assert after.fingerprint() == docs and after.directory() != where
+  edited = after.retrieval_examples("train")
+  assert len(edited) == len(train) and all(g[0]["inputs"].startswith("edited ") for g in edited)
+
 def test_indexing_task_and_default_corpus(tasks_module):
   import seqio
   ds = seqio.get_mixture_or_task("genret_default_title_indexing").get_dataset(
