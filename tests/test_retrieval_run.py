@@ -65,3 +65,15 @@ def test_ngram_batch_and_finalize(tmp_path):
   assert out["metrics"]["Hits@1"] == 0.5 and out["metrics"]["AnswerHits@1"] == 0.5
   assert json.load(open(tmp_path / rf.METRICS_FILE))["metrics"]["MRR@10"] == 0.5
   assert rf.read_trec_run(str(tmp_path / rf.RUN_FILE))["qb"][0][0] == "doc5"
+
+
+def test_retrieval_config_and_beam_are_checked():
+  """A beam of 0 fell back to the configured beam (20) while the sweep recorded the row as beam 0."""
+  from genret_jax.retrieval.pipeline import RetrievalConfig, Retriever
+  for field, bad in (("beam_size", 0), ("batch_size", -1), ("hits", 0), ("inputs_length", "64")):
+    with pytest.raises(InputError, match=f"RetrievalConfig.{field}"):
+      RetrievalConfig(**{field: bad})
+  retriever = Retriever.__new__(Retriever)   # the beam is checked before anything is decoded
+  retriever.cfg = RetrievalConfig()
+  with pytest.raises(InputError, match="config key beam"):
+    retriever.retrieve([], beam=0)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from genret_jax import gin_utils
+from genret_jax.errors import InputError
 from genret_jax.models import accounting
 from genret_jax.scaling import results as results_lib
 from genret_jax.scaling import sweep as sweep_lib
@@ -77,3 +78,10 @@ def test_report_from_sweep(tiny_sweep):
   path = report.make_report(out, report.ReportConfig(bootstrap_resamples=20, restarts=5))
   text = open(path).read()
   assert "CGL" in text and os.path.exists(os.path.join(out, "plots"))
+
+
+def test_plan_refuses_beams_below_one():
+  with pytest.raises(InputError, match="SweepConfig.beams"):
+    sweep_lib.plan(sweep_lib.SweepConfig(rungs={"t5": ["r0.gin"]}, beams=(0, 5)))
+  with pytest.raises(InputError, match="SweepConfig.default_beam"):
+    sweep_lib.plan(sweep_lib.SweepConfig(rungs={"t5": ["r0.gin"]}, default_beam=-1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Iterator, Sequence
 
 import gin
@@ -46,6 +47,13 @@ class RetrievalConfig:
   # n-gram identifiers: suffix-array shards on device (documents split into this many runs); with a mesh the
   # shards are placed over its `model` axis when its size divides them (docs/decoding.md, "Sharding").
   index_shards: int = 1
+
+  def __post_init__(self):
+    for name, low in (("beam_size", 1), ("batch_size", 1), ("inputs_length", 1), ("hits", 1),
+                      ("max_decode_len", 0), ("ngram_max_decode_len", 1), ("index_shards", 1)):
+      value = getattr(self, name)
+      if not isinstance(value, numbers.Integral) or value < low:
+        raise InputError(f"must be an integer >= {low}, got {value!r}", key=f"RetrievalConfig.{name}")
 
 
 def encode_inputs(vocab, texts: Sequence[str], length: int, prefix: str = "") -> np.ndarray:
@@ -136,7 +144,9 @@ class Retriever:
     return run_lib.retrieve_batch(out, ids, self.doc_ids, lookup=self.index.lookup, k=self.cfg.hits)
 
   def retrieve(self, queries: Sequence[Query], beam: int | None = None, progress: bool = False) -> list[QueryResult]:
-    beam = beam or self.cfg.beam_size
+    beam = self.cfg.beam_size if beam is None else beam
+    if not isinstance(beam, numbers.Integral) or beam < 1:   # 0 fell back to the configured beam while recorded as 0
+      raise InputError(f"beam size must be an integer >= 1, got {beam!r}", key="beam")
     results: list[QueryResult] = []
     it = self.batches(queries)
     if progress:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import time
 from typing import Sequence
@@ -81,6 +82,10 @@ def plan(cfg: SweepConfig) -> list[dict]:
   cells = []
   fractions = sorted(set(float(f) for f in cfg.data_fractions) | {1.0})
   tasks.check_distinct_fractions(fractions, key="SweepConfig.data_fractions")
+  for beam in (*cfg.beams, cfg.default_beam):
+    if not isinstance(beam, numbers.Integral) or beam < 1:
+      raise InputError(f"beam sizes must be integers >= 1, got {beam!r}",
+                       key="SweepConfig.beams" if beam in cfg.beams else "SweepConfig.default_beam")
   for family, rungs in cfg.rungs.items():
     n = len(rungs)
     frac_idx = ({i % n for i in cfg.fraction_rungs}
