@@ -68,7 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return int(module.run(args) or 0)
   except InputError as e:
-    print(f"genret {name}: error: {e}", file=sys.stderr)
+    print(f"genret {name}: error: {e.text}", file=sys.stderr)
+    return 2
+  except RuntimeError as e:
+    # gin's own check for a configurable's unbound gin.REQUIRED parameters (no run gin file given, say).
+    if not str(e).startswith("Required bindings for"):
+      raise
+    print(f"genret {name}: error: gin config: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
 
 

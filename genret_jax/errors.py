@@ -14,4 +14,5 @@ class InputError(ValueError):
       where = f"{path}:{line}: " if line is not None else f"{path}: "
     elif key is not None:
       where = f"config key {key}: "
-    super().__init__(where + message)
+    self.text = where + message   # str(self) can grow: gin appends "In call to configurable ..." to args
+    super().__init__(self.text)

@@ -76,6 +76,14 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
     raise InputError(f"invalid gin config: {e}", key=" ".join(bindings) or None) from e
 
 
+def check_required(**values) -> None:
+  """Raises an InputError naming the first macro left at `%gin.REQUIRED` (gin passes its marker object on
+  to the callee, where it failed later as a TypeError far from the config)."""
+  for macro, value in values.items():
+    if value is gin.REQUIRED:
+      raise InputError(f"{macro} is required: bind it in a gin file or pass --gin.{macro}=...", key=macro)
+
+
 def config_value(name: str, default=None):
   """Reads a macro (e.g. 'MODEL_DIR') or 'scope/fn.param' value, or `default` when unbound."""
   try:

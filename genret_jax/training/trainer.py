@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from genret_jax import gin_utils
 from genret_jax.errors import InputError
 from genret_jax.models import params_io, partitioning
 from genret_jax.training import checkpoints as ckpt_lib
@@ -206,6 +207,9 @@ def train(*,
 
   `stop_after_steps` stops the process early (as if killed) — used by the resume tests.
   """
+  gin_utils.check_required(MODEL=model, MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=mixture_or_task_name,
+                           TASK_FEATURE_LENGTHS=task_feature_lengths, TRAIN_STEPS=train_steps,
+                           INITIAL_CHECKPOINT_PATH=initial_checkpoint_path)
   if train_steps <= 0:
     raise InputError(f"TRAIN_STEPS must be positive, got {train_steps}", key="TRAIN_STEPS")
   if batch_size % grad_accum_steps:
