@@ -53,4 +53,27 @@ def test_retrieve_refuses_shards_for_a_docid_scheme(tmp_path, monkeypatch, capsy
   assert cli.main(argv) == 2
   assert "n-gram identifiers" in capsys.readouterr().err
   assert cli.main([*argv[:3], "--gin.INDEX_SHARDS=0", *argv[4:]]) == 2
-  assert "index_shards must be >= 1" in capsys.readouterr().err
+  assert "RetrievalConfig.index_shards: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_restart_with_another_setting_or_other_params_is_refused(tmp_path, monkeypatch, capsys):
+  """A restarted job appends to the batches already written only when nothing that changes results differs:
+  the retrieval and n-gram scoring settings, the inputs length and the parameters themselves (a further-trained
+  checkpoint in the same directory) are part of the job's identity."""
+  monkeypatch.setenv("GENRET_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("GENRET_REGISTER_DEFAULT_TASKS", "0")
+  from genret_jax import cli
+  ckpt = _checkpoint(tmp_path, "naive")
+  argv = ["retrieve", "--gin_file=runs/infer.gin", f"--gin.CHECKPOINT_PATH=\"{ckpt}\"", "--gin.BEAM_SIZE=2",
+          "--gin.genret.retrieve_run.max_queries=4", "--gin.genret.retrieve_run.progress=False"]
+  assert cli.main(argv) == 0
+  assert cli.main(argv) == 0   # resumed: every batch already written
+  capsys.readouterr()
+  assert cli.main([*argv, "--gin.RetrievalConfig.hits=5"]) == 2
+  assert "'retrieval_config'" in capsys.readouterr().err
+  assert cli.main([*argv, "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}"]) == 2
+  assert "task_feature_lengths" in capsys.readouterr().err
+  params = params_io.restore_params(str(ckpt))
+  params_io.save_params(str(ckpt), params)   # the same directory, saved again (as further training would)
+  assert cli.main(argv) == 2
+  assert "differs in ['params']" in capsys.readouterr().err

@@ -7,6 +7,7 @@ model for inference (`retrieve`, `cgl`, `sweep`) reads it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -30,6 +31,23 @@ def save_params(directory: str, params: Any, model_gin: str | None = None, overw
     with open(os.path.join(directory, MODEL_GIN), "w") as f:
       f.write(model_gin)
   return path
+
+
+def params_fingerprint(directory: str) -> str:
+  """Identifies one save of `<dir>/params` without reading the arrays: orbax's checkpoint metadata carries the
+  save's commit timestamp (and travels with a copied directory); without it, the files' names and sizes."""
+  path = os.path.join(os.path.abspath(directory), PARAMS_SUBDIR)
+  h = hashlib.sha256()
+  meta = os.path.join(path, "_CHECKPOINT_METADATA")
+  if os.path.isfile(meta):
+    with open(meta, "rb") as f:
+      h.update(f.read())
+  else:
+    for root, _, files in sorted(os.walk(path)):
+      for name in sorted(files):
+        h.update(f"{os.path.relpath(os.path.join(root, name), path)}:{os.path.getsize(os.path.join(root, name))}\n"
+                 .encode())
+  return h.hexdigest()[:16]
 
 
 def has_params(directory: str) -> bool:

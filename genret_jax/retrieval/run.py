@@ -157,8 +157,10 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   splits an n-gram scheme's suffix array into that many device shards, placed over the mesh's `model` axis
   when `mesh_model` divides them. The constraint is cached in the task's artefact directory
   (`retrieval_index_v<vocab size>`, see `retrieval.scheme_index`): later jobs load it."""
-  import tasks  # noqa: F401  (registers the tasks)
+  import dataclasses
   import os
+
+  import tasks  # noqa: F401  (registers the tasks)
   from genret_jax.models import model_api, params_io, partitioning
   from genret_jax.retrieval.pipeline import RetrievalConfig, Retriever
   from genret_jax.retrieval.run_files import process_batches
@@ -183,8 +185,11 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   retriever = Retriever(model, params, artefacts.identifier_scheme(), vocab, collection, cfg, mesh=mesh,
                         scheme_index=scheme_index)
   output_dir = output_dir or os.path.join(checkpoint_path, f"retrieve_{split}_beam{beam_size}")
+  # Everything that changes the results: a restart with any of it changed must not append to these batches.
   meta = {"checkpoint_path": os.path.abspath(checkpoint_path), "task": task.name, "split": split,
-          "beam_size": beam_size, "batch_size": batch_size, "num_queries": len(queries)}
+          "beam_size": beam_size, "batch_size": batch_size, "num_queries": len(queries),
+          "params": params_io.params_fingerprint(checkpoint_path), "task_feature_lengths": lengths,
+          "retrieval_config": dataclasses.asdict(cfg), "scoring_config": dataclasses.asdict(retriever.scoring)}
   store = ResultsStore(output_dir, meta, overwrite=overwrite)
   batches = list(retriever.batches(queries))
 
@@ -195,8 +200,13 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   process_batches(store, range(len(batches)), compute, progress=progress, desc=f"retrieve beam={beam_size}")
   qrels = {q.query_id: collection.qrels.get(q.query_id, {}) for q in queries}
   answers = {q.query_id: list(q.answers) for q in queries if q.answers} or None
+
+  def doc_text(doc_id: str) -> str:   # DPR style, for answer-string Hits@k
+    d = collection.documents[collection.doc_index(doc_id)]
+    return f"{d.title} {d.text}".strip()
+
   out = finalize(store, tag=f"genret-{task.name}-beam{beam_size}", qrels=qrels if any(qrels.values()) else None,
-                 answers=answers, query_ids=[q.query_id for q in queries])
+                 answers=answers, doc_text=doc_text if answers else None, query_ids=[q.query_id for q in queries])
   out["output_dir"] = os.path.abspath(output_dir)
   return out
 

@@ -114,12 +114,17 @@ class ResultsStore:
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, META_FILE)
     if os.path.exists(meta_path):
-      with open(meta_path, encoding="utf-8") as f:
-        stored = json.load(f)
+      try:
+        with open(meta_path, encoding="utf-8") as f:
+          stored = json.load(f)
+      except ValueError as e:
+        raise InputError(f"unreadable job description ({e}); delete the directory or start over with "
+                         "overwrite=True", path=meta_path) from e
       if stored != self.meta:
         changed = sorted(k for k in set(stored) | set(self.meta) if stored.get(k) != self.meta.get(k))
         raise InputError(f"holds results of a different job (differs in {changed}); pass a new output "
-                         "directory or --overwrite", path=out_dir)
+                         "directory or overwrite=True (genret retrieve: --gin.genret.retrieve_run.overwrite=True)",
+                         path=out_dir)
     else:
       _write_json(meta_path, self.meta)
     self.report = dict(partial_lines_dropped=0)
