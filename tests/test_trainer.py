@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import toy_tasks  # noqa: E402
 
+from genret_jax.errors import InputError  # noqa: E402
 from genret_jax.models import model_api, params_io  # noqa: E402
 from genret_jax.models.llama import LlamaConfig  # noqa: E402
 from genret_jax.models.t5 import T5Config  # noqa: E402
@@ -158,3 +159,23 @@ def test_missing_required_settings_are_named(capsys):
     assert err.startswith("genret train: error: gin config: Required bindings for `train`") and "\n" not in err
   finally:
     gin.clear_config()
+
+
+def test_resume_refuses_another_runs_checkpoint_and_keeps_the_last_loss(tmp_path):
+  """`batches_consumed` places the data stream only for the same seed, batch size, task and lengths, so another
+  config's checkpoint is refused (it was continued silently); a finished run restarted (a sweep cell that died
+  after training) reports the loss it ended with, not NaN."""
+  sgd = lambda: optax.sgd(0.5)
+  done = _train(t5(), tmp_path / "r", 2, optimizer=sgd())
+  again = _train(t5(), tmp_path / "r", 2, optimizer=sgd())
+  assert again.resumed_from == 2 and again.last_loss == done.last_loss and np.isfinite(again.last_loss)
+  with pytest.raises(InputError, match="seed=0, this config has 7"):
+    trainer.train(model=t5(), mixture_or_task_name=toy_tasks.TASK, task_feature_lengths=LENGTHS, train_steps=4,
+                  model_dir=str(tmp_path / "r"), batch_size=8, seed=7, progress=False, write_config=False,
+                  optimizer=sgd(), mesh_config=trainer.MeshConfig(data=1))
+  with pytest.raises(InputError, match="batch_size=8, this config has 4"):
+    trainer.train(model=t5(), mixture_or_task_name=toy_tasks.TASK, task_feature_lengths=LENGTHS, train_steps=4,
+                  model_dir=str(tmp_path / "r"), batch_size=4, seed=0, progress=False, write_config=False,
+                  optimizer=sgd(), mesh_config=trainer.MeshConfig(data=1))
+  with pytest.raises(InputError, match="past TRAIN_STEPS=1"):
+    _train(t5(), tmp_path / "r", 1, optimizer=sgd())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -233,8 +234,14 @@ def train(*,
                                async_save=async_checkpointing)
   latest = ckpt.latest_step()
   skip = 0
+  # What the data stream and the loss depend on: a resumed run must have the same (TRAIN_STEPS may grow).
+  run_identity = {"seed": seed, "batch_size": batch_size, "mixture_or_task_name": mixture_or_task_name,
+                  "task_feature_lengths": dict(task_feature_lengths), "pack": pack}
+  resumed_meta: dict = {}
   if latest is not None:
-    skip = int(ckpt.restore_meta(latest)["batches_consumed"])
+    resumed_meta = ckpt.restore_meta(latest)
+    _check_resume(resumed_meta, run_identity, latest, train_steps, model_dir)
+    skip = int(resumed_meta["batches_consumed"])
 
   ds = data_lib.get_dataset(mixture_or_task_name, task_feature_lengths, "train", batch_size, converter, seed=seed,
                             shuffle=True, num_epochs=None, use_cached=use_cached_tasks, skip_batches=skip)
@@ -292,7 +299,7 @@ def train(*,
     step = start_step
     batch = first
     consumed = skip
-    last_loss = float("nan")
+    last_loss = float(resumed_meta.get("last_loss", "nan"))   # a finished run restarted reports its last loss
     tokens_per_s = 0.0
     while step < train_steps:
       state, metrics = step_fn(state, _global_batch(batch, batch_sh), frozen, base_rng)
@@ -317,7 +324,9 @@ def train(*,
         dt = time.perf_counter() - t_window
         tokens_per_s = tokens_window / max(dt, 1e-9)
         scalars = {"loss": last_loss, "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
-                   "tokens_per_s": tokens_per_s, "learning_rate": optimizers.learning_rate_at(schedule, step),
+                   "tokens_per_s": tokens_per_s,
+                   # optax evaluates the schedule at the update count before the update: step k applied k - 1.
+                   "learning_rate": optimizers.learning_rate_at(schedule, step - 1),
                    "mfu": tokens_per_s * flops_per_token / peak if peak else 0.0}
         writer.write_scalars(step, scalars)
         tokens_window, t_window = 0.0, time.perf_counter()
@@ -331,7 +340,8 @@ def train(*,
         if eval_loss is not None:
           writer.write_scalars(step, {"eval_loss": eval_loss})
       if step % checkpoint_every == 0 or step == train_steps:
-        ckpt.save(step, state, {"batches_consumed": consumed, "seed": seed, "step": step}, force=True)
+        ckpt.save(step, state, {"batches_consumed": consumed, "step": step, "last_loss": last_loss, **run_identity},
+                  force=True)
       if stop_after_steps is not None and step - start_step >= stop_after_steps:
         break
       if step < train_steps:
@@ -349,13 +359,26 @@ def train(*,
                      model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from)
 
 
+def _check_resume(stored: Mapping, identity: Mapping, latest: int, train_steps: int, model_dir: str) -> None:
+  """Refuses to continue another run's checkpoint: `batches_consumed` only places the data stream for the same
+  seed, batch size, task, lengths and packing. Checkpoints written before these were recorded are not checked."""
+  json_identity = json.loads(json.dumps(identity))
+  for key, value in json_identity.items():
+    if key in stored and stored[key] != value:
+      raise InputError(f"holds a run with {key}={stored[key]!r}, this config has {value!r}: resuming needs the "
+                       f"same {key}; pass a new MODEL_DIR", path=model_dir)
+  if latest > train_steps:
+    raise InputError(f"holds a checkpoint at step {latest}, past TRAIN_STEPS={train_steps}; raise TRAIN_STEPS or "
+                     "pass a new MODEL_DIR", path=model_dir)
+
+
 def evaluate(eval_fn, trainable, frozen, task, lengths, split, batch_size, converter, seed, max_batches,
              use_cached, batch_shardings=None) -> float | None:
   from genret_jax.training import data as data_lib
   try:
     ds = data_lib.get_dataset(task, lengths, split, batch_size, converter, seed=seed, shuffle=False, num_epochs=1,
                               use_cached=use_cached)
-  except Exception as e:  # a task without that split: evaluation is optional, say so once
+  except ValueError as e:  # seqio's unknown split: evaluation is optional, say so once
     logging.warning("eval split %r unavailable for %s: %s", split, task, e)
     return None
   tot, n = 0.0, 0.0
