@@ -200,3 +200,15 @@ def test_bad_hf_dir_is_an_input_error(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
   with pytest.raises(InputError, match="model_type"):
     hf_convert.load_hf(tmp_path)
+
+
+def test_bf16_safetensors_read_without_torch(tmp_path, monkeypatch):
+  """Hub checkpoints are often bf16: read through safetensors' numpy API (torch is a test-only peer)."""
+  import ml_dtypes
+  from safetensors.numpy import save_file
+  x = np.arange(6, dtype=np.float32).reshape(2, 3) / 8
+  save_file({"w": x.astype(ml_dtypes.bfloat16)}, str(tmp_path / "model.safetensors"))
+  monkeypatch.setitem(__import__("sys").modules, "torch", None)   # `import torch` now fails
+  got = hf_convert.read_hf_weights(tmp_path)
+  assert got["w"].dtype == np.float32
+  np.testing.assert_array_equal(got["w"], x)

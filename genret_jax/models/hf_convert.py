@@ -1,9 +1,9 @@
 """Hugging Face <-> genret checkpoints for `T5ForConditionalGeneration` and `LlamaForCausalLM`.
 
 Import: `genret convert-hf --hf_dir DIR --out OUT` reads config.json plus safetensors (single or sharded) or
-pytorch_model.bin, and writes `OUT/params` (orbax StandardCheckpointer, `{'params': tree}`) and `OUT/model.gin`
+pytorch_model.bin, and writes `OUT/params` (orbax StandardCheckpointer, the params tree) and `OUT/model.gin`
 (the matching size config; `--gin_file OUT/model.gin` then builds the same model).
-Export: `genret convert-hf --to_hf --gin_file OUT/model.gin --checkpoint OUT/params --out HF_DIR` writes
+Export: `genret convert-hf --to_hf --checkpoint MODEL_DIR --out HF_DIR` (model.gin read from MODEL_DIR) writes
 config.json + model.safetensors that `from_pretrained` loads.
 
 HF Linear weights are [out, in]; ours are DenseGeneral kernels [in, ..., out], so each matrix is transposed and
@@ -49,13 +49,17 @@ def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     from safetensors import safe_open
     out = {}
     for f in files:
-      with safe_open(str(f), framework="pt") as fh:  # "pt" handles bf16, which numpy cannot hold
+      with safe_open(str(f), framework="np") as fh:  # bf16 arrives as ml_dtypes.bfloat16: no torch needed
         for k in fh.keys():
-          out[k] = fh.get_tensor(k).float().numpy()
+          out[k] = fh.get_tensor(k).astype(np.float32)
     return out
   bins = sorted(d.glob("pytorch_model*.bin"))
   if bins:
-    import torch
+    try:
+      import torch   # pickled PyTorch checkpoints need it; safetensors ones do not
+    except ImportError as e:
+      raise InputError("pytorch_model*.bin weights need torch (pip install -e .[test]); safetensors "
+                       "checkpoints do not", path=str(d)) from e
     out = {}
     for f in bins:
       for k, v in torch.load(str(f), map_location="cpu", weights_only=True).items():
