@@ -94,6 +94,8 @@ def test_docid_index_is_saved_then_loaded(cache_env):
   assert int(loaded.constraint.vocab_size) == v
   with pytest.raises(si_lib.InputError, match="index_shards"):
     build_scheme_index(scheme, vocab, v, index_shards=2, cache_dir=cache)
+  with pytest.raises(si_lib.InputError, match="config key vocab_size: the model's vocabulary"):
+    build_scheme_index(scheme, vocab, vocab.vocab_size - 1)
 
 
 def test_build_index_task_then_retrieve_loads_it(cache_env, monkeypatch, capsys):
@@ -152,6 +154,7 @@ class Scheme:   # n-gram scheme stand-in: 40 documents of letters
     return " ".join("abcdefgh"[(d * 7 + i * 3) % 8] * (1 + i % 3) for i in range(20 + d))
 
 class Vocab:
+  vocab_size = 43
   def encode(self, text):
     return [3 + ord(c) % 40 for c in text]
 

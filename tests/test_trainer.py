@@ -179,3 +179,11 @@ def test_resume_refuses_another_runs_checkpoint_and_keeps_the_last_loss(tmp_path
                   optimizer=sgd(), mesh_config=trainer.MeshConfig(data=1))
   with pytest.raises(InputError, match="past TRAIN_STEPS=1"):
     _train(t5(), tmp_path / "r", 1, optimizer=sgd())
+
+
+def test_model_vocabulary_smaller_than_the_tasks_is_refused(tmp_path):
+  """Token ids past the embedding table made the loss NaN a few steps in; now one error before training."""
+  small = model_api.EncoderDecoderModel(T5Config(vocab_size=16, d_model=32, num_heads=2, head_dim=16, d_ff=64,
+                                                 num_encoder_layers=1, num_decoder_layers=1, dtype="float32"))
+  with pytest.raises(InputError, match=r"model's vocabulary \(16\) is smaller than the task's"):
+    _train(small, tmp_path / "v", 2)

@@ -64,6 +64,9 @@ def build_scheme_index(scheme, vocab, vocab_size: int, index_shards: int = 1,
   """The scheme's `SchemeIndex` for a model vocabulary of `vocab_size`; see the module docstring."""
   if index_shards < 1:
     raise InputError(f"index_shards must be >= 1, got {index_shards}", key="index_shards")
+  if vocab.vocab_size > vocab_size:
+    raise InputError(f"the model's vocabulary ({vocab_size}) is smaller than the task's ({vocab.vocab_size}): "
+                     "identifier tokens past it cannot be generated; raise the model's vocab_size", key="vocab_size")
   is_ngram = bool(getattr(scheme, "is_ngram", False))
   if not is_ngram and index_shards != 1:
     raise InputError(f"index_shards={index_shards}: suffix-array shards are for n-gram identifiers; this scheme "

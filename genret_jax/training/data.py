@@ -25,6 +25,17 @@ def feature_converter_for(family: str, pack: bool = False) -> seqio.FeatureConve
   raise InputError(f"unknown model family {family!r}", key="family")
 
 
+def check_model_vocabulary(mixture_or_task_name: str, model_vocab_size: int) -> None:
+  """A model vocabulary smaller than the task's: token ids past the embedding table made the loss NaN, far from
+  the cause."""
+  task = seqio.get_mixture_or_task(mixture_or_task_name)
+  sizes = {f.vocabulary.vocab_size for f in task.output_features.values()}
+  if max(sizes) > model_vocab_size:
+    raise InputError(f"the model's vocabulary ({model_vocab_size}) is smaller than the task's ({max(sizes)}, "
+                     f"{mixture_or_task_name}): raise the model's vocab_size (the VOCAB_SIZE macro of the ladder "
+                     "configs)", key="vocab_size")
+
+
 def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str,
                 batch_size: int, feature_converter: seqio.FeatureConverter, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, use_cached: bool = False, skip_batches: int = 0,

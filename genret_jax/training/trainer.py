@@ -245,6 +245,7 @@ def train(*,
 
   ds = data_lib.get_dataset(mixture_or_task_name, task_feature_lengths, "train", batch_size, converter, seed=seed,
                             shuffle=True, num_epochs=None, use_cached=use_cached_tasks, skip_batches=skip)
+  data_lib.check_model_vocabulary(mixture_or_task_name, model.config.vocab_size)
   batches = data_lib.numpy_batches(ds)
   first = next(batches)
   batch_shapes = {k: (1,) + v.shape[1:] for k, v in first.items()}
