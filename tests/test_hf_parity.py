@@ -212,3 +212,27 @@ def test_bf16_safetensors_read_without_torch(tmp_path, monkeypatch):
   got = hf_convert.read_hf_weights(tmp_path)
   assert got["w"].dtype == np.float32
   np.testing.assert_array_equal(got["w"], x)
+
+
+def test_shapes_that_contradict_the_config_are_named(tmp_path):
+  """A tensor config.json does not imply was converted and written, failing at the first restore; a model.gin
+  whose sizes differ from the saved params failed inside orbax. Both now name the parameter."""
+  from safetensors.numpy import load_file, save_file
+  from genret_jax.models import model_api, params_io
+  _save_llama(tmp_path / "hf", "odd_heads_tied")
+  weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+  name = next(k for k in weights if k.endswith("mlp.up_proj.weight"))
+  weights[name] = np.zeros((weights[name].shape[0] + 1, weights[name].shape[1]), np.float32)
+  save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(InputError, match=r"mlp/wi_1/kernel has shape .* but config.json implies"):
+    hf_convert.load_hf(tmp_path / "hf", dtype="float32")
+  _save_llama(tmp_path / "hf2", "odd_heads_tied")
+  config, params = hf_convert.load_hf(tmp_path / "hf2", dtype="float32")
+  params_io.save_params(str(tmp_path / "ours"), params)
+  import dataclasses
+  bigger = model_api.DecoderOnlyModel(dataclasses.replace(config, vocab_size=config.vocab_size * 2))
+  with pytest.raises(InputError, match="shape .* but the model config implies"):
+    params_io.restore_params(str(tmp_path / "ours"), params_io.abstract_shapes(bigger))
+  (tmp_path / "empty" / "params").mkdir(parents=True)
+  with pytest.raises(InputError, match="not an orbax parameter checkpoint"):
+    params_io.restore_params(str(tmp_path / "empty"))

@@ -46,12 +46,15 @@ def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   d = pathlib.Path(hf_dir)
   files = sorted(d.glob("*.safetensors"))
   if files:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     out = {}
     for f in files:
-      with safe_open(str(f), framework="np") as fh:  # bf16 arrives as ml_dtypes.bfloat16: no torch needed
-        for k in fh.keys():
-          out[k] = fh.get_tensor(k).astype(np.float32)
+      try:
+        with safe_open(str(f), framework="np") as fh:  # bf16 arrives as ml_dtypes.bfloat16: no torch needed
+          for k in fh.keys():
+            out[k] = fh.get_tensor(k).astype(np.float32)
+      except SafetensorError as e:
+        raise InputError(f"not a readable safetensors file: {e}", path=str(f)) from e
     return out
   bins = sorted(d.glob("pytorch_model*.bin"))
   if bins:
@@ -316,7 +319,12 @@ def load_hf(hf_dir: str | os.PathLike, **config_overrides) -> tuple[Any, dict]:
   if isinstance(config, T5Config) and config.tie_word_embeddings and "lm_head.weight" in sd and not np.array_equal(
       sd["lm_head.weight"], sd.get("shared.weight")):
     config = dataclasses.replace(config, tie_word_embeddings=False)  # an untied lm_head is stored: keep it
-  return config, params_from_hf(sd, config)
+  params = params_from_hf(sd, config)
+  from genret_jax.models import model_api, params_io
+  model = (model_api.EncoderDecoderModel if isinstance(config, T5Config) else model_api.DecoderOnlyModel)(config)
+  # A tensor whose shape config.json does not imply would otherwise be written and fail at the first restore.
+  params_io.check_shapes(params, params_io.abstract_shapes(model), str(hf_dir), "config.json")
+  return config, params
 
 
 def save_hf(params: dict, config, out_dir: str | os.PathLike) -> None:

@@ -61,9 +61,15 @@ def restore_params(directory: str, abstract_params: Any | None = None) -> Any:
     raise InputError(f"no parameter checkpoint at {path} (expected the output of `genret train` or "
                      f"`genret convert-hf`)", path=directory)
   with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(path)
+    try:
+      meta = ckptr.metadata(path)
+    except (FileNotFoundError, ValueError) as e:
+      raise InputError(f"not an orbax parameter checkpoint ({e})", path=path) from e
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
+    if not tree or not os.path.exists(os.path.join(path, "_METADATA")):
+      raise InputError("not an orbax parameter checkpoint (no _METADATA: an interrupted save or another "
+                       "directory)", path=path)
     # convert-hf before session 16 saved {"params": tree}; a model's own top-level names are its modules.
     wrapped = isinstance(tree, dict) and list(tree) == ["params"]
     if abstract_params is None:
@@ -72,19 +78,44 @@ def restore_params(directory: str, abstract_params: Any | None = None) -> Any:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                      tree["params"] if wrapped else tree)
+    check_shapes(tree["params"] if wrapped else tree, abstract_params, path, "the model config")
     if wrapped:
       return ckptr.restore(path, {"params": abstract_params})["params"]
     return ckptr.restore(path, abstract_params)
 
 
+def check_shapes(got: Any, want: Any, path: str, what: str) -> None:
+  """Raises an InputError naming the first parameter whose shape (or presence) differs between `got` (arrays or
+  metadata with `.shape`) and `want` (what `what` implies), instead of orbax's or XLA's error later."""
+  got_flat = {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v.shape)
+              for k, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+  want_flat = {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v.shape)
+               for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+  for name in sorted(set(got_flat) | set(want_flat)):
+    g, w = got_flat.get(name), want_flat.get(name)
+    if g != w:
+      if g is None or w is None:
+        raise InputError(f"parameter {name} is {'missing' if g is None else 'present'} here but "
+                         f"{'present' if g is None else 'absent'} in {what}", path=path)
+      raise InputError(f"parameter {name} has shape {g} but {what} implies {w}", path=path)
+
+
+def _unboxed(boxed) -> Any:
+  import flax.linen as nn
+  # nn.meta.unbox would apply sharding constraints eagerly and fails on ShapeDtypeStructs (STACK.md trap 3).
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x, boxed,
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def abstract_shapes(model, batch_shapes=None) -> Any:
+  """Unboxed ShapeDtypeStructs of `model`'s params (no allocation, no mesh)."""
+  return _unboxed(model.abstract_params(batch_shapes))
+
+
 def abstract_with_shardings(model, mesh, batch_shapes=None) -> Any:
   """Unboxed ShapeDtypeStructs of `model`'s params carrying their mesh shardings (restore target)."""
-  import flax.linen as nn
-
   from genret_jax.models import partitioning
   boxed = model.abstract_params(batch_shapes)
-  # nn.meta.unbox would apply sharding constraints eagerly and fails on ShapeDtypeStructs (STACK.md trap 3).
-  shapes = jax.tree.map(lambda x: x.value if isinstance(x, nn.LogicallyPartitioned) else x, boxed,
-                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  shapes = _unboxed(boxed)
   shardings = partitioning.param_shardings(boxed, mesh, model.rules)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
