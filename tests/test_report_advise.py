@@ -82,3 +82,10 @@ def test_advise_cli_from_fits_json(tmp_path, capsys):
   assert json.loads(out_path.read_text()) == out
   assert cli.main(["advise", "--fit", str(path), "--budget", "1e16", "--queries", "1", "--family", "x"]) == 2
   assert "family" in capsys.readouterr().err
+  # Options out of range are one error each (beam 0 was picked as "best" with a NaN score).
+  for extra, key in ((["--beams", "0,5"], "beams"), (["--beams", "a,b"], "beams"), (["--max_examples", "0"],
+                     "max_examples"), (["--n_min", "1e9", "--n_max", "1e6"], "n_min")):
+    assert cli.main(["advise", "--fit", str(path), "--budget", "1e16", "--queries", "1e4", *extra]) == 2
+    assert f"config key {key}:" in capsys.readouterr().err
+  assert cli.main(["advise", "--fit", str(path), "--budget", "1e16", "--queries", "-5"]) == 2
+  assert "config key queries: must be a positive number" in capsys.readouterr().err

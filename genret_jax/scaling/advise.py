@@ -205,7 +205,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--output", default=None, help="also write the advice JSON here")
 
 
+def _check_args(args: argparse.Namespace) -> list[int] | None:
+  """The options' ranges (beam 0 was chosen as "best" with a NaN score; negative queries gave negative FLOPs)."""
+  for name in ("budget", "queries", "tokens_per_example", "decode_tokens", "n_min", "n_max", "max_examples"):
+    value = getattr(args, name)
+    if value is not None and not (math.isfinite(value) and value > 0):
+      raise InputError(f"must be a positive number, got {value}", key=name)
+  if args.n_min and args.n_max and args.n_min >= args.n_max:
+    raise InputError(f"--n_min {args.n_min} is not below --n_max {args.n_max}", key="n_min")
+  if args.beams is None:
+    return None
+  try:
+    beams = [int(b) for b in args.beams.split(",")]
+  except ValueError as e:
+    raise InputError(f"comma-separated integers expected, got {args.beams!r}", key="beams") from e
+  if min(beams) < 1:
+    raise InputError(f"beam sizes must be >= 1, got {args.beams}", key="beams")
+  return beams
+
+
 def run(args: argparse.Namespace) -> int:
+  given_beams = _check_args(args)
   data = _load_fits(args)
   families = data.get("families") or {}
   if args.family is not None and args.family not in families:
@@ -230,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     beam_fit = None if args.no_beam_law or not fam_fits.get("error_vs_beam") else \
         fits_lib.FitResult.from_dict(fam_fits["error_vs_beam"])
     sweep_beams = info.get("beams") or []
-    beams = [int(b) for b in args.beams.split(",")] if args.beams else (sweep_beams or list(DEFAULT_BEAMS))
+    beams = given_beams or sweep_beams or list(DEFAULT_BEAMS)
     n_obs = info.get("range", {}).get("N") or [joint.params["B"], joint.params["B"]]
     n_range = (args.n_min or min(n_obs) / 10.0, args.n_max or max(n_obs) * 10.0)
     out["families"][fam] = advise(joint, args.budget, compute, beams=beams, n_range=n_range, beam_fit=beam_fit,
