@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import toy_tasks  # noqa: E402
 
 from genret_jax import corpora, identifiers  # noqa: E402
+from genret_jax.errors import InputError  # noqa: E402
 from genret_jax.models import model_api, params_io, partitioning  # noqa: E402
 from genret_jax.models.llama import LlamaConfig  # noqa: E402
 from genret_jax.models.t5 import T5Config  # noqa: E402
@@ -318,3 +319,19 @@ def test_genret_cgl_command(tmp_path, monkeypatch):
   assert neg_file.exists() and out["negatives"]["fingerprint"] == cgl.NegativeSet.load(neg_file).fingerprint()
   # Bad config: a clear one-line error, exit 2.
   assert cli.main(["cgl", "--gin_file=runs/eval.gin"]) == 2
+
+
+def test_saved_negatives_of_another_seed_or_count_are_refused(cranfield, tmp_path):
+  """A sweep's negatives.json was reused after `negatives_seed` or `num_negatives` changed, while the results
+  recorded the new values."""
+  coll, _, _, queries = cranfield
+  ids = [q.query_id for q in queries[:3]]
+  pos = [[coll.doc_index(d) for d in coll.positives(q)] for q in ids]
+  path = str(tmp_path / "negatives.json")
+  first = cgl_eval.load_or_sample_negatives(path, len(coll.documents), pos, ids, 8, seed=0)
+  again = cgl_eval.load_or_sample_negatives(path, len(coll.documents), pos, ids, 8, seed=0)
+  np.testing.assert_array_equal(first.negatives, again.negatives)
+  with pytest.raises(InputError, match="negatives.json: .*seed 0, this evaluation asks for seed 1"):
+    cgl_eval.load_or_sample_negatives(path, len(coll.documents), pos, ids, 8, seed=1)
+  with pytest.raises(InputError, match="hold 8 per query, this evaluation asks for 16"):
+    cgl_eval.load_or_sample_negatives(path, len(coll.documents), pos, ids, 16, seed=0)

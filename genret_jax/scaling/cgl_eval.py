@@ -122,6 +122,13 @@ def load_or_sample_negatives(path: str | None, num_docs: int, positives: Sequenc
     if neg.num_queries != len(query_ids):
       raise InputError(f"negatives hold {neg.num_queries} queries, this evaluation has {len(query_ids)}",
                        path=path, key="negatives")
+    # A changed seed or count was silently served the old set while the results recorded the new one.
+    if neg.seed != seed:
+      raise InputError(f"negatives were drawn with seed {neg.seed}, this evaluation asks for seed {seed}",
+                       path=path, key="negatives_seed")
+    if neg.num_negatives != num_negatives and not (allow_fewer and neg.num_negatives < num_negatives):
+      raise InputError(f"negatives hold {neg.num_negatives} per query, this evaluation asks for {num_negatives}",
+                       path=path, key="num_negatives")
     for i, p in enumerate(positives):
       if np.isin(neg.negatives[i], np.asarray(p, np.int64)).any():
         raise InputError(f"negatives of query {query_ids[i]!r} include one of its positives", path=path,
