@@ -116,3 +116,16 @@ def test_bootstrap_ci_contains_estimate_and_shrinks():
   a = fits.bootstrap_fit("power", x, cells, restarts=5, seed=3, num_resamples=50, resample_restarts=0)
   b = fits.bootstrap_fit("power", x, cells, restarts=5, seed=3, num_resamples=50, resample_restarts=0)
   assert a.param_ci == b.param_ci
+
+
+def test_resampled_cell_means_do_not_depend_on_the_other_cells():
+  """Draws for a cell are seeded by its length, not by the order lengths first appear in."""
+  from genret_jax.scaling import bootstrap
+  rng = np.random.default_rng(0)
+  a, b, c = rng.random(10), rng.random(9), rng.random(11)
+  alone = bootstrap.resampled_cell_means([a, b], 50, seed=4)
+  assert np.array_equal(bootstrap.resampled_cell_means([b, a], 50, seed=4)[:, ::-1], alone)
+  with_c = bootstrap.resampled_cell_means([b, c, a], 50, seed=4)
+  assert np.array_equal(with_c[:, [2, 0]], alone)   # a and b draw the same with c (11 queries) listed first
+  same_length = bootstrap.resampled_cell_means([a, a + 1.0], 50, seed=4)   # aligned cells share a draw
+  np.testing.assert_allclose(same_length[:, 1] - same_length[:, 0], 1.0)

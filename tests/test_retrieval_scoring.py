@@ -324,3 +324,18 @@ def test_hash_collisions_cannot_change_matches(monkeypatch):
   assert got.doc_indices.tolist() == want.doc_indices.tolist() and len(want.doc_indices) == 3
   np.testing.assert_allclose(got.scores, want.scores)
   assert got.doc_indices.tolist() == _sequential_reference(docs, keys, lps, cfg)[0]
+
+
+@pytest.mark.parametrize("make_index", INDEXES)
+def test_stats_put_every_key_in_one_category(make_index):
+  """keys_in = the sum of the categories: a key listed twice and absent from the corpus was counted both as
+  absent twice and as a duplicate."""
+  index = make_index(DOCS)
+  absent = (1, 1, 1, 1, 1)
+  keys = [absent, absent, (), tuple(DOCS[0][:2]), tuple(DOCS[0][:2]), tuple(DOCS[1][:3])]
+  res = ns.score_documents(keys, [-1.0, -1.0, -1.0, -0.5, -0.7, -0.2], index, ns.NgramScoringConfig())
+  s = res.stats
+  parts = ("keys_empty", "keys_duplicate", "keys_not_in_corpus", "keys_too_frequent", "keys_zero_weight",
+           "keys_rare", "keys_frequent")
+  assert (s["keys_empty"], s["keys_duplicate"], s["keys_not_in_corpus"]) == (1, 2, 1)
+  assert sum(s[p] for p in parts) == s["keys_in"] == 6

@@ -387,19 +387,20 @@ def score_documents(keys: Sequence[Sequence[int]], logprobs: Sequence[float], in
 
   best: dict[tuple[int, ...], tuple[float, int]] = {}
   for key, wk, c in zip(norm, w.tolist(), cnt.tolist()):
-    if c == 0:
-      stats["keys_not_in_corpus"] += 1
     if key in best:
       stats["keys_duplicate"] += 1
       if cfg.duplicate_keys == "max" and best[key][0] >= wk:
         continue
     best[key] = (wk, c)
   kept = []
+  # Distinct keys, one category each (a listed-twice absent key was counted twice).
   for key, (wk, c) in best.items():
-    if c > cfg.max_count:
+    if c == 0:   # no occurrence: it cannot score a document
+      stats["keys_not_in_corpus"] += 1
+    elif c > cfg.max_count:
       stats["keys_too_frequent"] += 1
     elif wk <= 0.0:
-      stats["keys_zero_weight"] += int(c > 0)
+      stats["keys_zero_weight"] += 1
     else:
       kept.append((-wk, key, c))
   kept.sort()

@@ -53,8 +53,9 @@ def resampled_cell_means(cells: Sequence[np.ndarray], num_resamples: int, seed: 
   """[num_resamples, num_cells] means of each cell's per-query values under shared query resamples.
 
   Cells with the same number of queries are treated as evaluated on the same (aligned) queries and share
-  one index draw per resample. Cells of a different length (e.g. a cell that skipped queries) get their own
-  draws, seeded by their length, so the result is still deterministic.
+  one index draw per resample. Cells of length L draw with a seed made of `seed` and L (a cell that skipped
+  queries gets its own draws), so a cell's draws do not depend on which other cells are listed or in what order
+  (before session 16 the seed followed the order lengths first appeared in).
   """
   arrays = [np.asarray(c, dtype=np.float64) for c in cells]
   for i, a in enumerate(arrays):
@@ -64,6 +65,6 @@ def resampled_cell_means(cells: Sequence[np.ndarray], num_resamples: int, seed: 
   draws: dict[int, np.ndarray] = {}
   for i, a in enumerate(arrays):
     if a.size not in draws:
-      draws[a.size] = resample_indices(a.size, num_resamples, seed + 7919 * len(draws))
+      draws[a.size] = resample_indices(a.size, num_resamples, seed + 7919 * a.size)
     out[:, i] = a[draws[a.size]].mean(axis=1)
   return out
