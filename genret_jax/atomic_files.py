@@ -8,6 +8,7 @@ across hosts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import uuid
@@ -23,6 +24,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, opener: Callable[..
   temporary file is removed and `path` is left as it was.
   """
   path = os.fspath(path)
+  if os.path.isdir(path):   # checked first: the rename's error would name the temporary file
+    raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if "b" not in mode:
     open_kwargs.setdefault("encoding", "utf-8")

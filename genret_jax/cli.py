@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Sequence
 
@@ -75,6 +76,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not str(e).startswith("Required bindings for"):
       raise
     print(f"genret {name}: error: gin config: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  except TypeError as e:
+    # gin evaluates `%NAME` by calling its `macro` configurable in scope NAME: unbound, it lacks `value`.
+    unbound = re.search(r"In call to configurable 'macro' .* in scope '([^']+)'", str(e))
+    if unbound is None:
+      raise
+    print(f"genret {name}: error: gin config: macro %{unbound.group(1)} is used but never bound "
+          f"(--gin.{unbound.group(1)}=... or a gin file)", file=sys.stderr)
+    return 2
+  except OSError as e:
+    if e.filename is None:
+      raise
+    # Output paths that are files, directories or unwritable: the OS's reason and the path, one line.
+    print(f"genret {name}: error: {e.filename}: {e.strerror}", file=sys.stderr)
     return 2
 
 

@@ -8,6 +8,8 @@ import os
 import re
 from typing import Sequence
 
+import tokenize
+
 import gin
 
 from genret_jax.errors import InputError
@@ -70,10 +72,24 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
     if r is None:
       raise InputError(f"gin file not found (searched ., {PACKAGE_GIN_DIR}, {list(search_paths)})", path=f)
     resolved.append(r)
+  # One file at a time, then the bindings (what parse_config_files_and_bindings does), so an error without a
+  # location of its own (tokenize's "EOF in multi-line statement") still names its file.
+  errors = (ValueError, SyntaxError, KeyError, ImportError, tokenize.TokenError, OSError)
+  for r in resolved:
+    try:
+      gin.parse_config_file(r)
+    except errors as e:
+      raise InputError(f"invalid gin config: {_one_line(e)}", path=r) from e
   try:
-    gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=finalize)
-  except (ValueError, SyntaxError, KeyError, ImportError) as e:
-    raise InputError(f"invalid gin config: {e}", key=" ".join(bindings) or None) from e
+    gin.parse_config(list(bindings))
+  except errors as e:
+    raise InputError(f"invalid gin binding: {_one_line(e)}", key=" ".join(bindings) or None) from e
+  if finalize:
+    gin.finalize()
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split())
 
 
 def check_required(**values) -> None:

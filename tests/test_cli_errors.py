@@ -1,0 +1,45 @@
+"""Bad configs and output paths end in one line naming the file, binding or macro, exit status 2 (they were
+tracebacks from inside gin, tokenize or the OS)."""
+
+import pytest
+
+from genret_jax import cli
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  import gin
+  yield
+  gin.clear_config()
+
+
+def _error(capsys, *argv) -> str:
+  assert cli.main(list(argv)) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "Traceback" not in err, err
+  return err
+
+
+def test_gin_mistakes_are_one_line(tmp_path, capsys):
+  (tmp_path / "macro.gin").write_text("include 'models/t5_1_1/tiny.gin'\nmodels.T5Config.d_model = %NO_SUCH\n")
+  assert "macro %NO_SUCH is used but never bound" in _error(capsys, "model-info", f"--gin_file={tmp_path}/macro.gin")
+  (tmp_path / "syntax.gin").write_text("import genret_jax.models\nmodels.T5Config.d_model = (64\n")
+  assert _error(capsys, "model-info", f"--gin_file={tmp_path}/syntax.gin").startswith(
+      f"genret model-info: error: {tmp_path}/syntax.gin: invalid gin config")
+  assert "invalid gin binding" in _error(capsys, "model-info", "--gin_file=models/t5_1_1/tiny.gin",
+                                         "--gin.VOCAB_SIZE=(1")
+  (tmp_path / "include.gin").write_text("include 'models/nope.gin'\n")
+  assert "Unable to open file: models/nope.gin" in _error(capsys, "model-info", f"--gin_file={tmp_path}/include.gin")
+  assert "Required bindings for `get_model`" in _error(capsys, "model-info")
+
+
+def test_output_paths_that_cannot_be_written_are_one_line(tmp_path, capsys):
+  (tmp_path / "afile").write_text("")
+  fits = tmp_path / "fits.json"
+  fits.write_text('{"flops": {"train_flops_per_param_example": 1, "decode_flops_per_param_beam": 1}, '
+                  '"families": {}}')
+  err = _error(capsys, "advise", "--fit", str(fits), "--budget", "1e9", "--queries", "1", "--output", str(tmp_path))
+  assert err == f"genret advise: error: {tmp_path}: is a directory, not a file"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "fits.json"]   # no temporary file left
+  err = _error(capsys, "build-ids", "--corpus", "default", "--scheme", "atomic", "--output", str(tmp_path / "afile"))
+  assert err.startswith(f"genret build-ids: error: {tmp_path / 'afile'}:")
