@@ -363,3 +363,18 @@ def test_readers_do_not_import_jax():
 
 def test_error_not_a_beir_dir(tmp_path):
   _expect_error(tmp_path, None, corpora.load, str(tmp_path))
+
+
+def test_nothing_read_or_skipped_silently(tmp_path):
+  """A stray quote in a DPR TSV swallowing the next passage, a row of empty fields, a qrels file with another
+  extension, and both corpus.jsonl and corpus.jsonl.gz: counted, refused or named (each was silent)."""
+  path = _write(tmp_path / "p.tsv", 'id\ttext\ttitle\n1\t"unbalanced quote\tT\n2\tswallowed\tU\n3\tend"\tV\n4\tok\tW\n')
+  c = corpora.load(str(path), format="dpr")
+  assert len(c.documents) == 2 and c.report["passages_over_several_lines"] == 1
+  root = _beir(tmp_path / "b", qrels={"test": "q1\td1\t2\n\t\t\n"})
+  _expect_error(root / "qrels" / "test.tsv", 3, corpora.load, str(root))
+  root = _beir(tmp_path / "c")
+  _write(root / "qrels" / "extra.txt", "q2\td2\t1\n")
+  assert corpora.load(str(root)).report["qrels_files_ignored"] == 1
+  _write(root / "corpus.jsonl.gz", gzip.compress((root / "corpus.jsonl").read_bytes()))
+  _expect_error(root, None, corpora.load, str(root))

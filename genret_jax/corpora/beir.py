@@ -10,6 +10,7 @@ first of test, validation, train, then others alphabetically, counted as `querie
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 from genret_jax.corpora import jsonl
@@ -29,11 +30,10 @@ def canonical_split(name: str) -> str:
 
 
 def find_file(directory: str, stem: str) -> str | None:
-  for suffix in ("", ".gz"):
-    candidate = os.path.join(directory, stem + suffix)
-    if os.path.isfile(candidate):
-      return candidate
-  return None
+  found = [os.path.join(directory, stem + s) for s in ("", ".gz") if os.path.isfile(os.path.join(directory, stem + s))]
+  if len(found) > 1:   # which one is meant cannot be known; one was read silently before
+    raise InputError(f"both {stem} and {stem}.gz are present; remove one", path=directory)
+  return found[0] if found else None
 
 
 def is_beir_dir(path: str) -> bool:
@@ -118,6 +118,13 @@ def read_beir(directory: str, *, name: str | None = None, normalize: bool = Fals
   qrels_split: dict[str, str] = {}
   if max_docs is not None:
     builder.unknown_doc_qrels_key = "qrels_beyond_max_docs"
+  qdir = os.path.join(directory, "qrels")
+  if os.path.isdir(qdir):
+    used = {os.path.basename(p) for _, p in qrels_files(directory)}
+    ignored = [e for e in sorted(os.listdir(qdir)) if e not in used and not e.startswith(".")]
+    if ignored:   # e.g. qrels/test.txt: named so the reader does not take it for judgments
+      builder.count("qrels_files_ignored", len(ignored))
+      logging.warning("%s: ignored (not <split>.tsv[.gz]): %s", qdir, ", ".join(ignored))
   for split, path in qrels_files(directory):
     for qid in read_qrels_file(path, builder):
       if qid in qrels_split and qrels_split[qid] != split:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
 import os
 from typing import Iterator
 
@@ -47,6 +48,12 @@ def read_dpr_passages(path: PathLike, *, name: str | None = None, normalize: boo
     if max_docs is not None and len(builder.documents) >= max_docs:
       builder.count("documents_beyond_max_docs")
       continue
+    if "\n" in doc.text or "\n" in doc.title:
+      # csv's quoting (the reference's reader too) lets a quoted field run over lines: an unbalanced quote
+      # swallows the passages after it into this one. Counted, and the first one named.
+      if not builder.report["passages_over_several_lines"]:
+        logging.warning("%s:%d: a quoted field runs over several lines (an unbalanced quote?)", path_s, lineno)
+      builder.count("passages_over_several_lines")
     builder.add_document(normalize_document(doc) if normalize else doc, path_s, lineno)
   return builder.build(empty_corpus_path=path_s)
 

@@ -59,7 +59,7 @@ def iter_tsv_rows(path: PathLike, *, quoting: bool = True) -> Iterator[tuple[int
   path_s = str(path)
   if not quoting:
     for lineno, line in iter_lines(path):
-      if line.strip():
+      if line.strip(" \r\n"):
         yield lineno, line.split("\t")
     return
   # csv.reader consumes exactly one of our lines per `next`, so its line_num equals the physical line number.
@@ -73,7 +73,7 @@ def iter_tsv_rows(path: PathLike, *, quoting: bool = True) -> Iterator[tuple[int
       return
     except csv.Error as e:
       raise InputError(f"malformed TSV row: {e}", path=path_s, line=start) from None
-    if any(field.strip() for field in row):
+    if len(row) > 1 or (row and row[0].strip()):   # blank lines only: a row of empty fields is the caller's to refuse
       yield start, row
     start = reader.line_num + 1
 
