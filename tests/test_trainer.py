@@ -187,3 +187,15 @@ def test_model_vocabulary_smaller_than_the_tasks_is_refused(tmp_path):
                                                  num_encoder_layers=1, num_decoder_layers=1, dtype="float32"))
   with pytest.raises(InputError, match=r"model's vocabulary \(16\) is smaller than the task's"):
     _train(small, tmp_path / "v", 2)
+
+
+def test_bad_sizes_are_named_before_anything_runs(tmp_path):
+  """BATCH_SIZE 0 reached TF's batch op, lengths without `targets` seqio's converter, a string TRAIN_STEPS a
+  comparison TypeError."""
+  for kw, key in ((dict(batch_size=0), "BATCH_SIZE"), (dict(train_steps="two"), "TRAIN_STEPS"),
+                  (dict(task_feature_lengths={"inputs": 8}), "TASK_FEATURE_LENGTHS")):
+    args = dict(model=t5(), mixture_or_task_name=toy_tasks.TASK, task_feature_lengths=LENGTHS, train_steps=2,
+                model_dir=str(tmp_path / "x"), batch_size=8, progress=False, write_config=False)
+    with pytest.raises(InputError, match=f"config key {key}:"):
+      trainer.train(**{**args, **kw})
+  assert not (tmp_path / "x").exists()

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import numbers
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -211,8 +212,18 @@ def train(*,
   gin_utils.check_required(MODEL=model, MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=mixture_or_task_name,
                            TASK_FEATURE_LENGTHS=task_feature_lengths, TRAIN_STEPS=train_steps,
                            INITIAL_CHECKPOINT_PATH=initial_checkpoint_path)
-  if train_steps <= 0:
-    raise InputError(f"TRAIN_STEPS must be positive, got {train_steps}", key="TRAIN_STEPS")
+  for macro, value in (("TRAIN_STEPS", train_steps), ("BATCH_SIZE", batch_size),
+                       ("train.grad_accum_steps", grad_accum_steps)):
+    if not isinstance(value, numbers.Integral) or value <= 0:
+      raise InputError(f"{macro} must be a positive integer, got {value!r}", key=macro)
+  if not isinstance(task_feature_lengths, Mapping) or not all(
+      isinstance(v, numbers.Integral) and v > 0 for v in task_feature_lengths.values()):
+    raise InputError(f"must map feature names to positive lengths, got {task_feature_lengths!r}",
+                     key="TASK_FEATURE_LENGTHS")
+  missing = {"inputs", "targets"} - set(task_feature_lengths)
+  if missing:
+    raise InputError(f"needs lengths for {sorted(missing)} (got {dict(task_feature_lengths)})",
+                     key="TASK_FEATURE_LENGTHS")
   if batch_size % grad_accum_steps:
     raise InputError(f"BATCH_SIZE {batch_size} not divisible by grad_accum_steps {grad_accum_steps}",
                      key="train.grad_accum_steps")
