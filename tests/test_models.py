@@ -278,3 +278,18 @@ def test_dropout_is_seeded_and_bf16_compute_runs():
   a, b = loss(params, jax.random.key(7)), loss(params, jax.random.key(7))
   c = jax.jit(lambda p: model.loss_fn(p, batch, None)[0])(params)
   assert float(a) == float(b) and float(a) != float(c) and np.isfinite(float(c))
+
+
+def test_bad_sizes_and_dtypes_are_named_by_their_gin_key():
+  """A negative d_model failed as a gather's slice size, dtype 'float13' at the first matmul."""
+  from genret_jax.errors import InputError
+  from genret_jax.models.llama import LlamaConfig
+  from genret_jax.models.t5 import T5Config
+  with pytest.raises(InputError, match="config key models.T5Config.d_model: must be a positive integer"):
+    T5Config(d_model=-64)
+  with pytest.raises(InputError, match="config key models.T5Config.vocab_size"):
+    T5Config(vocab_size="32128")
+  with pytest.raises(InputError, match="config key models.LlamaConfig.dtype: unknown dtype 'float13'"):
+    LlamaConfig(dtype="float13")
+  with pytest.raises(InputError, match="config key models.LlamaConfig.remat_policy"):
+    LlamaConfig(remat_policy="sometimes")

@@ -20,12 +20,15 @@ while the queries have one row per beam (see `Attention.__call__`).
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from genret_jax.errors import InputError
 
 Array = jax.Array
 DType = Any
@@ -41,6 +44,24 @@ REMAT_POLICIES: dict[str, Any] = {
 
 def as_dtype(name: str | DType) -> DType:
   return jnp.dtype(name) if isinstance(name, str) else name
+
+
+def check_config(config, positive: Sequence[str]) -> None:
+  """Size fields positive integers and dtypes known, named by their gin key (a bad one failed deep inside JAX:
+  a negative d_model as a gather's slice size, dtype 'float13' at the first matmul)."""
+  cls = type(config).__name__
+  for name in positive:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+      raise InputError(f"must be a positive integer, got {value!r}", key=f"models.{cls}.{name}")
+  for name in ("dtype", "param_dtype"):
+    try:
+      as_dtype(getattr(config, name))
+    except TypeError as e:
+      raise InputError(f"unknown dtype {getattr(config, name)!r}", key=f"models.{cls}.{name}") from e
+  if config.remat_policy != "none" and config.remat_policy not in REMAT_POLICIES:
+    raise InputError(f"unknown remat policy {config.remat_policy!r}; choose none or one of {sorted(REMAT_POLICIES)}",
+                     key=f"models.{cls}.remat_policy")
 
 
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:

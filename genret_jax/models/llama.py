@@ -55,6 +55,7 @@ class LlamaConfig:
   family = "llama"
 
   def __post_init__(self):
+    L.check_config(self, ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"))
     if self.head_dim == 0:
       object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
     if self.embedding_init_std is None:

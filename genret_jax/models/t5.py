@@ -60,6 +60,8 @@ class T5Config:
 
   def __post_init__(self):
     object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+    L.check_config(self, ("vocab_size", "d_model", "num_heads", "head_dim", "d_ff", "num_encoder_layers",
+                        "num_decoder_layers", "relative_attention_num_buckets", "relative_attention_max_distance"))
 
 
 def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
