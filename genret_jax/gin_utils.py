@@ -56,6 +56,11 @@ def _resolve(path: str, search_paths: Sequence[str]) -> str | None:
   return None
 
 
+def find_gin_file(path: str, search_paths: Sequence[str] = ()) -> str | None:
+  """`path` as parse_gin resolves it (as given, then under gin_configs/ and `search_paths`), or None."""
+  return _resolve(path, [PACKAGE_GIN_DIR, *search_paths])
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
               finalize: bool = False) -> None:
   """Parses configs with clear errors naming the file or binding that is wrong.

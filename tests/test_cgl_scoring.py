@@ -293,7 +293,7 @@ TASK_FEATURE_LENGTHS = {"inputs": 32, "targets": 32}
 """
 
 
-def test_genret_cgl_command(tmp_path, monkeypatch):
+def test_genret_cgl_command(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("GENRET_CACHE", str(tmp_path / "cache"))
   monkeypatch.setenv("GENRET_REGISTER_DEFAULT_TASKS", "0")
   import tasks
@@ -317,8 +317,13 @@ def test_genret_cgl_command(tmp_path, monkeypatch):
   assert out["inputs_checked_against_task"] > 0
   neg_file = tmp_path / "run" / "negatives_test_n16_s0.npz"
   assert neg_file.exists() and out["negatives"]["fingerprint"] == cgl.NegativeSet.load(neg_file).fingerprint()
-  # Bad config: a clear one-line error, exit 2.
+  # Bad config: a clear one-line error, exit 2, before anything is scored.
   assert cli.main(["cgl", "--gin_file=runs/eval.gin"]) == 2
+  capsys.readouterr()
+  assert cli.main([*argv, "--gin.NUM_NEGATIVES=-1"]) == 2
+  assert "config key NUM_NEGATIVES: must be an integer >= 1" in capsys.readouterr().err
+  assert cli.main([*argv, "--gin.genret.cgl_eval_run.averaging=\"bogus\""]) == 2
+  assert "unknown averaging 'bogus'" in capsys.readouterr().err
 
 
 def test_saved_negatives_of_another_seed_or_count_are_refused(cranfield, tmp_path):

@@ -80,8 +80,13 @@ def test_report_from_sweep(tiny_sweep):
   assert "CGL" in text and os.path.exists(os.path.join(out, "plots"))
 
 
-def test_plan_refuses_beams_below_one():
+def test_plan_refuses_bad_beams_and_rungs_before_training():
   with pytest.raises(InputError, match="SweepConfig.beams"):
-    sweep_lib.plan(sweep_lib.SweepConfig(rungs={"t5": ["r0.gin"]}, beams=(0, 5)))
+    sweep_lib.plan(sweep_lib.SweepConfig(rungs={"t5": ["models/t5_1_1/cpu_ladder/r0.gin"]}, beams=(0, 5)))
   with pytest.raises(InputError, match="SweepConfig.default_beam"):
-    sweep_lib.plan(sweep_lib.SweepConfig(rungs={"t5": ["r0.gin"]}, default_beam=-1))
+    sweep_lib.plan(sweep_lib.SweepConfig(rungs={"t5": ["models/t5_1_1/cpu_ladder/r0.gin"]}, default_beam=-1))
+  with pytest.raises(InputError, match="no models to train"):
+    sweep_lib.plan(sweep_lib.SweepConfig(rungs={}))
+  with pytest.raises(InputError, match="models/t5_1_1/cpu_ladder/r9.gin: gin file not found"):
+    sweep_lib.plan(sweep_lib.SweepConfig(rungs={"t5": ["models/t5_1_1/cpu_ladder/r0.gin",
+                                                       "models/t5_1_1/cpu_ladder/r9.gin"]}))

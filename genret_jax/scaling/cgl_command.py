@@ -82,6 +82,14 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   from genret_jax.models import model_api, params_io, partitioning
 
   t0 = time.perf_counter()
+  # Checked before any scoring (a bad averaging mode was found after every batch had been scored).
+  for macro, value, low in (("NUM_NEGATIVES", num_negatives, 1), ("BATCH_SIZE", batch_size, 1),
+                            ("genret.cgl_eval_run.bootstrap_resamples", bootstrap_resamples, 0)):
+    if not isinstance(value, int) or value < low:
+      raise InputError(f"must be an integer >= {low}, got {value!r}", key=macro)
+  if averaging not in cgl.AVERAGING_MODES:
+    raise InputError(f"unknown averaging {averaging!r}; choose from {sorted(cgl.AVERAGING_MODES)}",
+                     key="genret.cgl_eval_run.averaging")
   task = _retrieval_task(mixture_or_task_name)
   artefacts = tasks.artefacts_for(task.name)
   splits = artefacts.query_splits()

@@ -79,6 +79,12 @@ def _model_id(family: str, rung_gin: str, fraction: float) -> str:
 def plan(cfg: SweepConfig) -> list[dict]:
   """Every model of the sweep, with the beams it is decoded at."""
   import tasks
+  # Checked before anything trains: a typo in the last rung was found after the others had trained.
+  if not cfg.rungs or not all(cfg.rungs.values()):
+    raise InputError(f"no models to train: {cfg.rungs!r}", key="SweepConfig.rungs")
+  for path in [cfg.run_gin, *(r for rungs in cfg.rungs.values() for r in rungs)]:
+    if gin_utils.find_gin_file(path) is None:
+      raise InputError("gin file not found (as given, or under gin_configs/)", path=path)
   cells = []
   fractions = sorted(set(float(f) for f in cfg.data_fractions) | {1.0})
   tasks.check_distinct_fractions(fractions, key="SweepConfig.data_fractions")
