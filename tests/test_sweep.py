@@ -70,6 +70,11 @@ def test_restart_skips_finished_and_redoes_unfinished(tiny_sweep, capsys):
   assert os.path.exists(killed)
   assert os.path.getmtime(os.path.join(out, results_lib.CELLS_DIR, "t5-d0-f100", sweep_lib.RESULT_JSON)) == mtime
   assert len(rows) == 5
+  # Finished models are reused only under the settings they were run with (they were reused under any).
+  import dataclasses
+  for changed in (dict(num_negatives=32), dict(train_epochs=3.0), dict(beams=(1, 4))):
+    with pytest.raises(InputError, match="was finished with other settings"):
+      sweep_lib.run_sweep(dataclasses.replace(cfg, **changed), out)
 
 
 def test_report_from_sweep(tiny_sweep):

@@ -134,7 +134,7 @@ class Sweep:
   def eval_queries(self):
     queries = self.artefacts.query_splits().get(self.cfg.eval_split, [])
     collection = self.artefacts.collection()
-    queries = [q for q in queries if collection.positives(q.query_id)]
+    queries = [q for q in queries if collection.positives(q.query_id, self.artefacts.min_grade)]
     if not queries:
       raise InputError(f"no judged queries in split {self.cfg.eval_split!r}", key="SweepConfig.eval_split")
     if self.cfg.max_eval_queries:
@@ -151,7 +151,7 @@ class Sweep:
           self.artefacts.collection(), self.artefacts.identifier_scheme(), self.artefacts_vocab(),
           self.eval_queries(), target_seed=self.cfg.seed, num_negatives=self.cfg.num_negatives,
           negatives_seed=self.cfg.negatives_seed, negatives_path=os.path.join(self.out_dir, "negatives.json"),
-          input_length=lengths["inputs"], target_length=lengths["targets"],
+          input_length=lengths["inputs"], target_length=lengths["targets"], min_grade=self.artefacts.min_grade,
           targets_cache_dir=self.artefacts.directory())
       path = os.path.join(self.out_dir, "negatives.json")
       if not os.path.exists(path):
@@ -223,7 +223,8 @@ class Sweep:
       res = retriever.retrieve(queries, beam=beam, progress=self.progress)
       stage_s[f"beam{beam}"] = time.time() - t_beam
       run = {r.query_id: list(r.doc_ids) for r in res}
-      m = metrics_lib.evaluate_run(run, qrels, query_ids=[q.query_id for q in queries])
+      m = metrics_lib.evaluate_run(run, qrels, query_ids=[q.query_id for q in queries],
+                                   min_grade=self.artefacts.min_grade)
       agg = m.aggregate
       decode_flops = _decode_flops_per_query(accounting, model.config, lin, retriever.max_decode_len, beam)
       row_id = f"{cell['model_id']}-b{beam:03d}"
@@ -254,22 +255,38 @@ class Sweep:
     cell_dir = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"])
     os.makedirs(cell_dir, exist_ok=True)
     atomic_files.write_json(os.path.join(cell_dir, RESULT_JSON),
-                       {"cell": cell, "rows": rows, "flops_version": accounting.FLOPS_VERSION})
+                            {"cell": cell, "rows": rows, "flops_version": accounting.FLOPS_VERSION,
+                             "settings": self.cell_settings()})
     return rows
 
   def artefacts_vocab(self):
     import seqio
     return seqio.SentencePieceVocabulary(self.artefacts.vocab_file())
 
+  def cell_settings(self) -> dict:
+    """The sweep settings a finished model's rows depend on (the ladder and beam lists only choose cells)."""
+    choose = {"rungs", "data_fractions", "fraction_rungs", "fraction_families", "beams", "beam_rungs",
+              "default_beam"}
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in choose}))
+
   def done_rows(self, cell: dict) -> list[dict] | None:
     """The stored rows of a finished model, or None. Rows whose FLOP columns came from an older
-    `accounting.FLOPS_VERSION` are kept as they are, and `stale_flops` names their cells."""
+    `accounting.FLOPS_VERSION` are kept as they are, and `stale_flops` names their cells. A model finished
+    under other settings (or other beams) is refused: its rows would enter the table as this sweep's."""
     from genret_jax.models import accounting
     path = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"], RESULT_JSON)
     if not os.path.exists(path):
       return None
     with open(path) as f:
       stored = json.load(f)
+    settings = self.cell_settings()
+    differs = sorted(k for k in set(settings) | set(stored.get("settings", settings))
+                     if stored.get("settings", settings).get(k) != settings.get(k))
+    if stored.get("cell", cell).get("beams") != cell["beams"]:
+      differs.append("beams")
+    if differs:
+      raise InputError(f"{cell['model_id']} was finished with other settings (differs in {differs}); use another "
+                       "output directory, or delete this cell's directory to redo it", path=os.path.dirname(path))
     if stored.get("flops_version", 1) != accounting.FLOPS_VERSION:
       self.stale_flops.append(cell["model_id"])
     return stored["rows"]
