@@ -206,11 +206,8 @@ def _replace_block(text: str, heading: str, block: str, level: str) -> str:
 
 
 def _write(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text.rstrip() + "\n")
-  os.replace(tmp, path)
+  from genret_jax import atomic_files
+  atomic_files.write_text(path, text.rstrip() + "\n")
 
 
 def write_subsection(path: str, section: str, heading: str, body: str, intro: str = "") -> None:

@@ -31,6 +31,7 @@ import time
 import gin
 import numpy as np
 
+from genret_jax import atomic_files
 from genret_jax.errors import InputError
 from genret_jax.gin_utils import add_gin_arguments, parse_gin
 
@@ -136,7 +137,7 @@ def build_index(kind: str = "suffix_array", output_dir: str | None = None, token
             "num_tokens": num_tokens, "indexed_tokens": indexed, "nbytes": int(nbytes),
             "bytes_per_token": nbytes / max(indexed, 1), "build_seconds": seconds,
             "tokens_per_second": indexed / seconds if seconds > 0 else None}
-  with open(f"{output_dir}/report.json", "w") as f:
+  with atomic_files.atomic_open(f"{output_dir}/report.json") as f:
     json.dump(report, f, indent=2)
   return report
 

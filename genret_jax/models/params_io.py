@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from genret_jax import atomic_files
 from genret_jax.errors import InputError
 
 PARAMS_SUBDIR = "params"
@@ -28,8 +29,7 @@ def save_params(directory: str, params: Any, model_gin: str | None = None, overw
     ckptr.save(path, params, force=overwrite)
     ckptr.wait_until_finished()
   if model_gin is not None:
-    with open(os.path.join(directory, MODEL_GIN), "w") as f:
-      f.write(model_gin)
+    atomic_files.write_text(os.path.join(directory, MODEL_GIN), model_gin)
   return path
 
 

@@ -338,8 +338,7 @@ def run(args) -> int:
   cfg = SweepConfig()
   out = os.path.abspath(args.output_dir)
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "sweep.gin"), "w") as f:
-    f.write(gin.config_str())
+  atomic_files.write_text(os.path.join(out, "sweep.gin"), gin.config_str())
   run_sweep(cfg, out, config_path=",".join(args.gin_file))
   if args.report:
     from genret_jax.scaling import report

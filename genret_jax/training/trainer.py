@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from genret_jax import gin_utils
+from genret_jax import atomic_files, gin_utils
 from genret_jax.errors import InputError
 from genret_jax.models import params_io, partitioning
 from genret_jax.training import checkpoints as ckpt_lib
@@ -229,8 +229,7 @@ def train(*,
                      key="train.grad_accum_steps")
   os.makedirs(model_dir, exist_ok=True)
   if write_config and jax.process_index() == 0:
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.config_str())
+    atomic_files.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
   mesh = (mesh_config or MeshConfig()).build()
   schedule = learning_rate if learning_rate is not None else optimizers.make_schedule(total_steps=train_steps)
   tx = optimizer if optimizer is not None else optimizers.make_optimizer(learning_rate=schedule)
