@@ -134,3 +134,30 @@ def test_exponent_ci_through_zero_is_flagged():
   assert "exponent b" in problem and "95% CI [-1.224, 108.7]" in problem
   f.param_ci["b"] = [0.1, float("nan")]
   assert "[0.1, n/a]" in report.fit_problem(f)
+
+
+def test_bad_tables_and_options_are_named(tmp_path):
+  """inf in results.csv or null in per_query.json made fits fail with a note about "config key y"; an unknown
+  --beam_metric made the beam fits vanish; a short row read as an empty required column."""
+  from genret_jax.errors import InputError
+  from genret_jax.scaling import report, results as results_lib
+  header = ",".join(results_lib.COLUMNS)
+  row = {k: "1" for k in results_lib.COLUMNS}
+  row.update(family="t5", cell_id="a", config="c")
+  ok = ",".join(row[k] for k in results_lib.COLUMNS)
+  inf_row = ",".join({**row, "cell_id": "b", "cgl": "inf"}[k] for k in results_lib.COLUMNS)
+  (tmp_path / "results.csv").write_text(f"{header}\n{ok}\n{inf_row}\n")
+  with pytest.raises(InputError, match=r"results.csv:3: cgl must be finite"):
+    results_lib.load_results(tmp_path)
+  (tmp_path / "results.csv").write_text(f"{header}\n{ok}\nt5,1,1\n")
+  with pytest.raises(InputError, match=r"results.csv:3: row has fewer fields"):
+    results_lib.load_results(tmp_path)
+  (tmp_path / "results.csv").write_text(f"{header}\n{ok}\n")
+  results_lib.write_per_query(tmp_path, "a", {"query_ids": ["q1", "q2"], "cgl": [0.1, None]})
+  with pytest.raises(InputError, match=r"per_query.json: cgl\[1\] is None"):
+    results_lib.load_per_query(tmp_path, "a")
+  with pytest.raises(InputError, match="config key beam_metric: no column 'recall@7'"):
+    report.make_report(tmp_path, report.ReportConfig(beam_metric="recall@7", plots=False))
+  for bad in (dict(bootstrap_resamples=-1), dict(f_scale=-1.0), dict(restarts=0)):
+    with pytest.raises(InputError):
+      report.ReportConfig(**bad)

@@ -63,6 +63,14 @@ class ReportConfig:
   extrapolate: float = 10.0  # predictions reported at this multiple of the largest observed x.
   plots: bool = True
 
+  def __post_init__(self):
+    for name, low in (("restarts", 1), ("bootstrap_resamples", 0), ("resample_restarts", 0),
+                      ("resample_max_nfev", 1)):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
+        raise InputError(f"must be an integer >= {low}, got {getattr(self, name)!r}", key=name)
+    if self.f_scale is not None and not (math.isfinite(self.f_scale) and self.f_scale > 0):
+      raise InputError(f"must be a positive number, got {self.f_scale}", key="f_scale")
+
 
 def _models(rows: Sequence[dict]) -> dict[tuple[float, float], dict]:
   """(N, D) -> the smallest-beam row of that model (CGL is beam-independent)."""
@@ -306,7 +314,12 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
   """Reads RUN_DIR/results.csv, fits, writes report.md, fits.json and plots/*.png; returns report.md."""
   cfg = cfg or ReportConfig()
   run_dir = pathlib.Path(run_dir)
+  if run_dir.is_file() and run_dir.name == results_lib.RESULTS_CSV:   # the table itself given: its directory
+    run_dir = run_dir.parent
   rows = results_lib.load_results(run_dir)
+  if cfg.beam_metric not in rows[0]:   # an unknown metric made the beam fits vanish without a note
+    have = sorted(k for k in rows[0] if k in results_lib.METRIC_COLUMNS or "@" in k)
+    raise InputError(f"no column {cfg.beam_metric!r} in {results_lib.RESULTS_CSV} (have {have})", key="beam_metric")
   series = select_series(rows, run_dir, cfg.beam_metric)
   fitted, notes = fit_all(series, cfg)
   pairs = matched_pairs(series, run_dir, cfg)

@@ -41,6 +41,8 @@ def _parse(value: str, kind: type, path: str, line: int, key: str) -> Any:
     return value
   if value == "" or value.lower() in ("nan", "na", "none"):
     return math.nan if kind is float else None
+  if value.lower().lstrip("+-") in ("inf", "infinity"):   # a fit of it failed later, noted as "config key y"
+    raise InputError(f"{key} must be finite, got {value!r}", path=path, line=line, key=key)
   try:
     if kind is int:
       f = float(value)
@@ -72,6 +74,9 @@ def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     seen: dict[str, int] = {}
     for raw in reader:
       line = reader.line_num
+      if None in raw or any(v is None for v in raw.values()):   # csv's markers for too many / too few fields
+        raise InputError(f"row has {'more' if None in raw else 'fewer'} fields than the header's {len(header)}",
+                         path=str(path), line=line)
       row: dict[str, Any] = {}
       for key in header:
         kind = COLUMNS.get(key, str)
@@ -131,6 +136,11 @@ def load_per_query(run_dir: str | os.PathLike, cell_id: str) -> dict[str, Any] |
   if not isinstance(data, dict):
     raise InputError("per_query.json must hold an object of metric -> list", path=str(path))
   lengths = {k: len(v) for k, v in data.items() if isinstance(v, list) and k != "query_ids"}
+  for k in lengths:
+    bad = next((i for i, x in enumerate(data[k]) if isinstance(x, bool) or not isinstance(x, (int, float))
+                or not math.isfinite(x)), None)
+    if bad is not None:   # a null or inf made the fits that use this cell fail, noted as "config key y"
+      raise InputError(f"{k}[{bad}] is {data[k][bad]!r}, not a finite number", path=str(path))
   if len(set(lengths.values())) > 1:
     raise InputError(f"per-query lists have different lengths {lengths}", path=str(path))
   return data
