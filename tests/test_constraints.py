@@ -333,6 +333,18 @@ def test_build_index_cli(tmp_path):
                    f"--output_dir={tmp_path / 'trie'}", "--vocab_size=12"]) == 0
   from genret_jax.decoding import TrieConstraint
   assert int(TrieConstraint.load(str(tmp_path / "trie")).num_identifiers) == 3
+  import json
+  report = json.loads((tmp_path / "sa" / "report.json").read_text())
+  assert (report["empty_lines"], report["skipped_empty"]) == (1, 0)   # an empty document, kept and counted
   (tmp_path / "bad.txt").write_text("5 6\n7 x\n")
   assert cli.main(["build-index", f"--tokens_file={tmp_path / 'bad.txt'}",
                    f"--output_dir={tmp_path / 'bad'}"]) == 2
+  # Ids past the vocabulary (both kinds; the suffix array took them) and a file with no ids (an empty index
+  # was written): file:line errors.
+  from genret_jax.decoding.build_index import read_token_file
+  from genret_jax.errors import InputError
+  with pytest.raises(InputError, match=r"docs.txt:2: token id 9 >= vocab_size 9"):
+    read_token_file(str(toks), vocab_size=9)
+  (tmp_path / "empty.txt").write_text("\n\n")
+  with pytest.raises(InputError, match="no token ids"):
+    read_token_file(str(tmp_path / "empty.txt"))

@@ -38,8 +38,8 @@ from genret_jax.gin_utils import add_gin_arguments, parse_gin
 KINDS = ("suffix_array", "trie")
 
 
-def read_token_file(path: str) -> list[np.ndarray]:
-  """One sequence per line; raises InputError naming file:line on a bad token."""
+def read_token_file(path: str, vocab_size: int | None = None) -> list[np.ndarray]:
+  """One sequence per line; raises InputError naming file:line on a bad token (or one >= `vocab_size`)."""
   seqs = []
   try:
     f = open(path)
@@ -54,7 +54,11 @@ def read_token_file(path: str) -> list[np.ndarray]:
                          line=lineno) from e
       if ids.size and ids.min() < 0:
         raise InputError(f"negative token id {int(ids.min())}", path=path, line=lineno)
+      if ids.size and vocab_size is not None and ids.max() >= vocab_size:
+        raise InputError(f"token id {int(ids.max())} >= vocab_size {vocab_size}", path=path, line=lineno)
       seqs.append(ids)
+  if not any(s.size for s in seqs):   # an empty index was written before
+    raise InputError("no token ids in the file", path=path)
   return seqs
 
 
@@ -107,14 +111,15 @@ def build_index(kind: str = "suffix_array", output_dir: str | None = None, token
   if not output_dir:
     raise InputError("an output directory is required", key="build_index.output_dir")
   if tokens_file:
-    seqs = read_token_file(tokens_file)
+    seqs = read_token_file(tokens_file, vocab_size)
   elif corpus and spm_model:
     seqs = tokenize_corpus(corpus, spm_model)
   else:
     raise InputError("give tokens_file, or corpus and spm_model", key="build_index.tokens_file")
+  empty = sum(1 for s in seqs if not s.size)   # a suffix array keeps them as empty documents
   skipped = 0
   if kind == "trie":   # an empty line is not an identifier
-    skipped = sum(1 for s in seqs if not s.size)
+    skipped = empty
     seqs = [s for s in seqs if s.size]
   num_tokens = int(sum(len(s) for s in seqs))
   start = time.perf_counter()
@@ -133,7 +138,7 @@ def build_index(kind: str = "suffix_array", output_dir: str | None = None, token
     seconds = time.perf_counter() - start
     index.save(output_dir)
     nbytes, indexed = index.nbytes, num_tokens + len(seqs)
-  report = {"kind": kind, "output_dir": output_dir, "num_sequences": len(seqs), "skipped_empty": skipped,
+  report = {"kind": kind, "output_dir": output_dir, "num_sequences": len(seqs), "empty_lines": empty, "skipped_empty": skipped,
             "num_tokens": num_tokens, "indexed_tokens": indexed, "nbytes": int(nbytes),
             "bytes_per_token": nbytes / max(indexed, 1), "build_seconds": seconds,
             "tokens_per_second": indexed / seconds if seconds > 0 else None}
