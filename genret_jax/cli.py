@@ -64,9 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   _enable_compilation_cache()
   module = importlib.import_module(COMMANDS[name][0])
   parser = argparse.ArgumentParser(prog=f"genret {name}", description=COMMANDS[name][1])
-  module.add_arguments(parser)
-  args = parser.parse_args(rest)
   try:
+    module.add_arguments(parser)   # inside: defaults read from the environment can be bad input too
+    args = parser.parse_args(rest)
     return int(module.run(args) or 0)
   except InputError as e:
     print(f"genret {name}: error: {e.text}", file=sys.stderr)

@@ -43,3 +43,12 @@ def test_output_paths_that_cannot_be_written_are_one_line(tmp_path, capsys):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "fits.json"]   # no temporary file left
   err = _error(capsys, "build-ids", "--corpus", "default", "--scheme", "atomic", "--output", str(tmp_path / "afile"))
   assert err.startswith(f"genret build-ids: error: {tmp_path / 'afile'}:")
+
+
+def test_multihost_flags_are_checked(monkeypatch, capsys):
+  """--process_count without --coordinator_address was ignored (each host trained alone as process 0 of 1)."""
+  assert "need --coordinator_address" in _error(capsys, "train", "--process_count=2", "--process_index=0")
+  assert "must lie in [0, --process_count 2)" in _error(capsys, "train", "--coordinator_address=localhost:1",
+                                                        "--process_count=2", "--process_index=5")
+  monkeypatch.setenv("GENRET_PROCESS_COUNT", "abc")
+  assert "GENRET_PROCESS_COUNT='abc' is not an integer" in _error(capsys, "train")
