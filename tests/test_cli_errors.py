@@ -52,3 +52,11 @@ def test_multihost_flags_are_checked(monkeypatch, capsys):
                                                         "--process_count=2", "--process_index=5")
   monkeypatch.setenv("GENRET_PROCESS_COUNT", "abc")
   assert "GENRET_PROCESS_COUNT='abc' is not an integer" in _error(capsys, "train")
+
+
+def test_missing_directories_are_named_as_missing(tmp_path, capsys):
+  """A nonexistent checkpoint was reported as "no model.gin next to the params"."""
+  err = _error(capsys, "retrieve", "--gin_file=runs/infer.gin", f"--gin.CHECKPOINT_PATH=\"{tmp_path}/nope\"")
+  assert err.endswith(f"{tmp_path}/nope: CHECKPOINT_PATH: no such directory")
+  err = _error(capsys, "convert-hf", "--hf_dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+  assert f"{tmp_path}/nope: no such directory" in err

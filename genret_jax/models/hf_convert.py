@@ -32,6 +32,9 @@ _ACT_TO_HF = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "silu": 
 
 # ---- reading HF directories ------------------------------------------------------------------------------------
 def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
+  if not pathlib.Path(hf_dir).is_dir():
+    raise InputError("no such directory (Hugging Face downloads are not fetched: pass a local copy)",
+                     path=str(hf_dir))
   path = pathlib.Path(hf_dir) / "config.json"
   if not path.exists():
     raise InputError("no config.json in the Hugging Face directory", path=str(path))

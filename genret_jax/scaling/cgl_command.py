@@ -152,6 +152,8 @@ def _model_gin_file(args) -> str:
   if not isinstance(ckpt, str) or not ckpt:
     raise InputError("CHECKPOINT_PATH is required (--gin.CHECKPOINT_PATH=\\\"/path/to/run\\\")",
                      key="CHECKPOINT_PATH")
+  if not os.path.isdir(ckpt):
+    raise InputError("CHECKPOINT_PATH: no such directory", path=ckpt)
   model_gin = gin_utils.config_value("MODEL_GIN")
   if isinstance(model_gin, str) and model_gin:
     return model_gin
