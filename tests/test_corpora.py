@@ -378,3 +378,9 @@ def test_nothing_read_or_skipped_silently(tmp_path):
   assert corpora.load(str(root)).report["qrels_files_ignored"] == 1
   _write(root / "corpus.jsonl.gz", gzip.compress((root / "corpus.jsonl").read_bytes()))
   _expect_error(root, None, corpora.load, str(root))
+
+
+def test_empty_queries_are_counted(tmp_path):
+  root = _beir(tmp_path / "q", queries=_jsonl([{"_id": "q1", "text": "alpha?"}, {"_id": "q2", "text": "   "}]),
+               qrels={"test": "q1\td1\t1\n"})
+  assert corpora.load(str(root)).report["empty_queries"] == 1

@@ -28,8 +28,13 @@ def flag_counts(documents: Iterable[Document], queries: Iterable[Query],
   for d in documents:
     empty_docs += is_empty_document(d)
     empty_text += not d.text.strip()
+  queries = list(queries)
   unjudged = sum(1 for q in queries if not qrels.get(q.query_id))
-  return {"empty_documents": empty_docs, "empty_text": empty_text, "unjudged_queries": unjudged}
+  out = {"empty_documents": empty_docs, "empty_text": empty_text, "unjudged_queries": unjudged}
+  empty_queries = sum(1 for q in queries if not q.text.strip())
+  if empty_queries:   # kept (ids and splits stay as in the file), but a model gets nothing to read
+    out["empty_queries"] = empty_queries
+  return out
 
 
 def _where(loc: tuple[str, int | None]) -> str:

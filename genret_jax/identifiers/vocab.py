@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 from typing import Iterable, Sequence
 
@@ -68,6 +69,10 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, *, added_toke
       character_coverage=character_coverage, hard_vocab_limit=False,
       input_sentence_size=max_sentences, shuffle_input_sentence=True,
       num_threads=1, minloglevel=2)
+  got = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+  if got < vocab_size + len(added):   # hard_vocab_limit=False stops short on a small corpus: say so
+    logging.warning("vocab_size %d: the corpus supports fewer pieces; trained %d (%d added tokens included)",
+                    vocab_size, got, len(added))
   return model.getvalue()
 
 
@@ -191,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
                                 added_tokens=tokens, seed=args.seed)
   write_model(model, args.output)
   sp = spm.SentencePieceProcessor(model_proto=model)
-  print(json.dumps({"output": args.output, "pieces": sp.get_piece_size(), "added_tokens": len(tokens),
+  print(json.dumps({"output": args.output, "pieces": sp.get_piece_size(), "requested_vocab_size": args.vocab_size,
+                    "added_tokens": len(tokens),
                     "pad_id": sp.pad_id(), "eos_id": sp.eos_id(), "unk_id": sp.unk_id(),
                     "bos_id": sp.bos_id()}, indent=1))
   return 0
