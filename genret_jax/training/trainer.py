@@ -237,7 +237,9 @@ def train(*,
   # (benchmarks on accelerator hosts that have no TF).
   from genret_jax.training import data as data_lib
   converter = data_lib.feature_converter_for(model.family, pack=pack)
-  base_rng = jax.random.key(seed)
+  # Dropout keys fold the step into their own stream: folded into key(seed) itself, step 1's key was the one
+  # `initial_rngs` splits for the init keys.
+  base_rng = jax.random.fold_in(jax.random.key(seed), 2)
   _, lora_rng = initial_rngs(seed)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(model_dir, "checkpoints"), max_to_keep=keep_checkpoints,
