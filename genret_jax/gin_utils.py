@@ -85,10 +85,12 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], search_paths: S
       gin.parse_config_file(r)
     except errors as e:
       raise InputError(f"invalid gin config: {_one_line(e)}", path=r) from e
-  try:
-    gin.parse_config(list(bindings))
-  except errors as e:
-    raise InputError(f"invalid gin binding: {_one_line(e)}", key=" ".join(bindings) or None) from e
+  for binding in bindings:   # one at a time: the error names the binding that is wrong
+    try:
+      gin.parse_config(binding)
+    except errors as e:
+      hint = (" (strings need quotes: --gin.NAME=\\\"value\\\")" if "malformed node" in str(e) else "")
+      raise InputError(f"invalid gin binding: {_one_line(e)}{hint}", key=binding) from e
   if finalize:
     gin.finalize()
 

@@ -28,6 +28,11 @@ def test_gin_mistakes_are_one_line(tmp_path, capsys):
       f"genret model-info: error: {tmp_path}/syntax.gin: invalid gin config")
   assert "invalid gin binding" in _error(capsys, "model-info", "--gin_file=models/t5_1_1/tiny.gin",
                                          "--gin.VOCAB_SIZE=(1")
+  err = _error(capsys, "model-info", "--gin_file=models/t5_1_1/tiny.gin", "--gin.VOCAB_SIZE=100",
+               "--gin.models.T5Config.nope=3")
+  assert "config key models.T5Config.nope = 3: invalid gin binding" in err   # the wrong one, not all of them
+  assert "strings need quotes" in _error(capsys, "model-info", "--gin_file=models/t5_1_1/tiny.gin",
+                                         "--gin.models.T5Config.dtype=float32")
   (tmp_path / "include.gin").write_text("include 'models/nope.gin'\n")
   assert "Unable to open file: models/nope.gin" in _error(capsys, "model-info", f"--gin_file={tmp_path}/include.gin")
   assert "Required bindings for `get_model`" in _error(capsys, "model-info")
