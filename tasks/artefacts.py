@@ -59,6 +59,9 @@ class CollectionArtefacts:
   test_fraction: float = 0.1
   min_grade: int = 1
   cache_dir: str | None = None
+  # The retrieval task's input prefix: not an artefact (the examples hold the bare query), but evaluations of
+  # models trained on the task (sweeps) must prepend it as training did.
+  query_prefix: str = ""
 
   @property
   def scheme_config(self) -> dict:
@@ -90,6 +93,7 @@ class CollectionArtefacts:
     def make():
       fields = dataclasses.asdict(self)
       fields.pop("cache_dir")
+      fields.pop("query_prefix")   # applied by the task's preprocessor; the cached artefacts do not hold it
       fields.pop("collection_path")  # the fingerprint identifies the corpus, wherever it lives
       fields["fingerprint"] = self.fingerprint()
       fields["queries_fingerprint"] = self.queries_fingerprint()

@@ -160,7 +160,7 @@ def register_collection_tasks(collection_name: str, collection_path: str, scheme
       scheme_config_json=json.dumps(dict(scheme_config or {}), sort_keys=True), seed=int(seed),
       collection_format=collection_format, vocab_path=vocab_path, vocab_size=int(vocab_size),
       validation_fraction=validation_fraction, test_fraction=test_fraction, min_grade=min_grade,
-      cache_dir=cache_dir)
+      cache_dir=cache_dir, query_prefix=query_prefix)
   vocabulary = LazySentencePieceVocabulary(artefacts)
   prefix = task_prefix or f"genret_{collection_name}_{scheme}"
   names = {"indexing": f"{prefix}_indexing", "retrieval": f"{prefix}_retrieval", "mixture": prefix}

@@ -143,6 +143,19 @@ def test_edited_queries_or_judgments_get_new_artefacts(tasks_module, tmp_path):
   edited = after.retrieval_examples("train")
   assert len(edited) == len(train) and all(g[0]["inputs"].startswith("edited ") for g in edited)
 
+
+def test_query_prefix_travels_with_the_artefacts(tasks_module):
+  """Sweeps and `genret retrieve` read the task's query prefix from its artefacts, so a model trained with a
+  prefix is evaluated with it (they used none); the cached artefacts are shared with the unprefixed task."""
+  plain = tasks_module.artefacts_for(tasks_module.register_collection_tasks(
+      "cranfield", tasks_module.shared_data_dir() + "/cranfield", "atomic", task_prefix="test_noprefix",
+      data_fractions=(1.0,))["mixture"])
+  prefixed = tasks_module.artefacts_for(tasks_module.register_collection_tasks(
+      "cranfield", tasks_module.shared_data_dir() + "/cranfield", "atomic", task_prefix="test_prefix",
+      data_fractions=(1.0,), query_prefix="query: ")["mixture"])
+  assert (plain.query_prefix, prefixed.query_prefix) == ("", "query: ")
+  assert plain.directory() == prefixed.directory()
+
 def test_indexing_task_and_default_corpus(tasks_module):
   import seqio
   ds = seqio.get_mixture_or_task("genret_default_title_indexing").get_dataset(

@@ -152,6 +152,7 @@ class Sweep:
           self.eval_queries(), target_seed=self.cfg.seed, num_negatives=self.cfg.num_negatives,
           negatives_seed=self.cfg.negatives_seed, negatives_path=os.path.join(self.out_dir, "negatives.json"),
           input_length=lengths["inputs"], target_length=lengths["targets"], min_grade=self.artefacts.min_grade,
+          query_prefix=self.artefacts.query_prefix,
           targets_cache_dir=self.artefacts.directory())
       path = os.path.join(self.out_dir, "negatives.json")
       if not os.path.exists(path):
@@ -213,7 +214,7 @@ class Sweep:
     stage_s["cgl"] = time.time() - t0 - sum(stage_s.values())
     queries = [q for q in queries if q.query_id in set(seqs.query_ids)]
     retriever = Retriever(model, train_result.params, self.artefacts.identifier_scheme(), vocab, collection,
-                          RetrievalConfig(inputs_length=lin),
+                          RetrievalConfig(inputs_length=lin, query_prefix=self.artefacts.query_prefix),
                           scheme_index=cached_scheme_index(self.artefacts, vocab, model.config.vocab_size))
     qrels = {q.query_id: collection.qrels.get(q.query_id, {}) for q in queries}
     rows, per_query_rows = [], {}
