@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 
 class InputError(ValueError):
   """Bad input data or configuration, located by file and line (or by config key)."""
@@ -16,3 +18,11 @@ class InputError(ValueError):
       where = f"config key {key}: "
     self.text = where + message   # str(self) can grow: gin appends "In call to configurable ..." to args
     super().__init__(self.text)
+
+
+def check_int(value, key: str, low: int = 1) -> int:
+  """`value` when it is an integer >= `low`, else an InputError naming the config key (a 0 or a string size
+  otherwise fails far from the config, inside TF, XLA or numpy)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    raise InputError(f"must be an integer >= {low}, got {value!r}", key=key)
+  return int(value)

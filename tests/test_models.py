@@ -285,7 +285,7 @@ def test_bad_sizes_and_dtypes_are_named_by_their_gin_key():
   from genret_jax.errors import InputError
   from genret_jax.models.llama import LlamaConfig
   from genret_jax.models.t5 import T5Config
-  with pytest.raises(InputError, match="config key models.T5Config.d_model: must be a positive integer"):
+  with pytest.raises(InputError, match="config key models.T5Config.d_model: must be an integer >= 1"):
     T5Config(d_model=-64)
   with pytest.raises(InputError, match="config key models.T5Config.vocab_size"):
     T5Config(vocab_size="32128")

@@ -113,7 +113,8 @@ def test_fraction_names_never_collide(tasks_module):
   with pytest.raises(InputError, match="too close"):
     tasks_module.check_distinct_fractions([0.1234561, 0.1234562])
   from genret_jax.scaling import sweep
-  cfg = sweep.SweepConfig(rungs={"t5": ["models/t5_1_1/cpu_ladder/r0.gin"]}, data_fractions=(0.001, 0.002, 0.004), fraction_rungs=(0,))
+  cfg = sweep.SweepConfig(rungs={"t5": ["models/t5_1_1/cpu_ladder/r0.gin"]}, data_fractions=(0.001, 0.002, 0.004),
+                          fraction_rungs=(0,))
   assert [c["model_id"] for c in sweep.plan(cfg)] == ["t5-r0-f0p001", "t5-r0-f0p002", "t5-r0-f0p004",
                                                        "t5-r0-f100"]
 

@@ -138,7 +138,8 @@ def build_index(kind: str = "suffix_array", output_dir: str | None = None, token
     seconds = time.perf_counter() - start
     index.save(output_dir)
     nbytes, indexed = index.nbytes, num_tokens + len(seqs)
-  report = {"kind": kind, "output_dir": output_dir, "num_sequences": len(seqs), "empty_lines": empty, "skipped_empty": skipped,
+  report = {"kind": kind, "output_dir": output_dir, "num_sequences": len(seqs), "empty_lines": empty,
+            "skipped_empty": skipped,
             "num_tokens": num_tokens, "indexed_tokens": indexed, "nbytes": int(nbytes),
             "bytes_per_token": nbytes / max(indexed, 1), "build_seconds": seconds,
             "tokens_per_second": indexed / seconds if seconds > 0 else None}

@@ -377,9 +377,12 @@ def run(args: argparse.Namespace) -> int:
     model_dir = os.path.abspath(args.checkpoint)
     if os.path.basename(model_dir) == params_io.PARAMS_SUBDIR and not params_io.has_params(model_dir):
       model_dir = os.path.dirname(model_dir)
-    gin_files = args.gin_file or [os.path.join(model_dir, params_io.MODEL_GIN)]
-    if not os.path.isfile(gin_files[0]) and not args.gin_file:
-      raise InputError(f"no {params_io.MODEL_GIN} next to the params; pass the model's --gin_file", path=model_dir)
+    gin_files = args.gin_file
+    if not gin_files:
+      gin_files = [os.path.join(model_dir, params_io.MODEL_GIN)]
+      if not os.path.isfile(gin_files[0]):
+        raise InputError(f"no {params_io.MODEL_GIN} next to the params; pass the model's --gin_file",
+                         path=model_dir)
     parse_gin(gin_files, args.gin_bindings, args.gin_search_paths)
     config = get_model().config
     save_hf(params_io.restore_params(model_dir), config, args.out)

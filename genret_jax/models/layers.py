@@ -20,7 +20,6 @@ while the queries have one row per beam (see `Attention.__call__`).
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 
 Array = jax.Array
 DType = Any
@@ -51,9 +50,7 @@ def check_config(config, positive: Sequence[str]) -> None:
   a negative d_model as a gather's slice size, dtype 'float13' at the first matmul)."""
   cls = type(config).__name__
   for name in positive:
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-      raise InputError(f"must be a positive integer, got {value!r}", key=f"models.{cls}.{name}")
+    check_int(getattr(config, name), f"models.{cls}.{name}")
   for name in ("dtype", "param_dtype"):
     try:
       as_dtype(getattr(config, name))

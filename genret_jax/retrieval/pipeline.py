@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import Iterator, Sequence
 
 import gin
@@ -20,7 +19,7 @@ import numpy as np
 from genret_jax.corpora.types import Collection, Query
 from genret_jax.decoding.beam_search import beam_search
 from genret_jax.decoding.sharded_substring import ShardedSubstringConstraint
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 from genret_jax.identifiers.vocab import encode_batch
 from genret_jax.models import partitioning
 from genret_jax.retrieval import run as run_lib
@@ -51,9 +50,7 @@ class RetrievalConfig:
   def __post_init__(self):
     for name, low in (("beam_size", 1), ("batch_size", 1), ("inputs_length", 1), ("hits", 1),
                       ("max_decode_len", 0), ("ngram_max_decode_len", 1), ("index_shards", 1)):
-      value = getattr(self, name)
-      if not isinstance(value, numbers.Integral) or value < low:
-        raise InputError(f"must be an integer >= {low}, got {value!r}", key=f"RetrievalConfig.{name}")
+      check_int(getattr(self, name), f"RetrievalConfig.{name}", low)
 
 
 def encode_inputs(vocab, texts: Sequence[str], length: int, prefix: str = "") -> np.ndarray:
@@ -144,9 +141,8 @@ class Retriever:
     return run_lib.retrieve_batch(out, ids, self.doc_ids, lookup=self.index.lookup, k=self.cfg.hits)
 
   def retrieve(self, queries: Sequence[Query], beam: int | None = None, progress: bool = False) -> list[QueryResult]:
-    beam = self.cfg.beam_size if beam is None else beam
-    if not isinstance(beam, numbers.Integral) or beam < 1:   # 0 fell back to the configured beam while recorded as 0
-      raise InputError(f"beam size must be an integer >= 1, got {beam!r}", key="beam")
+    # Explicitly None: a beam of 0 fell back to the configured beam while a sweep recorded it as 0.
+    beam = self.cfg.beam_size if beam is None else check_int(beam, "beam")
     results: list[QueryResult] = []
     it = self.batches(queries)
     if progress:

@@ -34,7 +34,7 @@ import numpy as np
 from scipy import optimize
 
 from genret_jax import atomic_files
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 from genret_jax.scaling import fits as fits_lib
 
 DEFAULT_BEAMS = (1, 2, 5, 10, 20, 50, 100)
@@ -219,8 +219,8 @@ def _check_args(args: argparse.Namespace) -> list[int] | None:
     beams = [int(b) for b in args.beams.split(",")]
   except ValueError as e:
     raise InputError(f"comma-separated integers expected, got {args.beams!r}", key="beams") from e
-  if min(beams) < 1:
-    raise InputError(f"beam sizes must be >= 1, got {args.beams}", key="beams")
+  for b in beams:
+    check_int(b, "beams")
   return beams
 
 

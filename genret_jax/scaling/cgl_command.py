@@ -23,7 +23,7 @@ import gin
 import jax
 
 from genret_jax import atomic_files, gin_utils
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 from genret_jax.scaling import cgl, cgl_eval, scoring
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   # Checked before any scoring (a bad averaging mode was found after every batch had been scored).
   for macro, value, low in (("NUM_NEGATIVES", num_negatives, 1), ("BATCH_SIZE", batch_size, 1),
                             ("genret.cgl_eval_run.bootstrap_resamples", bootstrap_resamples, 0)):
-    if not isinstance(value, int) or value < low:
-      raise InputError(f"must be an integer >= {low}, got {value!r}", key=macro)
+    check_int(value, macro, low)
   if averaging not in cgl.AVERAGING_MODES:
     raise InputError(f"unknown averaging {averaging!r}; choose from {sorted(cgl.AVERAGING_MODES)}",
                      key="genret.cgl_eval_run.averaging")

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from genret_jax import atomic_files
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 from genret_jax.scaling import bootstrap
 from genret_jax.scaling import cgl as cgl_lib
 from genret_jax.scaling import fits as fits_lib
@@ -66,8 +66,7 @@ class ReportConfig:
   def __post_init__(self):
     for name, low in (("restarts", 1), ("bootstrap_resamples", 0), ("resample_restarts", 0),
                       ("resample_max_nfev", 1)):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
-        raise InputError(f"must be an integer >= {low}, got {getattr(self, name)!r}", key=name)
+      check_int(getattr(self, name), name, low)
     if self.f_scale is not None and not (math.isfinite(self.f_scale) and self.f_scale > 0):
       raise InputError(f"must be a positive number, got {self.f_scale}", key="f_scale")
 

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import numbers
 import os
 import time
 from typing import Sequence
@@ -28,7 +27,7 @@ import gin
 import numpy as np
 
 from genret_jax import atomic_files, gin_utils
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 from genret_jax.scaling import results as results_lib
 
 RESULT_JSON = "result.json"
@@ -88,10 +87,9 @@ def plan(cfg: SweepConfig) -> list[dict]:
   cells = []
   fractions = sorted(set(float(f) for f in cfg.data_fractions) | {1.0})
   tasks.check_distinct_fractions(fractions, key="SweepConfig.data_fractions")
-  for beam in (*cfg.beams, cfg.default_beam):
-    if not isinstance(beam, numbers.Integral) or beam < 1:
-      raise InputError(f"beam sizes must be integers >= 1, got {beam!r}",
-                       key="SweepConfig.beams" if beam in cfg.beams else "SweepConfig.default_beam")
+  for beam in cfg.beams:
+    check_int(beam, "SweepConfig.beams")
+  check_int(cfg.default_beam, "SweepConfig.default_beam")
   for family, rungs in cfg.rungs.items():
     n = len(rungs)
     frac_idx = ({i % n for i in cfg.fraction_rungs}
@@ -281,8 +279,8 @@ class Sweep:
     with open(path) as f:
       stored = json.load(f)
     settings = self.cell_settings()
-    differs = sorted(k for k in set(settings) | set(stored.get("settings", settings))
-                     if stored.get("settings", settings).get(k) != settings.get(k))
+    recorded = stored.get("settings", settings)   # result.json files before session 16 recorded none
+    differs = sorted(k for k in set(settings) | set(recorded) if recorded.get(k) != settings.get(k))
     if stored.get("cell", cell).get("beams") != cell["beams"]:
       differs.append("beams")
     if differs:

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import logging
-import numbers
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -26,7 +25,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genret_jax import atomic_files, gin_utils
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 from genret_jax.models import params_io, partitioning
 from genret_jax.training import checkpoints as ckpt_lib
 from genret_jax.training import lora as lora_lib
@@ -214,12 +213,11 @@ def train(*,
                            INITIAL_CHECKPOINT_PATH=initial_checkpoint_path)
   for macro, value in (("TRAIN_STEPS", train_steps), ("BATCH_SIZE", batch_size),
                        ("train.grad_accum_steps", grad_accum_steps)):
-    if not isinstance(value, numbers.Integral) or value <= 0:
-      raise InputError(f"{macro} must be a positive integer, got {value!r}", key=macro)
-  if not isinstance(task_feature_lengths, Mapping) or not all(
-      isinstance(v, numbers.Integral) and v > 0 for v in task_feature_lengths.values()):
-    raise InputError(f"must map feature names to positive lengths, got {task_feature_lengths!r}",
-                     key="TASK_FEATURE_LENGTHS")
+    check_int(value, macro)
+  if not isinstance(task_feature_lengths, Mapping):
+    raise InputError(f"must map feature names to lengths, got {task_feature_lengths!r}", key="TASK_FEATURE_LENGTHS")
+  for feature, length in task_feature_lengths.items():
+    check_int(length, f"TASK_FEATURE_LENGTHS[{feature!r}]")
   missing = {"inputs", "targets"} - set(task_feature_lengths)
   if missing:
     raise InputError(f"needs lengths for {sorted(missing)} (got {dict(task_feature_lengths)})",
