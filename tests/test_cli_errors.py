@@ -65,3 +65,25 @@ def test_missing_directories_are_named_as_missing(tmp_path, capsys):
   assert err.endswith(f"{tmp_path}/nope: CHECKPOINT_PATH: no such directory")
   err = _error(capsys, "convert-hf", "--hf_dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
   assert f"{tmp_path}/nope: no such directory" in err
+
+
+def test_option_ranges_are_one_line(capsys):
+  assert _error(capsys, "inspect", "default", "--max-docs", "-3").endswith(
+      "config key --max-docs: must be an integer >= 1, got -3")   # read as "empty corpus: no documents found"
+  assert "mesh size data=0: give a size >= 1, or -1" in _error(   # shown as data 1
+      capsys, "model-info", "--gin_file=models/t5_1_1/tiny.gin", "--mesh", "data=0,model=2")
+  assert "config key --inputs_length: must be an integer >= 1, got -5" in _error(   # printed negative FLOPs
+      capsys, "model-info", "--gin_file=models/t5_1_1/tiny.gin", "--inputs_length", "-5")
+
+
+def test_unknown_task_is_named_before_model_dir_is_made(tmp_path, capsys, caplog):
+  """The name was checked after MODEL_DIR and a checkpoint manager were made, and seqio listed every registered
+  mixture at INFO (~200 lines) above the error."""
+  import logging
+  caplog.set_level(logging.INFO)
+  model_dir = tmp_path / "run"
+  err = _error(capsys, "train", "--gin_file=runs/train.gin", "--gin_file=models/t5_1_1/cpu_ladder/r0.gin",
+               "--gin.MIXTURE_OR_TASK_NAME='nope_task'", f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=5")
+  assert "config key MIXTURE_OR_TASK_NAME: no seqio task or mixture named 'nope_task'" in err
+  assert not model_dir.exists()
+  assert not [r for r in caplog.records if "Available mixture" in r.getMessage()]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from genret_jax.corpora.types import Collection, Document, Query
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 
 FORMATS = ("beir", "dpr", "jsonl", "ir_datasets", "default")
 DEFAULT_NAME = "default"
@@ -73,6 +73,8 @@ def load(path_or_name: str, format: str | None = None, **kw) -> Collection:  # p
       `max_docs` (keep the first N documents; the rest are counted in the report).
   """
   from genret_jax.corpora import beir, dpr, irds, jsonl
+  if kw.get("max_docs") is not None:
+    check_int(kw["max_docs"], "max_docs", 1)   # a negative cut otherwise reads as an empty corpus
   fmt = format or detect_format(path_or_name)
   p = str(path_or_name)
   if fmt == "beir":

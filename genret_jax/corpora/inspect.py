@@ -14,6 +14,7 @@ import sys
 
 from genret_jax import corpora
 from genret_jax.corpora import stats
+from genret_jax.errors import check_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   kw = {"normalize": args.normalize}
   if args.max_docs is not None:
-    kw["max_docs"] = args.max_docs
+    kw["max_docs"] = check_int(args.max_docs, "--max-docs", 1)
   collection = corpora.load(args.path, format=args.format, **kw)
   for i, path in enumerate(args.questions):
     prefix = args.questions_split if len(args.questions) == 1 else f"{args.questions_split}{i}"

@@ -26,9 +26,12 @@ def _parse_mesh(text: str) -> dict[str, int]:
     if name.strip() not in sizes:
       raise InputError(f"unknown mesh axis {name!r} (data, fsdp, model)", key="--mesh")
     try:
-      sizes[name.strip()] = int(value)
+      size = int(value)
     except ValueError as e:
       raise InputError(f"mesh size {value!r} is not an integer", key="--mesh") from e
+    if size == 0 or size < -1:
+      raise InputError(f"mesh size {name.strip()}={size}: give a size >= 1, or -1", key="--mesh")
+    sizes[name.strip()] = size
   return sizes
 
 
@@ -42,6 +45,9 @@ class _ShapeOnlyMesh:
 def run(args: argparse.Namespace) -> int:
   from genret_jax.models import accounting, partitioning
   from genret_jax.models.model_api import get_model
+  from genret_jax.errors import check_int
+  check_int(args.inputs_length, "--inputs_length", 1)
+  check_int(args.targets_length, "--targets_length", 1)
   parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
   model = get_model()
   mesh = _ShapeOnlyMesh({k: max(v, 1) for k, v in _parse_mesh(args.mesh).items()})

@@ -7,6 +7,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, Mapping
 
 import jax
@@ -25,10 +26,25 @@ def feature_converter_for(family: str, pack: bool = False) -> seqio.FeatureConve
   raise InputError(f"unknown model family {family!r}", key="family")
 
 
+def get_task(mixture_or_task_name: str) -> seqio.Task | seqio.Mixture:
+  """The registered task or mixture, else an InputError naming the config key."""
+  # On an unknown name seqio logs every registered mixture at INFO (~200 lines over the error): quieted.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(max(level, logging.WARNING))
+  try:
+    return seqio.get_mixture_or_task(mixture_or_task_name)
+  except ValueError as e:
+    raise InputError(f"no seqio task or mixture named {mixture_or_task_name!r}; is its module imported "
+                     f"(`import tasks` in the gin file)?", key="MIXTURE_OR_TASK_NAME") from e
+  finally:
+    absl_logger.setLevel(level)
+
+
 def check_model_vocabulary(mixture_or_task_name: str, model_vocab_size: int) -> None:
   """A model vocabulary smaller than the task's: token ids past the embedding table made the loss NaN, far from
   the cause."""
-  task = seqio.get_mixture_or_task(mixture_or_task_name)
+  task = get_task(mixture_or_task_name)
   sizes = {f.vocabulary.vocab_size for f in task.output_features.values()}
   if max(sizes) > model_vocab_size:
     raise InputError(f"the model's vocabulary ({model_vocab_size}) is smaller than the task's ({max(sizes)}, "
@@ -40,11 +56,7 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
                 batch_size: int, feature_converter: seqio.FeatureConverter, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, use_cached: bool = False, skip_batches: int = 0,
                 shard_index: int | None = None, num_shards: int | None = None) -> tf.data.Dataset:
-  try:
-    seqio.get_mixture_or_task(mixture_or_task_name)
-  except ValueError as e:
-    raise InputError(f"no seqio task or mixture named {mixture_or_task_name!r}; is its module imported "
-                     f"(`import tasks` in the gin file)?", key="MIXTURE_OR_TASK_NAME") from e
+  get_task(mixture_or_task_name)
   shard_index = jax.process_index() if shard_index is None else shard_index
   num_shards = jax.process_count() if num_shards is None else num_shards
   if batch_size % num_shards:

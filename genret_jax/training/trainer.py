@@ -225,15 +225,17 @@ def train(*,
   if batch_size % grad_accum_steps:
     raise InputError(f"BATCH_SIZE {batch_size} not divisible by grad_accum_steps {grad_accum_steps}",
                      key="train.grad_accum_steps")
+  # seqio/TensorFlow load only when a run needs data: the train step itself is importable without them
+  # (benchmarks on accelerator hosts that have no TF).
+  from genret_jax.training import data as data_lib
+  # The task is checked before MODEL_DIR is made or a checkpoint manager opened: a misspelt name leaves nothing.
+  data_lib.check_model_vocabulary(mixture_or_task_name, model.config.vocab_size)
   os.makedirs(model_dir, exist_ok=True)
   if write_config and jax.process_index() == 0:
     atomic_files.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
   mesh = (mesh_config or MeshConfig()).build()
   schedule = learning_rate if learning_rate is not None else optimizers.make_schedule(total_steps=train_steps)
   tx = optimizer if optimizer is not None else optimizers.make_optimizer(learning_rate=schedule)
-  # seqio/TensorFlow load only when a run needs data: the train step itself is importable without them
-  # (benchmarks on accelerator hosts that have no TF).
-  from genret_jax.training import data as data_lib
   converter = data_lib.feature_converter_for(model.family, pack=pack)
   # Dropout keys fold the step into their own stream: folded into key(seed) itself, step 1's key was the one
   # `initial_rngs` splits for the init keys.
@@ -255,7 +257,6 @@ def train(*,
 
   ds = data_lib.get_dataset(mixture_or_task_name, task_feature_lengths, "train", batch_size, converter, seed=seed,
                             shuffle=True, num_epochs=None, use_cached=use_cached_tasks, skip_batches=skip)
-  data_lib.check_model_vocabulary(mixture_or_task_name, model.config.vocab_size)
   batches = data_lib.numpy_batches(ds)
   first = next(batches)
   batch_shapes = {k: (1,) + v.shape[1:] for k, v in first.items()}
