@@ -23,7 +23,7 @@ install-resolve:
 
 lock:
 	(echo "# Full transitive lock (pip freeze of the two-stage install on Python 3.11.7), installed with --no-deps."; \
-	 echo "# Regenerate: make lock"; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu/torch==2.13.0/') > requirements/lock.txt
+	 echo "# Regenerate: make lock"; $(BIN)/pip freeze --all --exclude pip --exclude-editable | sed 's/^torch==2.13.0+cpu/torch==2.13.0/') > requirements/lock.txt
 
 .PHONY: install install-resolve lock demo test bench clean
 install: $(STAMP)
