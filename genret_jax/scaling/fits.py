@@ -54,6 +54,7 @@ class LawForm:
   init_low: np.ndarray
   init_high: np.ndarray
   num_inputs: int
+  amplitudes: tuple[str, ...] = ()   # parameters that must be > 0 (fitted as logs: they can underflow to 0)
 
   def predict(self, params: np.ndarray, x: np.ndarray) -> np.ndarray:
     raise NotImplementedError
@@ -85,6 +86,7 @@ class PowerLaw(LawForm):
 
   name = "power"
   param_names = ("a", "b", "c")
+  amplitudes = ("a",)
   init_low = np.array([1.0, 0.1, -1.0])
   init_high = np.array([1e4, 2.0, 1.0])
   num_inputs = 1
@@ -132,6 +134,7 @@ class JointLaw(LawForm):
 
   name = "joint"
   param_names = ("A", "alpha", "beta", "B", "delta")
+  amplitudes = ("A", "B")
   init_low = np.array([1.0, 0.1, 0.1, 1.0, -1.0])
   init_high = np.array([1e4, 2.0, 2.0, 1e4, 1.0])
   num_inputs = 2
@@ -398,6 +401,13 @@ def fit(form: str | LawForm, x, y, *, restarts: int = DEFAULT_RESTARTS, seed: in
   if best_theta is None:
     raise InputError(f"all {len(starts)} restarts of the {law.name} fit failed", key="fit")
   params = law.from_internal(best_theta, s)
+  # The optimiser can run along a valley to a limit the law only approaches, e.g. b -> 0 with log a -> -inf
+  # (y falling linearly in log x, or faster at large x): a underflows to 0 and every prediction is nan.
+  off = [f"{k} = {v:g}" for k, v in zip(law.param_names, params)
+         if not math.isfinite(v) or (k in law.amplitudes and v <= 0)]
+  if off:
+    raise InputError(f"the best {law.name} fit has {', '.join(off)} (outside float64's range): these points follow "
+                     "a limit of the law (e.g. exponent -> 0), not a law with finite parameters", key="fit")
   pred = law.predict(params, xs)
   # Report the objective in original units: SS_res / 2 for least squares.
   cost = best_cost * s.y_scale ** 2

@@ -150,8 +150,9 @@ def _fit_series(s: Series, form: str, cfg: ReportConfig, notes: list[str], predi
     return None
   exact = n_unique == n_params
   if exact:
-    notes.append(f"{s.family} {s.name}: {n_unique} points for {n_params} parameters — the fit is exact "
-                 "(R² = 1 by construction), treat it as interpolation; no parameter CIs.")
+    # Not necessarily R² = 1: three points that fall faster at large x have no power law through them.
+    notes.append(f"{s.family} {s.name}: {n_unique} points for {n_params} parameters — no degrees of freedom left, "
+                 "treat the fit as interpolation; no parameter CIs.")
   try:
     if s.cells is not None and cfg.bootstrap_resamples > 0:
       s.y_ci = np.array([bootstrap.mean_ci(c, cfg.bootstrap_resamples, cfg.seed, cfg.confidence)[1:]
