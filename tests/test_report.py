@@ -161,3 +161,19 @@ def test_bad_tables_and_options_are_named(tmp_path):
   for bad in (dict(bootstrap_resamples=-1), dict(f_scale=-1.0), dict(restarts=0)):
     with pytest.raises(InputError):
       report.ReportConfig(**bad)
+
+
+def test_law_plot_limits_follow_the_points(tmp_path, monkeypatch):
+  """A steep unreliable fit (session 17's LLaMA CGL vs N: b = 51.6) reached 7e10 left of the points and flattened
+  them onto one line; the y axis now spans the measured values only."""
+  from genret_jax.scaling import fits, plots
+  figs = []
+  monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+  n = np.array([1.295e5, 5.17e5, 1.967e6])
+  s = report.Series(family="llama", name="cgl_vs_N", x=n, y=np.array([0.00373, 0.003707, 0.003711]),
+                    cell_ids=["a", "b", "c"], cells=None)
+  f = fits.FitResult(form="power", params={"a": 105053.0, "b": 51.59, "c": 0.00370883}, r2=0.97, cost=0.0,
+                     num_points=3)
+  plots.law_plot(tmp_path / "n.png", {"llama": s}, {"llama": f}, x_label="N", title="CGL vs N", chance=0.0039)
+  lo, hi = figs[0].axes[0].get_ylim()
+  assert 0.0036 < lo < 0.003707 and 0.0039 < hi < 0.0041

@@ -31,6 +31,17 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def _limit_y(ax, values, margin: float = 0.15) -> None:
+  """Y limits from the measured values (points, their CIs, chance) only: a fitted curve drawn past the points
+  can run to 1e10 (an unreliable fit with b = 50) and flatten every point onto one line."""
+  v = np.asarray([x for x in np.ravel(values) if np.isfinite(x)], dtype=np.float64)
+  if v.size == 0:
+    return
+  lo, hi = float(v.min()), float(v.max())
+  pad = margin * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 1e-12)
+  ax.set_ylim(lo - pad, hi + pad)
+
+
 def law_plot(path: pathlib.Path, series_by_family: Mapping[str, "object"],
              fits_by_family: Mapping[str, fits_lib.FitResult | None], *, x_label: str, y_label: str = "CGL",
              title: str, chance: float | None = None,
@@ -38,9 +49,11 @@ def law_plot(path: pathlib.Path, series_by_family: Mapping[str, "object"],
   """Points per family on a log-x axis with the fitted curve (solid), its asymptote c (dashed) and an
   optional bootstrap band (x grid, lo, hi)."""
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  measured = [] if chance is None else [chance]
   for i, (family, s) in enumerate(sorted(series_by_family.items())):
     color = _color(i)
     yerr = None
+    measured += [*np.ravel(s.y), *([] if s.y_ci is None else np.ravel(s.y_ci))]
     if s.y_ci is not None:
       yerr = np.abs(np.stack([s.y - s.y_ci[:, 0], s.y_ci[:, 1] - s.y]))
     ax.errorbar(s.x, s.y, yerr=yerr, fmt="o", color=color, label=f"{family}", capsize=3)
@@ -56,6 +69,7 @@ def law_plot(path: pathlib.Path, series_by_family: Mapping[str, "object"],
         ax.fill_between(g, blo, bhi, color=color, alpha=0.15, lw=0)
   if chance is not None:
     ax.axhline(chance, ls=":", color="gray", lw=1.0, label=f"chance {chance:.6g}")
+  _limit_y(ax, measured)
   ax.set_xscale("log")
   ax.set_xlabel(x_label)
   ax.set_ylabel(y_label)
@@ -71,6 +85,7 @@ def beam_plot(path: pathlib.Path, beam_rows_by_family: Mapping[str, Sequence[dic
   """2x2: Recall@k vs beam and vs decode FLOPs (top), CGL vs beam and vs decode FLOPs (bottom)."""
   fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
   markers = ("o", "s", "^", "v", "D", "x")
+  recalls: list[float] = []
   for i, (family, rows) in enumerate(sorted(beam_rows_by_family.items())):
     color = _color(i)
     beams = np.array([r["beam"] for r in rows], dtype=np.float64)
@@ -80,6 +95,7 @@ def beam_plot(path: pathlib.Path, beam_rows_by_family: Mapping[str, Sequence[dic
       vals = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)
       if np.all(np.isnan(vals)):
         continue
+      recalls += list(vals)
       for col, xs in ((0, beams), (1, flops)):
         if col == 1 and np.all(np.isnan(xs)):
           continue
@@ -101,6 +117,8 @@ def beam_plot(path: pathlib.Path, beam_rows_by_family: Mapping[str, Sequence[dic
     ax.grid(True, which="both", alpha=0.3)
     if ax.lines:
       ax.legend(fontsize=6.5, loc="best")
+  for ax in axes[0]:
+    _limit_y(ax, recalls + [0.0])
   axes[1, 0].set_title("CGL is teacher-forced: independent of beam", fontsize=9)
   return _save(fig, path)
 
