@@ -118,6 +118,24 @@ def test_clean_laws_unflagged_and_noise_flagged(run_dir):
   assert "3 points for 3 parameters" in report.fit_problem(exact)
 
 
+def test_unidentified_asymptote_is_a_caveat(run_dir):
+  """Session 17's Cranfield data axis (T5 r1, 4 points): a sound trend whose c CI spans ~90x the points' range
+  was printed as a law with asymptote 7.7e-5 and no remark; the synthetic sweep's clean laws get none."""
+  fits = json.loads((run_dir / "fits.json").read_text())
+  for family in TRUE:   # the CGL laws drawn from TRUE (the synthetic beam series are not power laws)
+    caveats = fits["families"][family]["fit_caveats"]
+    assert "cgl_vs_N" not in caveats and "joint" not in caveats, caveats
+  from genret_jax.scaling import fits as fits_lib
+  d = np.array([1620.0, 3230.0, 6460.0, 12920.0])
+  y = np.array([0.003543, 0.003521, 0.003467, 0.003446])
+  f = fits_lib.fit("power", d, y, restarts=5, seed=0)
+  f.param_ci = {"a": [1e-277, 1472.0], "b": [0.0075, 97.0], "c": [-0.005425, 0.003595]}   # its bootstrap CIs
+  assert report.fit_problem(f) == ""
+  assert "the asymptote is not identified" in report.fit_caveat(f, y)
+  f.param_ci["c"] = [0.00330, 0.00340]
+  assert report.fit_caveat(f, y) == ""
+
+
 def test_exponent_ci_through_zero_is_flagged():
   """A law with a good R² whose exponent's bootstrap CI reaches 0 (or has an undefined bound) is flagged; the
   same law with a CI clear of 0 is not. The demo report showed such a fit (R² 0.93, b's CI [-1.2, 109])

@@ -252,7 +252,7 @@ _TITLES = {"cgl_vs_N": "CGL vs N", "cgl_vs_D": "CGL vs D", "joint": "CGL vs (N, 
            "error_vs_beam": "1 - {m} vs beam", "error_vs_flops": "1 - {m} vs decode FLOPs"}
 
 
-def _fits_section(fitted: dict, cfg: ReportConfig) -> list[str]:
+def _fits_section(fitted: dict, series: dict, cfg: ReportConfig) -> list[str]:
   lines = ["| family | series | law | R² | points | parameters (95% CI) | prediction at extrapolated x (CI) |",
            "|---|---|---|---|---|---|---|"]
   for family, fam in fitted.items():
@@ -271,6 +271,8 @@ def _fits_section(fitted: dict, cfg: ReportConfig) -> list[str]:
       problem = fit_problem(f)
       if problem:
         law += f" **unreliable: {problem}**"
+      elif caveat := fit_caveat(f, series[family][name].y):
+        law += f" *(trend only: {caveat})*"
       lines.append(f"| {family} | {title} | {law} | {f.r2:.5f} | {f.num_points} | {params} | {pred} |")
   return lines
 
@@ -300,6 +302,28 @@ def fit_problem(f) -> str:
       level = f"{100 * f.confidence:.0f}% " if f.confidence else ""
       return f"the exponent {name}'s {level}CI {_ci(ci)} includes 0 or is undefined (no trend established)"
   return ""
+
+
+# The law's additive constant: the asymptote (irreducible loss) the paper reads off a fit.
+_OFFSETS = {"power": "c", "joint": "delta"}
+
+
+def fit_caveat(f, y) -> str:
+  """Why the asymptote of an otherwise sound fit should not be read ('' when it can be): when the bootstrap CI of
+  c (delta) is many times wider than the fitted points' own range, the points fix a trend but not where it levels
+  off (e.g. the b -> 0 side of the law, about linear in log x: session 17's Cranfield data axis read
+  c = 7.7e-5 with CI [-0.0054, 0.0036] over points 0.00345-0.00354)."""
+  name = _OFFSETS.get(f.law.name)
+  ci = (f.param_ci or {}).get(name)
+  span = float(np.ptp(np.asarray(y, dtype=np.float64)))
+  if ci is None or span <= 0:
+    return ""
+  lo, hi = float(ci[0]), float(ci[1])
+  width = hi - lo if math.isfinite(lo) and math.isfinite(hi) else math.inf
+  if width <= 10 * span:
+    return ""
+  times = "unbounded" if math.isinf(width) else f"{width / span:.0f}x the points' range"
+  return f"{name}'s CI {_ci(ci)} is {times}; the asymptote is not identified"
 
 
 def _chance(rows: Sequence[dict], run_dir: pathlib.Path) -> float:
@@ -336,7 +360,10 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
                                                 float(max(r["D"] for r in rows if r["family"] == fam))]},
                                 "fits": {k: (v.to_dict() if v is not None else None) for k, v in fam_fits.items()},
                                 "fit_problems": {k: p for k, v in fam_fits.items()
-                                                 if v is not None and (p := fit_problem(v))}}
+                                                 if v is not None and (p := fit_problem(v))},
+                                "fit_caveats": {k: c for k, v in fam_fits.items()
+                                                if v is not None and not fit_problem(v)
+                                                and (c := fit_caveat(v, series[fam][k].y))}}
                           for fam, fam_fits in fitted.items()},
              "matched_pairs": pairs, "notes": notes}
   atomic_files.write_json(run_dir / FITS_JSON, payload, indent=2)
@@ -364,7 +391,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
         f"Fits: `scipy.optimize.least_squares` ({cfg.loss} loss), {cfg.restarts} seeded restarts (seed "
         f"{cfg.seed}), best kept; {int(cfg.confidence * 100)}% CIs from {cfg.bootstrap_resamples} query "
         "bootstrap resamples (per-cell means recomputed with shared query indices).", "",
-        "## Fitted laws", "", *_fits_section(fitted, cfg), "",
+        "## Fitted laws", "", *_fits_section(fitted, series, cfg), "",
         f"Predictions are at {cfg.extrapolate:g}x the largest observed x (N for the joint law, at the largest D).",
         ""]
   for fam in series:
