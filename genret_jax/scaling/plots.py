@@ -31,14 +31,14 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _limit_y(ax, values, margin: float = 0.15) -> None:
+def _limit_y(ax, values) -> None:
   """Y limits from the measured values (points, their CIs, chance) only: a fitted curve drawn past the points
   can run to 1e10 (an unreliable fit with b = 50) and flatten every point onto one line."""
   v = np.asarray([x for x in np.ravel(values) if np.isfinite(x)], dtype=np.float64)
   if v.size == 0:
     return
   lo, hi = float(v.min()), float(v.max())
-  pad = margin * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 1e-12)
+  pad = 0.15 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 1e-12)
   ax.set_ylim(lo - pad, hi + pad)
 
 
