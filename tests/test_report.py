@@ -195,3 +195,29 @@ def test_law_plot_limits_follow_the_points(tmp_path, monkeypatch):
   plots.law_plot(tmp_path / "n.png", {"llama": s}, {"llama": f}, x_label="N", title="CGL vs N", chance=0.0039)
   lo, hi = figs[0].axes[0].get_ylim()
   assert 0.0036 < lo < 0.003707 and 0.0039 < hi < 0.0041
+
+
+def test_every_size_with_a_data_axis_is_plotted(tmp_path, monkeypatch):
+  """The CGL-vs-D plot showed one N only (the fitted one), hiding how the gain from D depends on N (session 17's
+  data-axis sweep: r0 flat in D, r2 falling): the other sizes with >= 2 fractions are plotted beside it."""
+  from genret_jax.scaling import plots
+  rows, rng = [], np.random.default_rng(0)
+  for n in (1e5, 1e6):
+    for frac in (0.25, 0.5, 1.0):
+      d = D_FULL * frac
+      per_q = _law(TRUE["t5"], n, d) * (1.0 + 0.05 * rng.standard_normal(NUM_QUERIES))
+      cell_id = f"t5-{int(n)}-{frac}-b1"
+      rows.append({"family": "t5", "n_nonembed": n, "n_total": n, "data_fraction": frac, "D": d,
+                   "train_flops": 6 * n * d, "beam": 1, "decode_flops_per_query": 2 * n, "cgl": float(per_q.mean()),
+                   "ce": 5.4, "recall@10": 0.5, "seed": 0, "config": "x.gin", "wall_s": 1.0, "cell_id": cell_id})
+      results.write_per_query(tmp_path, cell_id, {"cgl": per_q, "num_negatives": 256})
+  results.write_results(tmp_path / "results.csv", rows)
+  series = report.select_series(results.load_results(tmp_path), tmp_path)
+  assert series["t5"]["cgl_vs_D"].fixed["N"] == 1e6 and list(series["t5"]["cgl_vs_D_other_n"]) == [1e5]
+  shown = {}
+  real_law_plot = plots.law_plot
+  monkeypatch.setattr(plots, "law_plot", lambda path, s, *a, **k: shown.update({path.name: sorted(s)}) or
+                      real_law_plot(path, s, *a, **k))
+  md = report.make_report(tmp_path, report.ReportConfig(restarts=2, bootstrap_resamples=20)).read_text()
+  assert shown["cgl_vs_d.png"] == ["t5 N=1e+05", "t5 N=1e+06"] and shown["cgl_vs_n.png"] == ["t5"]
+  assert "CGL vs D at N = 1e+06 (fitted; plotted also at N = 1e+05)" in md

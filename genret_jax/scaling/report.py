@@ -116,6 +116,10 @@ def select_series(rows: Sequence[dict], run_dir: pathlib.Path, beam_metric: str 
     n_star = max(ds_per_n, key=lambda n: (len(ds_per_n[n]), n))
     by_d = sorted(ds_per_n[n_star], key=lambda r: r["D"])
     sel["cgl_vs_D"] = _series(run_dir, family, "cgl_vs_D", by_d, "D", "cgl", fixed={"N": n_star})
+    # The other sizes' data axes, plotted (not fitted) beside it: how the gain from D depends on N.
+    sel["cgl_vs_D_other_n"] = {
+        n: _series(run_dir, family, "cgl_vs_D", sorted(rs, key=lambda r: r["D"]), "D", "cgl", fixed={"N": n})
+        for n, rs in sorted(ds_per_n.items()) if n != n_star and len(rs) >= 2}
     joint_rows = sorted(models.values(), key=lambda r: (r["n_nonembed"], r["D"]))
     joint = _series(run_dir, family, "joint", joint_rows, "n_nonembed", "cgl")
     joint.x = np.array([[r["n_nonembed"], r["D"]] for r in joint_rows], dtype=np.float64)
@@ -374,8 +378,19 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
     pdir = run_dir / PLOTS_DIR
     for name, xl, fname in (("cgl_vs_N", "non-embedding parameters N", "cgl_vs_n.png"),
                             ("cgl_vs_D", "training examples D", "cgl_vs_d.png")):
-      plots.law_plot(pdir / fname, {f: series[f][name] for f in series},
-                     {f: fitted[f].get(name) for f in series}, x_label=xl, title=_TITLES[name], chance=chance)
+      shown = {f: series[f][name] for f in series}
+      laws = {f: fitted[f].get(name) for f in series}
+      if name == "cgl_vs_D":
+        for f in series:
+          if series[f]["cgl_vs_D_other_n"]:   # several sizes on one plot: each labelled with its N
+            key = f"{f} N={_fmt(series[f][name].fixed['N'])}"
+            shown[key], laws[key] = shown.pop(f), laws.pop(f)
+          for n, other in series[f]["cgl_vs_D_other_n"].items():
+            if other.cells is not None and cfg.bootstrap_resamples > 0:
+              other.y_ci = np.array([bootstrap.mean_ci(c, cfg.bootstrap_resamples, cfg.seed, cfg.confidence)[1:]
+                                     for c in other.cells])
+            shown[f"{f} N={_fmt(n)}"] = other
+      plots.law_plot(pdir / fname, shown, laws, x_label=xl, title=_TITLES[name], chance=chance)
       pngs.append((_TITLES[name], f"{PLOTS_DIR}/{fname}"))
     recall_keys = [k for k in ("recall@1", "recall@10", "recall@100")
                    if any(not math.isnan(r.get(k, math.nan)) for r in rows)]
@@ -396,8 +411,11 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
         ""]
   for fam in series:
     bm = series[fam]["beam_model"]
+    others = ", ".join(_fmt(n) for n in series[fam]["cgl_vs_D_other_n"])
     md.append(f"- {fam}: CGL vs N at D = {_fmt(series[fam]['cgl_vs_N'].fixed['D'])}; CGL vs D at N = "
-              f"{_fmt(series[fam]['cgl_vs_D'].fixed['N'])}; beam series at N = {_fmt(bm['N'])}, D = {_fmt(bm['D'])}.")
+              f"{_fmt(series[fam]['cgl_vs_D'].fixed['N'])}" + (f" (fitted; plotted also at N = {others})" if others
+                                                              else "")
+              + f"; beam series at N = {_fmt(bm['N'])}, D = {_fmt(bm['D'])}.")
   md += ["", "## Plots", ""]
   for title, rel in pngs:
     md += [f"### {title}", "", f"![{title}]({rel})", ""]
