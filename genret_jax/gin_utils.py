@@ -6,9 +6,8 @@ import argparse
 import logging
 import os
 import re
-from typing import Sequence
-
 import tokenize
+from typing import Sequence
 
 import gin
 

@@ -143,8 +143,7 @@ def build_index(kind: str = "suffix_array", output_dir: str | None = None, token
             "num_tokens": num_tokens, "indexed_tokens": indexed, "nbytes": int(nbytes),
             "bytes_per_token": nbytes / max(indexed, 1), "build_seconds": seconds,
             "tokens_per_second": indexed / seconds if seconds > 0 else None}
-  with atomic_files.atomic_open(f"{output_dir}/report.json") as f:
-    json.dump(report, f, indent=2)
+  atomic_files.write_json(f"{output_dir}/report.json", report, indent=2)
   return report
 
 

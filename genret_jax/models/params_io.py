@@ -72,13 +72,14 @@ def restore_params(directory: str, abstract_params: Any | None = None) -> Any:
                        "directory)", path=path)
     # convert-hf before session 16 saved {"params": tree}; a model's own top-level names are its modules.
     wrapped = isinstance(tree, dict) and list(tree) == ["params"]
-    if abstract_params is None:
+    saved = tree["params"] if wrapped else tree
+    if abstract_params is not None:
+      check_shapes(saved, abstract_params, path, "the model config")
+    else:
       # Onto this process's first device, whatever mesh wrote it (e.g. a multi-host run): orbax refuses to
       # reuse saved shardings whose devices are not here.
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                     tree["params"] if wrapped else tree)
-    check_shapes(tree["params"] if wrapped else tree, abstract_params, path, "the model config")
+      abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
     if wrapped:
       return ckptr.restore(path, {"params": abstract_params})["params"]
     return ckptr.restore(path, abstract_params)

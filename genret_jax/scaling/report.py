@@ -144,6 +144,11 @@ def select_series(rows: Sequence[dict], run_dir: pathlib.Path, beam_metric: str 
   return out
 
 
+def _set_point_cis(s: Series, cfg: ReportConfig) -> None:
+  """Each point's bootstrap CI over its queries (the error bars)."""
+  s.y_ci = np.array([bootstrap.mean_ci(c, cfg.bootstrap_resamples, cfg.seed, cfg.confidence)[1:] for c in s.cells])
+
+
 def _fit_series(s: Series, form: str, cfg: ReportConfig, notes: list[str], predict_at=None):
   """Fit with CIs when per-query values exist; None (with a note) when the series is too short or fails."""
   x = s.x
@@ -159,8 +164,7 @@ def _fit_series(s: Series, form: str, cfg: ReportConfig, notes: list[str], predi
                  "treat the fit as interpolation; no parameter CIs.")
   try:
     if s.cells is not None and cfg.bootstrap_resamples > 0:
-      s.y_ci = np.array([bootstrap.mean_ci(c, cfg.bootstrap_resamples, cfg.seed, cfg.confidence)[1:]
-                         for c in s.cells])
+      _set_point_cis(s, cfg)
     if s.cells is not None and cfg.bootstrap_resamples > 0 and not exact:
       return fits_lib.bootstrap_fit(form, x, s.cells, restarts=cfg.restarts, seed=cfg.seed, loss=cfg.loss,
                                     f_scale=cfg.f_scale, num_resamples=cfg.bootstrap_resamples,
@@ -387,8 +391,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
             shown[key], laws[key] = shown.pop(f), laws.pop(f)
           for n, other in series[f]["cgl_vs_D_other_n"].items():
             if other.cells is not None and cfg.bootstrap_resamples > 0:
-              other.y_ci = np.array([bootstrap.mean_ci(c, cfg.bootstrap_resamples, cfg.seed, cfg.confidence)[1:]
-                                     for c in other.cells])
+              _set_point_cis(other, cfg)
             shown[f"{f} N={_fmt(n)}"] = other
       plots.law_plot(pdir / fname, shown, laws, x_label=xl, title=_TITLES[name], chance=chance)
       pngs.append((_TITLES[name], f"{PLOTS_DIR}/{fname}"))
