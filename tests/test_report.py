@@ -8,6 +8,7 @@ import pytest
 
 from genret_jax import cli
 from genret_jax.errors import InputError
+from genret_jax.scaling import bootstrap
 from genret_jax.scaling import report
 from genret_jax.scaling import results
 
@@ -221,3 +222,48 @@ def test_every_size_with_a_data_axis_is_plotted(tmp_path, monkeypatch):
   md = report.make_report(tmp_path, report.ReportConfig(restarts=2, bootstrap_resamples=20)).read_text()
   assert shown["cgl_vs_d.png"] == ["t5 N=1e+05", "t5 N=1e+06"] and shown["cgl_vs_n.png"] == ["t5"]
   assert "CGL vs D at N = 1e+06 (fitted; plotted also at N = 1e+05)" in md
+
+
+def test_axis_steps_pair_the_queries(tmp_path):
+  """Neighbouring sizes (and data fractions) as paired differences over the shared queries: a shift far smaller
+  than the spread between queries is resolved, which the points' own CIs cannot do (session 17 computed these
+  for docs/results.md with an ad-hoc script)."""
+  rng = np.random.default_rng(0)
+  difficulty = 0.0038 * (1.0 + 0.05 * rng.standard_normal(NUM_QUERIES))   # shared by every model
+  shift = {(1e5, 1.0): 0.0, (4e5, 0.25): 1e-5, (4e5, 0.5): -1e-5, (4e5, 1.0): -2e-5, (1.6e6, 1.0): -2e-5}
+  rows, cells = [], {}
+  for (n, frac), s in shift.items():
+    per_q = difficulty + s + 1e-7 * rng.standard_normal(NUM_QUERIES)
+    cell_id = f"t5-{int(n)}-{frac}-b1"
+    cells[(n, frac)] = per_q
+    rows.append({"family": "t5", "n_nonembed": n, "n_total": n, "data_fraction": frac, "D": D_FULL * frac,
+                 "train_flops": 6 * n * D_FULL * frac, "beam": 1, "decode_flops_per_query": 2 * n,
+                 "cgl": float(per_q.mean()), "ce": 5.4, "recall@10": 0.5, "seed": 0, "config": "x.gin",
+                 "wall_s": 1.0, "cell_id": cell_id})
+    results.write_per_query(tmp_path, cell_id, {"cgl": per_q, "num_negatives": 256})
+  results.write_results(tmp_path / "results.csv", rows)
+  cfg = report.ReportConfig(restarts=2, bootstrap_resamples=200)
+  md = report.make_report(tmp_path, cfg).read_text()
+  steps = json.loads((tmp_path / "fits.json").read_text())["axis_steps"]
+  key = {(s["axis"], s["from"], s["to"]): s for s in steps}
+  # N at the largest D: 1e5 -> 4e5 -> 1.6e6 and first -> last; D at N = 4e5 likewise; no D axis at one fraction.
+  assert sorted(key) == sorted([("N", 1e5, 4e5), ("N", 4e5, 1.6e6), ("N", 1e5, 1.6e6),
+                                ("D", 5000.0, 10000.0), ("D", 10000.0, 20000.0), ("D", 5000.0, 20000.0)])
+  better = key[("N", 1e5, 4e5)]
+  assert better["diff"] == pytest.approx(-2e-5, abs=1e-7) and better["diff_ci"][1] < 0
+  same = key[("N", 4e5, 1.6e6)]
+  assert same["diff_ci"][0] < 0 < same["diff_ci"][1]
+  assert key[("D", 5000.0, 20000.0)]["diff"] == pytest.approx(-3e-5, abs=1e-7)
+  assert key[("D", 5000.0, 10000.0)]["fixed"] == {"N": 4e5}
+  # The same 2e-5 step is inside the spread of either point's own interval: only the pairing resolves it.
+  lo_a, hi_a = bootstrap.mean_ci(cells[(1e5, 1.0)], 200)[1:]
+  lo_b, hi_b = bootstrap.mean_ci(cells[(4e5, 1.0)], 200)[1:]
+  assert lo_a < hi_b and lo_b < hi_a
+  assert "## Paired differences along each axis" in md and "| t5 | D | N = 4e+05 |" in md
+
+  # Cells over different query sets have no paired CI.
+  short = {"cgl": cells[(1.6e6, 1.0)][:-1], "num_negatives": 256}
+  results.write_per_query(tmp_path, "t5-1600000-1.0-b1", short)
+  series = report.select_series(results.load_results(tmp_path), tmp_path)
+  steps = {(s["axis"], s["from"], s["to"]): s for s in report.axis_steps(series, cfg)}
+  assert steps[("N", 4e5, 1.6e6)]["diff_ci"] is None and steps[("N", 1e5, 4e5)]["diff_ci"] is not None

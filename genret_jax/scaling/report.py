@@ -218,13 +218,41 @@ def matched_pairs(series: dict, run_dir: pathlib.Path, cfg: ReportConfig) -> lis
           continue
         p = {"family_a": fa, "family_b": fb, "n_a": float(na), "n_b": float(nb), "cgl_a": float(sa.y[ia]),
              "cgl_b": float(sb.y[ib]), "diff": float(sa.y[ia] - sb.y[ib]), "diff_ci": None}
-        if sa.cells is not None and sb.cells is not None and sa.cells[ia].size == sb.cells[ib].size:
-          # Same queries and negatives in both cells: a paired bootstrap of the difference.
-          _, lo, hi = bootstrap.mean_ci(sa.cells[ia] - sb.cells[ib], min(cfg.bootstrap_resamples, 1000) or 200,
-                                        cfg.seed, cfg.confidence)
-          p["diff_ci"] = [lo, hi]
+        if sa.cells is not None and sb.cells is not None:
+          p["diff_ci"] = _paired_diff_ci(sa.cells[ia], sb.cells[ib], cfg)
         pairs.append(p)
   return pairs
+
+
+def _paired_diff_ci(a: np.ndarray, b: np.ndarray, cfg: ReportConfig) -> list[float] | None:
+  """CI of mean(a) - mean(b) from a bootstrap of the per-query differences, when both cells hold the same
+  queries (and, from one sweep, the same negatives); None when their query counts differ."""
+  if a.size != b.size:
+    return None
+  _, lo, hi = bootstrap.mean_ci(a - b, min(cfg.bootstrap_resamples, 1000) or 200, cfg.seed, cfg.confidence)
+  return [lo, hi]
+
+
+def axis_steps(series: dict, cfg: ReportConfig) -> list[dict]:
+  """Within each family, the CGL change from each point to the next along N (at the largest D) and along D (at
+  every N with >= 2 data fractions), and from the first point to the last where an axis has >= 3, with paired
+  CIs. A sweep too small or too early for a law still answers these (is the larger model better, does more data
+  help at this size), and the pairing over shared queries and negatives makes the CIs far narrower than the
+  points' own (session 17's Cranfield reading came from an ad-hoc script that did this)."""
+  out = []
+  for family, sel in series.items():
+    d_axes = {sel["cgl_vs_D"].fixed["N"]: sel["cgl_vs_D"], **sel["cgl_vs_D_other_n"]}
+    axes = [("N", sel["cgl_vs_N"])] + [("D", d_axes[n]) for n in sorted(d_axes)]
+    for axis, s in axes:
+      n = len(s.x)
+      for i, j in [(i, i + 1) for i in range(n - 1)] + ([(0, n - 1)] if n >= 3 else []):
+        step = {"family": family, "axis": axis, "fixed": {k: float(v) for k, v in s.fixed.items()},
+                "from": float(s.x[i]), "to": float(s.x[j]), "cgl_from": float(s.y[i]), "cgl_to": float(s.y[j]),
+                "diff": float(s.y[j] - s.y[i]), "diff_ci": None}
+        if s.cells is not None:
+          step["diff_ci"] = _paired_diff_ci(s.cells[j], s.cells[i], cfg)
+        out.append(step)
+  return out
 
 
 def _fmt(v: Any) -> str:
@@ -355,6 +383,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
   series = select_series(rows, run_dir, cfg.beam_metric)
   fitted, notes = fit_all(series, cfg)
   pairs = matched_pairs(series, run_dir, cfg)
+  steps = axis_steps(series, cfg)
   chance = _chance(rows, run_dir)
 
   flops = flops_coefficients(rows)
@@ -373,7 +402,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
                                                 if v is not None and not fit_problem(v)
                                                 and (c := fit_caveat(v, series[fam][k].y))}}
                           for fam, fam_fits in fitted.items()},
-             "matched_pairs": pairs, "notes": notes}
+             "matched_pairs": pairs, "axis_steps": steps, "notes": notes}
   atomic_files.write_json(run_dir / FITS_JSON, payload, indent=2)
 
   pngs: list[tuple[str, str]] = []
@@ -424,10 +453,22 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
     md += [f"### {title}", "", f"![{title}]({rel})", ""]
   if pairs:
     md += ["## Families at matched N", "",
-           "| A | N_A | CGL_A | B | N_B | CGL_B | A - B (paired 95% CI) |", "|---|---|---|---|---|---|---|"]
+           f"| A | N_A | CGL_A | B | N_B | CGL_B | A - B (paired {int(cfg.confidence * 100)}% CI) |",
+           "|---|---|---|---|---|---|---|"]
     for p in pairs:
       md.append(f"| {p['family_a']} | {_fmt(p['n_a'])} | {_fmt(p['cgl_a'])} | {p['family_b']} | {_fmt(p['n_b'])} | "
                 f"{_fmt(p['cgl_b'])} | {_fmt(p['diff'])} {_ci(p['diff_ci'])} |")
+    md.append("")
+  if steps:
+    md += ["## Paired differences along each axis", "",
+           "CGL change from one model to the next within a family (negative: the second is better); CI from a "
+           "bootstrap of the per-query differences (same queries and negatives in both).", "",
+           f"| family | axis | at | from | to | CGL from | CGL to | change (paired {int(cfg.confidence * 100)}% CI) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for s in steps:
+      at = ", ".join(f"{k} = {_fmt(v)}" for k, v in s["fixed"].items())
+      md.append(f"| {s['family']} | {s['axis']} | {at} | {_fmt(s['from'])} | {_fmt(s['to'])} | "
+                f"{_fmt(s['cgl_from'])} | {_fmt(s['cgl_to'])} | {_fmt(s['diff'])} {_ci(s['diff_ci'])} |")
     md.append("")
   md += ["## Results", "", *_results_table(rows), ""]
   md += ["## Notes", ""] + ([f"- {n}" for n in notes] or ["- none"]) + [""]
