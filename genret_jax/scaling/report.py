@@ -267,10 +267,16 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
-def _ci(ci) -> str:
+def _ci(ci, fmt=_fmt) -> str:
   # An undefined bound (the bootstrap refits ran off to +-inf) says "n/a" rather than vanishing from the table.
-  bound = lambda v: "n/a" if isinstance(v, float) and math.isnan(v) else _fmt(v)
+  bound = lambda v: "n/a" if isinstance(v, float) and math.isnan(v) else fmt(v)
   return "" if not ci else f"[{bound(ci[0])}, {bound(ci[1])}]"
+
+
+def _diff(value: float, ci) -> str:
+  """A paired difference and its CI to 3 significant digits: `-3.43e-05 [-5.01e-05, -1.98e-05]`."""
+  fmt = lambda v: f"{v:.3g}"  # noqa: E731
+  return f"{fmt(value)} {_ci(ci, fmt)}".strip()
 
 
 def _results_table(rows: Sequence[dict]) -> list[str]:
@@ -457,7 +463,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
            "|---|---|---|---|---|---|---|"]
     for p in pairs:
       md.append(f"| {p['family_a']} | {_fmt(p['n_a'])} | {_fmt(p['cgl_a'])} | {p['family_b']} | {_fmt(p['n_b'])} | "
-                f"{_fmt(p['cgl_b'])} | {_fmt(p['diff'])} {_ci(p['diff_ci'])} |")
+                f"{_fmt(p['cgl_b'])} | {_diff(p['diff'], p['diff_ci'])} |")
     md.append("")
   if steps:
     md += ["## Paired differences along each axis", "",
@@ -468,7 +474,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
     for s in steps:
       at = ", ".join(f"{k} = {_fmt(v)}" for k, v in s["fixed"].items())
       md.append(f"| {s['family']} | {s['axis']} | {at} | {_fmt(s['from'])} | {_fmt(s['to'])} | "
-                f"{_fmt(s['cgl_from'])} | {_fmt(s['cgl_to'])} | {_fmt(s['diff'])} {_ci(s['diff_ci'])} |")
+                f"{_fmt(s['cgl_from'])} | {_fmt(s['cgl_to'])} | {_diff(s['diff'], s['diff_ci'])} |")
     md.append("")
   md += ["## Results", "", *_results_table(rows), ""]
   md += ["## Notes", ""] + ([f"- {n}" for n in notes] or ["- none"]) + [""]
