@@ -9,6 +9,7 @@ import pytest
 from genret_jax import cli
 from genret_jax.errors import InputError
 from genret_jax.scaling import bootstrap
+from genret_jax.scaling import fits as fits_lib
 from genret_jax.scaling import report
 from genret_jax.scaling import results
 
@@ -224,10 +225,9 @@ def test_every_size_with_a_data_axis_is_plotted(tmp_path, monkeypatch):
   assert "CGL vs D at N = 1e+06 (fitted; plotted also at N = 1e+05)" in md
 
 
-def test_axis_steps_pair_the_queries(tmp_path):
-  """Neighbouring sizes (and data fractions) as paired differences over the shared queries: a shift far smaller
-  than the spread between queries is resolved, which the points' own CIs cannot do (session 17 computed these
-  for docs/results.md with an ad-hoc script)."""
+def _small_paired_run(run_dir: pathlib.Path) -> dict:
+  """One family, three sizes at the full D and three fractions at the middle size; every model's per-query CGL is a
+  shared query difficulty (5% spread) plus the model's shift. Returns the per-query arrays by (N, fraction)."""
   rng = np.random.default_rng(0)
   difficulty = 0.0038 * (1.0 + 0.05 * rng.standard_normal(NUM_QUERIES))   # shared by every model
   shift = {(1e5, 1.0): 0.0, (4e5, 0.25): 1e-5, (4e5, 0.5): -1e-5, (4e5, 1.0): -2e-5, (1.6e6, 1.0): -2e-5}
@@ -240,8 +240,16 @@ def test_axis_steps_pair_the_queries(tmp_path):
                  "train_flops": 6 * n * D_FULL * frac, "beam": 1, "decode_flops_per_query": 2 * n,
                  "cgl": float(per_q.mean()), "ce": 5.4, "recall@10": 0.5, "seed": 0, "config": "x.gin",
                  "wall_s": 1.0, "cell_id": cell_id})
-    results.write_per_query(tmp_path, cell_id, {"cgl": per_q, "num_negatives": 256})
-  results.write_results(tmp_path / "results.csv", rows)
+    results.write_per_query(run_dir, cell_id, {"cgl": per_q, "num_negatives": 256})
+  results.write_results(run_dir / "results.csv", rows)
+  return cells
+
+
+def test_axis_steps_pair_the_queries(tmp_path):
+  """Neighbouring sizes (and data fractions) as paired differences over the shared queries: a shift far smaller
+  than the spread between queries is resolved, which the points' own CIs cannot do (session 17 computed these
+  for docs/results.md with an ad-hoc script)."""
+  cells = _small_paired_run(tmp_path)
   cfg = report.ReportConfig(restarts=2, bootstrap_resamples=200)
   md = report.make_report(tmp_path, cfg).read_text()
   steps = json.loads((tmp_path / "fits.json").read_text())["axis_steps"]
@@ -267,3 +275,24 @@ def test_axis_steps_pair_the_queries(tmp_path):
   series = report.select_series(results.load_results(tmp_path), tmp_path)
   steps = {(s["axis"], s["from"], s["to"]): s for s in report.axis_steps(series, cfg)}
   assert steps[("N", 4e5, 1.6e6)]["diff_ci"] is None and steps[("N", 1e5, 4e5)]["diff_ci"] is not None
+
+
+def test_plots_carry_the_tables_verdict(tmp_path, monkeypatch):
+  """A 3-point law is an interpolation ("unreliable" in the fits table) but its curve was drawn on the plot like
+  any other; the legend now says so and the curve is dotted."""
+  from genret_jax.scaling import plots
+  _small_paired_run(tmp_path)
+  seen = {}
+  real = plots.law_plot
+  monkeypatch.setattr(plots, "law_plot", lambda path, *a, **k: seen.update({path.name: k["remarks"]})
+                      or real(path, *a, **k))
+  report.make_report(tmp_path, report.ReportConfig(restarts=2, bootstrap_resamples=20))
+  assert seen["cgl_vs_n.png"] == {"t5": "unreliable"}
+  drawn = []
+  monkeypatch.setattr(plots.plt.Axes, "plot", lambda self, *a, **k: drawn.append((a, k)) or [])
+  fit = fits_lib.fit("power", [1e5, 4e5, 1.6e6, 6.4e6], [0.0039, 0.00385, 0.00382, 0.0038], restarts=3)
+  series = report.Series("t5", "cgl_vs_N", np.array([1e5, 4e5, 1.6e6, 6.4e6]),
+                         np.array([0.0039, 0.00385, 0.00382, 0.0038]), [], None)
+  real(tmp_path / "x.png", {"t5": series}, {"t5": fit}, x_label="N", title="t", remarks={"t5": "unreliable"})
+  (fmt,), kw = [(a[2:], k) for a, k in drawn if "label" in k and "fit" in k["label"]][0]
+  assert fmt == ":" and kw["label"].endswith(", unreliable")

@@ -45,9 +45,11 @@ def _limit_y(ax, values) -> None:
 def law_plot(path: pathlib.Path, series_by_family: Mapping[str, "object"],
              fits_by_family: Mapping[str, fits_lib.FitResult | None], *, x_label: str, y_label: str = "CGL",
              title: str, chance: float | None = None,
-             bands: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> pathlib.Path:
+             bands: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+             remarks: Mapping[str, str] | None = None) -> pathlib.Path:
   """Points per family on a log-x axis with the fitted curve (solid), its asymptote c (dashed) and an
-  optional bootstrap band (x grid, lo, hi)."""
+  optional bootstrap band (x grid, lo, hi). A family's `remarks` entry (the report's "unreliable" or "trend only")
+  is added to its curve's label, and an unreliable curve is drawn dotted: the plot is read apart from the table."""
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   measured = [] if chance is None else [chance]
   for i, (family, s) in enumerate(sorted(series_by_family.items())):
@@ -61,8 +63,9 @@ def law_plot(path: pathlib.Path, series_by_family: Mapping[str, "object"],
     if f is not None:
       lo, hi = float(np.min(s.x)), float(np.max(s.x))
       grid = np.geomspace(lo / 2.0, hi * 4.0, 200)
-      ax.plot(grid, f.predict(grid), "-", color=color, lw=1.5,
-              label=f"{family} fit: {f.formula()} (R²={f.r2:.4f})")
+      remark = (remarks or {}).get(family, "")
+      ax.plot(grid, f.predict(grid), ":" if remark == "unreliable" else "-", color=color, lw=1.5,
+              label=f"{family} fit: {f.formula()} (R²={f.r2:.4f})" + (f", {remark}" if remark else ""))
       ax.axhline(f.params["c"], ls="--", color=color, lw=1.0, alpha=0.8, label=f"{family} asymptote c")
       if bands and family in bands:
         g, blo, bhi = bands[family]
@@ -81,8 +84,9 @@ def law_plot(path: pathlib.Path, series_by_family: Mapping[str, "object"],
 
 def beam_plot(path: pathlib.Path, beam_rows_by_family: Mapping[str, Sequence[dict]],
               recall_keys: Sequence[str], error_fits: Mapping[str, fits_lib.FitResult | None],
-              error_key: str) -> pathlib.Path:
-  """2x2: Recall@k vs beam and vs decode FLOPs (top), CGL vs beam and vs decode FLOPs (bottom)."""
+              error_key: str, remarks: Mapping[str, str] | None = None) -> pathlib.Path:
+  """2x2: Recall@k vs beam and vs decode FLOPs (top), CGL vs beam and vs decode FLOPs (bottom); `remarks` as in
+  `law_plot`."""
   fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
   markers = ("o", "s", "^", "v", "D", "x")
   recalls: list[float] = []
@@ -104,8 +108,9 @@ def beam_plot(path: pathlib.Path, beam_rows_by_family: Mapping[str, Sequence[dic
     f = error_fits.get(family)
     if f is not None:
       grid = np.geomspace(beams.min(), beams.max() * 2.0, 100)
-      axes[0, 0].plot(grid, 1.0 - f.predict(grid), "--", color=color, lw=1,
-                      label=f"{family} fit 1-{error_key}: {f.formula()}")
+      remark = (remarks or {}).get(family, "")
+      axes[0, 0].plot(grid, 1.0 - f.predict(grid), ":" if remark == "unreliable" else "--", color=color, lw=1,
+                      label=f"{family} fit 1-{error_key}: {f.formula()}" + (f", {remark}" if remark else ""))
     axes[1, 0].plot(beams, cgl, "o-", color=color, label=family)
     if not np.all(np.isnan(flops)):
       axes[1, 1].plot(flops, cgl, "o-", color=color, label=family)

@@ -368,6 +368,11 @@ def fit_caveat(f, y) -> str:
   return f"{name}'s CI {_ci(ci)} is {times}; the asymptote is not identified"
 
 
+def _remark(f, y) -> str:
+  """The fits table's verdict in one word or two, for a plot's legend."""
+  return "unreliable" if fit_problem(f) else ("trend only" if fit_caveat(f, y) else "")
+
+
 def _chance(rows: Sequence[dict], run_dir: pathlib.Path) -> float:
   for r in rows:
     pq = results_lib.load_per_query(run_dir, r["cell_id"])
@@ -428,12 +433,15 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
             if other.cells is not None and cfg.bootstrap_resamples > 0:
               _set_point_cis(other, cfg)
             shown[f"{f} N={_fmt(n)}"] = other
-      plots.law_plot(pdir / fname, shown, laws, x_label=xl, title=_TITLES[name], chance=chance)
+      remarks = {key: _remark(f, shown[key].y) for key, f in laws.items() if f is not None}
+      plots.law_plot(pdir / fname, shown, laws, x_label=xl, title=_TITLES[name], chance=chance, remarks=remarks)
       pngs.append((_TITLES[name], f"{PLOTS_DIR}/{fname}"))
     recall_keys = [k for k in ("recall@1", "recall@10", "recall@100")
                    if any(not math.isnan(r.get(k, math.nan)) for r in rows)]
-    plots.beam_plot(pdir / "beam.png", {f: series[f]["beam_rows"] for f in series}, recall_keys,
-                    {f: fitted[f].get("error_vs_beam") for f in series}, cfg.beam_metric)
+    beam_fits = {f: fitted[f].get("error_vs_beam") for f in series}
+    plots.beam_plot(pdir / "beam.png", {f: series[f]["beam_rows"] for f in series}, recall_keys, beam_fits,
+                    cfg.beam_metric, remarks={f: _remark(fit, series[f]["error_vs_beam"].y)
+                                              for f, fit in beam_fits.items() if fit is not None})
     pngs.append(("Recall@k and CGL vs beam size and decode FLOPs", f"{PLOTS_DIR}/beam.png"))
     if len(series) > 1:
       plots.family_plot(pdir / "families.png", {f: series[f]["cgl_vs_N"] for f in series}, pairs)
