@@ -296,3 +296,14 @@ def test_plots_carry_the_tables_verdict(tmp_path, monkeypatch):
   real(tmp_path / "x.png", {"t5": series}, {"t5": fit}, x_label="N", title="t", remarks={"t5": "unreliable"})
   (fmt,), kw = [(a[2:], k) for a, k in drawn if "label" in k and "fit" in k["label"]][0]
   assert fmt == ":" and kw["label"].endswith(", unreliable")
+
+
+def test_refused_fit_note_reads_as_a_fit_problem():
+  """SciFact's CPU data axis (CGL falling faster at larger D) has no finite power law: its note said "config key
+  fit: ...", as if a setting were wrong."""
+  s = report.Series("t5", "cgl_vs_D", np.array([2040.0, 4090.0, 8180.0]), np.array([0.003862, 0.003825, 0.003766]),
+                    [], None)
+  notes: list[str] = []
+  assert report._fit_series(s, "power", report.ReportConfig(restarts=5, bootstrap_resamples=0), notes) is None
+  refused = [n for n in notes if "fit failed" in n]
+  assert refused and "outside float64's range" in refused[0] and "config key" not in refused[0]

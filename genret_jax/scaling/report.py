@@ -179,7 +179,8 @@ def _fit_series(s: Series, form: str, cfg: ReportConfig, notes: list[str], predi
                        for v, p in zip(np.asarray(predict_at).tolist(), f.predict(predict_at))]
     return f
   except InputError as e:
-    notes.append(f"{s.family} {s.name}: fit failed ({e}).")
+    # The message alone: the error's "config key fit:" prefix reads as a configuration problem in a report.
+    notes.append(f"{s.family} {s.name}: fit failed ({e.message}).")
     return None
 
 
