@@ -295,7 +295,7 @@ _TITLES = {"cgl_vs_N": "CGL vs N", "cgl_vs_D": "CGL vs D", "joint": "CGL vs (N, 
            "error_vs_beam": "1 - {m} vs beam", "error_vs_flops": "1 - {m} vs decode FLOPs"}
 
 
-def _fits_section(fitted: dict, series: dict, cfg: ReportConfig) -> list[str]:
+def _fits_section(fitted: dict, verdicts: dict, cfg: ReportConfig) -> list[str]:
   lines = ["| family | series | law | R² | points | parameters (95% CI) | prediction at extrapolated x (CI) |",
            "|---|---|---|---|---|---|---|"]
   for family, fam in fitted.items():
@@ -311,10 +311,10 @@ def _fits_section(fitted: dict, series: dict, cfg: ReportConfig) -> list[str]:
         x = p["x"] if not isinstance(p["x"], list) else "(" + ", ".join(_fmt(float(v)) for v in p["x"]) + ")"
         pred = f"x = {_fmt(x) if not isinstance(x, str) else x}: {_fmt(p['y'])} {_ci(p['ci'])}"
       law = f"`{f.formula()}`"
-      problem = fit_problem(f)
+      problem, caveat = verdicts[family][name]
       if problem:
         law += f" **unreliable: {problem}**"
-      elif caveat := fit_caveat(f, series[family][name].y):
+      elif caveat:
         law += f" *(trend only: {caveat})*"
       lines.append(f"| {family} | {title} | {law} | {f.r2:.5f} | {f.num_points} | {params} | {pred} |")
   return lines
@@ -369,9 +369,22 @@ def fit_caveat(f, y) -> str:
   return f"{name}'s CI {_ci(ci)} is {times}; the asymptote is not identified"
 
 
-def _remark(f, y) -> str:
-  """The fits table's verdict in one word or two, for a plot's legend."""
-  return "unreliable" if fit_problem(f) else ("trend only" if fit_caveat(f, y) else "")
+def fit_verdicts(fitted: dict, series: dict) -> dict[str, dict[str, tuple[str, str]]]:
+  """family -> series name -> (fit_problem, fit_caveat) of every fitted law (the caveat '' where there is a
+  problem), evaluated once for the table, fits.json and the plots' legends."""
+  out: dict[str, dict[str, tuple[str, str]]] = {}
+  for family, fam in fitted.items():
+    for name, f in fam.items():
+      if f is not None:
+        problem = fit_problem(f)
+        out.setdefault(family, {})[name] = (problem, "" if problem else fit_caveat(f, series[family][name].y))
+  return out
+
+
+def _remark(verdict: tuple[str, str] | None) -> str:
+  """A verdict in one word or two, for a plot's legend."""
+  problem, caveat = verdict or ("", "")
+  return "unreliable" if problem else ("trend only" if caveat else "")
 
 
 def _chance(rows: Sequence[dict], run_dir: pathlib.Path) -> float:
@@ -394,6 +407,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
     raise InputError(f"no column {cfg.beam_metric!r} in {results_lib.RESULTS_CSV} (have {have})", key="beam_metric")
   series = select_series(rows, run_dir, cfg.beam_metric)
   fitted, notes = fit_all(series, cfg)
+  verdicts = fit_verdicts(fitted, series)
   pairs = matched_pairs(series, run_dir, cfg)
   steps = axis_steps(series, cfg)
   chance = _chance(rows, run_dir)
@@ -408,11 +422,8 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
                                           "D": [float(min(r["D"] for r in rows if r["family"] == fam)),
                                                 float(max(r["D"] for r in rows if r["family"] == fam))]},
                                 "fits": {k: (v.to_dict() if v is not None else None) for k, v in fam_fits.items()},
-                                "fit_problems": {k: p for k, v in fam_fits.items()
-                                                 if v is not None and (p := fit_problem(v))},
-                                "fit_caveats": {k: c for k, v in fam_fits.items()
-                                                if v is not None and not fit_problem(v)
-                                                and (c := fit_caveat(v, series[fam][k].y))}}
+                                "fit_problems": {k: p for k, (p, _) in verdicts.get(fam, {}).items() if p},
+                                "fit_caveats": {k: c for k, (_, c) in verdicts.get(fam, {}).items() if c}}
                           for fam, fam_fits in fitted.items()},
              "matched_pairs": pairs, "axis_steps": steps, "notes": notes}
   atomic_files.write_json(run_dir / FITS_JSON, payload, indent=2)
@@ -425,24 +436,23 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
                             ("cgl_vs_D", "training examples D", "cgl_vs_d.png")):
       shown = {f: series[f][name] for f in series}
       laws = {f: fitted[f].get(name) for f in series}
+      remarks = {f: _remark(verdicts.get(f, {}).get(name)) for f in series}
       if name == "cgl_vs_D":
         for f in series:
           if series[f]["cgl_vs_D_other_n"]:   # several sizes on one plot: each labelled with its N
             key = f"{f} N={_fmt(series[f][name].fixed['N'])}"
-            shown[key], laws[key] = shown.pop(f), laws.pop(f)
+            shown[key], laws[key], remarks[key] = shown.pop(f), laws.pop(f), remarks.pop(f)
           for n, other in series[f]["cgl_vs_D_other_n"].items():
             if other.cells is not None and cfg.bootstrap_resamples > 0:
               _set_point_cis(other, cfg)
             shown[f"{f} N={_fmt(n)}"] = other
-      remarks = {key: _remark(f, shown[key].y) for key, f in laws.items() if f is not None}
       plots.law_plot(pdir / fname, shown, laws, x_label=xl, title=_TITLES[name], chance=chance, remarks=remarks)
       pngs.append((_TITLES[name], f"{PLOTS_DIR}/{fname}"))
     recall_keys = [k for k in ("recall@1", "recall@10", "recall@100")
                    if any(not math.isnan(r.get(k, math.nan)) for r in rows)]
-    beam_fits = {f: fitted[f].get("error_vs_beam") for f in series}
-    plots.beam_plot(pdir / "beam.png", {f: series[f]["beam_rows"] for f in series}, recall_keys, beam_fits,
-                    cfg.beam_metric, remarks={f: _remark(fit, series[f]["error_vs_beam"].y)
-                                              for f, fit in beam_fits.items() if fit is not None})
+    plots.beam_plot(pdir / "beam.png", {f: series[f]["beam_rows"] for f in series}, recall_keys,
+                    {f: fitted[f].get("error_vs_beam") for f in series}, cfg.beam_metric,
+                    remarks={f: _remark(verdicts.get(f, {}).get("error_vs_beam")) for f in series})
     pngs.append(("Recall@k and CGL vs beam size and decode FLOPs", f"{PLOTS_DIR}/beam.png"))
     if len(series) > 1:
       plots.family_plot(pdir / "families.png", {f: series[f]["cgl_vs_N"] for f in series}, pairs)
@@ -453,7 +463,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
         f"Fits: `scipy.optimize.least_squares` ({cfg.loss} loss), {cfg.restarts} seeded restarts (seed "
         f"{cfg.seed}), best kept; {int(cfg.confidence * 100)}% CIs from {cfg.bootstrap_resamples} query "
         "bootstrap resamples (per-cell means recomputed with shared query indices).", "",
-        "## Fitted laws", "", *_fits_section(fitted, series, cfg), "",
+        "## Fitted laws", "", *_fits_section(fitted, verdicts, cfg), "",
         f"Predictions are at {cfg.extrapolate:g}x the largest observed x (N for the joint law, at the largest D).",
         ""]
   for fam in series:
