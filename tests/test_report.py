@@ -307,3 +307,13 @@ def test_refused_fit_note_reads_as_a_fit_problem():
   assert report._fit_series(s, "power", report.ReportConfig(restarts=5, bootstrap_resamples=0), notes) is None
   refused = [n for n in notes if "fit failed" in n]
   assert refused and "outside float64's range" in refused[0] and "config key" not in refused[0]
+
+
+def test_tables_print_the_configured_confidence(tmp_path):
+  """The fits table's header said "95% CI" whatever `confidence` was, and int(confidence * 100) truncates."""
+  _small_paired_run(tmp_path)
+  md = report.make_report(tmp_path, report.ReportConfig(restarts=2, bootstrap_resamples=20, confidence=0.9,
+                                                        plots=False)).read_text()
+  assert "parameters (90% CI)" in md and "change (paired 90% CI)" in md and "90% CIs from" in md
+  assert "95%" not in md
+  assert report._percent(report.ReportConfig(confidence=0.57)) == "57%"

@@ -274,6 +274,11 @@ def _ci(ci, fmt=_fmt) -> str:
   return "" if not ci else f"[{bound(ci[0])}, {bound(ci[1])}]"
 
 
+def _percent(cfg: ReportConfig) -> str:
+  """The confidence level as the tables print it ("95%"); rounded, as int(0.57 * 100) is 56."""
+  return f"{round(cfg.confidence * 100, 1):g}%"
+
+
 def _diff(value: float, ci) -> str:
   """A paired difference and its CI to 3 significant digits: `-3.43e-05 [-5.01e-05, -1.98e-05]`."""
   fmt = lambda v: f"{v:.3g}"  # noqa: E731
@@ -296,7 +301,8 @@ _TITLES = {"cgl_vs_N": "CGL vs N", "cgl_vs_D": "CGL vs D", "joint": "CGL vs (N, 
 
 
 def _fits_section(fitted: dict, verdicts: dict, cfg: ReportConfig) -> list[str]:
-  lines = ["| family | series | law | R² | points | parameters (95% CI) | prediction at extrapolated x (CI) |",
+  lines = [f"| family | series | law | R² | points | parameters ({_percent(cfg)} CI) | prediction at extrapolated x "
+           "(CI) |",
            "|---|---|---|---|---|---|---|"]
   for family, fam in fitted.items():
     for name, f in fam.items():
@@ -461,7 +467,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
   md = [f"# Scaling report: `{run_dir.name}`", "",
         f"{len(rows)} result rows, families: {', '.join(sorted(series))}. Chance CGL = {chance:.7f}. "
         f"Fits: `scipy.optimize.least_squares` ({cfg.loss} loss), {cfg.restarts} seeded restarts (seed "
-        f"{cfg.seed}), best kept; {int(cfg.confidence * 100)}% CIs from {cfg.bootstrap_resamples} query "
+        f"{cfg.seed}), best kept; {_percent(cfg)} CIs from {cfg.bootstrap_resamples} query "
         "bootstrap resamples (per-cell means recomputed with shared query indices).", "",
         "## Fitted laws", "", *_fits_section(fitted, verdicts, cfg), "",
         f"Predictions are at {cfg.extrapolate:g}x the largest observed x (N for the joint law, at the largest D).",
@@ -478,7 +484,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
     md += [f"### {title}", "", f"![{title}]({rel})", ""]
   if pairs:
     md += ["## Families at matched N", "",
-           f"| A | N_A | CGL_A | B | N_B | CGL_B | A - B (paired {int(cfg.confidence * 100)}% CI) |",
+           f"| A | N_A | CGL_A | B | N_B | CGL_B | A - B (paired {_percent(cfg)} CI) |",
            "|---|---|---|---|---|---|---|"]
     for p in pairs:
       md.append(f"| {p['family_a']} | {_fmt(p['n_a'])} | {_fmt(p['cgl_a'])} | {p['family_b']} | {_fmt(p['n_b'])} | "
@@ -488,7 +494,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
     md += ["## Paired differences along each axis", "",
            "CGL change from one model to the next within a family (negative: the second is better); CI from a "
            "bootstrap of the per-query differences (same queries and negatives in both).", "",
-           f"| family | axis | at | from | to | CGL from | CGL to | change (paired {int(cfg.confidence * 100)}% CI) |",
+           f"| family | axis | at | from | to | CGL from | CGL to | change (paired {_percent(cfg)} CI) |",
            "|---|---|---|---|---|---|---|---|"]
     for s in steps:
       at = ", ".join(f"{k} = {_fmt(v)}" for k, v in s["fixed"].items())
