@@ -95,7 +95,11 @@ def test_report_recovers_laws(run_dir):
 def test_report_cli_and_bad_input(tmp_path, capsys):
   _synthetic_run(tmp_path)
   assert cli.main(["report", str(tmp_path), "--restarts", "3", "--bootstrap", "0", "--no_plots"]) == 0
-  assert (tmp_path / "report.md").exists()
+  assert "no CIs (bootstrap resamples 0)" in (tmp_path / "report.md").read_text()
+  fits = json.loads((tmp_path / "fits.json").read_text())
+  # --bootstrap 0 means no CIs anywhere (the paired ones used to fall back to 200 resamples).
+  paired = fits["matched_pairs"] + fits["axis_steps"]
+  assert fits["axis_steps"] and all(p["diff_ci"] is None for p in paired)
   text = (tmp_path / "results.csv").read_text().splitlines()
   text[3] = text[3].replace(",1.0,", ",oops,", 1)
   (tmp_path / "results.csv").write_text("\n".join(text))

@@ -205,7 +205,7 @@ def fit_all(series: dict, cfg: ReportConfig) -> tuple[dict, list[str]]:
   return out, notes
 
 
-def matched_pairs(series: dict, run_dir: pathlib.Path, cfg: ReportConfig) -> list[dict]:
+def matched_pairs(series: dict, cfg: ReportConfig) -> list[dict]:
   """Across families, each model's nearest-N partner within a factor 2, with the paired CGL difference CI."""
   fams = sorted(series)
   pairs = []
@@ -227,10 +227,11 @@ def matched_pairs(series: dict, run_dir: pathlib.Path, cfg: ReportConfig) -> lis
 
 def _paired_diff_ci(a: np.ndarray, b: np.ndarray, cfg: ReportConfig) -> list[float] | None:
   """CI of mean(a) - mean(b) from a bootstrap of the per-query differences, when both cells hold the same
-  queries (and, from one sweep, the same negatives); None when their query counts differ."""
-  if a.size != b.size:
+  queries (and, from one sweep, the same negatives); None when their query counts differ or the report runs
+  without a bootstrap (`bootstrap_resamples` 0, as `genret advise` does)."""
+  if a.size != b.size or cfg.bootstrap_resamples == 0:
     return None
-  _, lo, hi = bootstrap.mean_ci(a - b, min(cfg.bootstrap_resamples, 1000) or 200, cfg.seed, cfg.confidence)
+  _, lo, hi = bootstrap.mean_ci(a - b, cfg.bootstrap_resamples, cfg.seed, cfg.confidence)
   return [lo, hi]
 
 
@@ -414,7 +415,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
   series = select_series(rows, run_dir, cfg.beam_metric)
   fitted, notes = fit_all(series, cfg)
   verdicts = fit_verdicts(fitted, series)
-  pairs = matched_pairs(series, run_dir, cfg)
+  pairs = matched_pairs(series, cfg)
   steps = axis_steps(series, cfg)
   chance = _chance(rows, run_dir)
 
@@ -467,8 +468,9 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
   md = [f"# Scaling report: `{run_dir.name}`", "",
         f"{len(rows)} result rows, families: {', '.join(sorted(series))}. Chance CGL = {chance:.7f}. "
         f"Fits: `scipy.optimize.least_squares` ({cfg.loss} loss), {cfg.restarts} seeded restarts (seed "
-        f"{cfg.seed}), best kept; {_percent(cfg)} CIs from {cfg.bootstrap_resamples} query "
-        "bootstrap resamples (per-cell means recomputed with shared query indices).", "",
+        f"{cfg.seed}), best kept; " + (f"{_percent(cfg)} CIs from {cfg.bootstrap_resamples} query bootstrap "
+                                      "resamples (per-cell means recomputed with shared query indices)."
+                                      if cfg.bootstrap_resamples else "no CIs (bootstrap resamples 0)."), "",
         "## Fitted laws", "", *_fits_section(fitted, verdicts, cfg), "",
         f"Predictions are at {cfg.extrapolate:g}x the largest observed x (N for the joint law, at the largest D).",
         ""]
