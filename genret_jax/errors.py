@@ -26,3 +26,19 @@ def check_int(value, key: str, low: int = 1) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
     raise InputError(f"must be an integer >= {low}, got {value!r}", key=key)
   return int(value)
+
+
+def check_float(value, key: str, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False) -> float:
+  """`value` as a float when it is a real number within [low, high] (low excluded with `low_open`), else an
+  InputError naming the config key (a string learning rate otherwise fails inside optax, under jit)."""
+  ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and value == value
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value <= high
+  if not ok:
+    bounds = " and ".join(b for b in ((f"> {low}" if low_open else f">= {low}") if low is not None else "",
+                                      f"<= {high}" if high is not None else "") if b)
+    raise InputError(f"must be a number{' ' + bounds if bounds else ''}, got {value!r}", key=key)
+  return float(value)

@@ -1,20 +1,31 @@
 """Two processes on localhost (jax.distributed over gloo, one CPU device each) train one model on a 2-device
-global mesh, each reading its own shard of the seqio stream; the result is a normal checkpoint."""
+global mesh; the result is a normal checkpoint.
+
+* `data` over the two hosts: each reads its own shard of the seqio stream, and evaluation (31 validation rows at
+  3 rows per host and batch: 6 batches on one host, 5 on the other) runs as many batches on both, so the
+  collectives match (unequal counts aborted gloo, and would hang a pod);
+* `model` over the two hosts: both hold the same rows, so both must read the same, whole batch (each read half
+  of it, and the replicated loss differed between the processes); the run equals a one-device run.
+"""
 
 import os
+import re
 import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import pytest
 
-from genret_jax.models import params_io
+from genret_jax.models import model_api, params_io
+from genret_jax.models.t5 import T5Config
+from genret_jax.training import trainer
 
 sys.path.insert(0, os.path.dirname(__file__))
 import toy_tasks  # noqa: E402
 
-GIN = toy_tasks.train_gin(steps=30, mesh_data=-1)
+STEPS = 30
 
 
 def _free_port() -> int:
@@ -23,9 +34,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_process_training(tmp_path):
+def _losses(out: str) -> tuple[float, float]:
+  m = re.search(r"trained to step \d+: loss ([\d.]+), eval loss ([\d.]+)", out)
+  assert m, out[-3000:]
+  return float(m.group(1)), float(m.group(2))
+
+
+@pytest.mark.parametrize("mesh", ["data", "model"])
+def test_two_process_training(tmp_path, mesh):
   gin_path = tmp_path / "toy.gin"
-  gin_path.write_text(GIN)
+  gin = toy_tasks.train_gin(steps=STEPS, mesh_data=-1 if mesh == "data" else 1)
+  gin += "train.batch_size = 6\ntrain.eval_every = 30\ntrain.eval_batches = 100\n"
+  if mesh == "model":
+    gin += "MeshConfig.model = 2\n"
+  gin_path.write_text(gin)
   model_dir = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
              JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -41,11 +63,20 @@ def test_two_process_training(tmp_path):
     outs.append(out)
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
-  # Both processes saw a 2-device global mesh (one device each) and trained to the end.
+  # Both processes saw a 2-device global mesh (one device each), trained to the end and agree on the losses.
   for out in outs:
-    assert "trained to step 30" in out
+    assert f"trained to step {STEPS}" in out
   assert "process 0 of 2" in outs[0] and "process 1 of 2" in outs[1]
+  assert _losses(outs[0]) == _losses(outs[1])
   params = params_io.restore_params(model_dir)
   leaves = jax.tree.leaves(params)
   assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
-  assert sorted(d for d in os.listdir(model_dir / "checkpoints") if d.isdigit())[-1] == "30"
+  assert sorted(d for d in os.listdir(model_dir / "checkpoints") if d.isdigit())[-1] == str(STEPS)
+  if mesh == "model":   # the same global batches as one process reading the whole stream
+    model = model_api.EncoderDecoderModel(T5Config(vocab_size=1024, d_model=32, num_heads=2, head_dim=16, d_ff=64,
+                                                   num_encoder_layers=1, num_decoder_layers=1, dtype="float32"))
+    one = trainer.train(model=model, mixture_or_task_name=toy_tasks.TASK, task_feature_lengths={"inputs": 16,
+                        "targets": 16}, train_steps=STEPS, model_dir=str(tmp_path / "one"), batch_size=6,
+                        mesh_config=trainer.MeshConfig(data=1), eval_every=STEPS, eval_batches=100,
+                        progress=False, write_config=False)
+    np.testing.assert_allclose(_losses(outs[0]), (one.last_loss, one.eval_loss), atol=2e-4)

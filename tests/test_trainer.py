@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import seqio
 
 sys.path.insert(0, os.path.dirname(__file__))
 import toy_tasks  # noqa: E402
@@ -41,8 +42,9 @@ def _train(model, model_dir, steps, **kw):
   kw.setdefault("optimizer", optax.adamw(3e-3))
   kw.setdefault("mesh_config", trainer.MeshConfig(data=1))
   return trainer.train(model=model, mixture_or_task_name=toy_tasks.TASK, task_feature_lengths=LENGTHS,
-                       train_steps=steps, model_dir=str(model_dir), batch_size=8, seed=0, progress=False,
-                       write_config=False, checkpoint_every=kw.pop("checkpoint_every", 2), **kw)
+                       train_steps=steps, model_dir=str(model_dir), batch_size=kw.pop("batch_size", 8), seed=0,
+                       progress=False, write_config=kw.pop("write_config", False),
+                       checkpoint_every=kw.pop("checkpoint_every", 2), **kw)
 
 
 @pytest.mark.parametrize("make_model", [t5, llama], ids=["t5", "llama"])
@@ -169,6 +171,11 @@ def test_resume_refuses_another_runs_checkpoint_and_keeps_the_last_loss(tmp_path
   done = _train(t5(), tmp_path / "r", 2, optimizer=sgd())
   again = _train(t5(), tmp_path / "r", 2, optimizer=sgd())
   assert again.resumed_from == 2 and again.last_loss == done.last_loss and np.isfinite(again.last_loss)
+  # The params record their vocabulary: `retrieve` / `cgl` refuse a task whose vocabulary was rebuilt since (a
+  # changed corpus retrains it; the old params ran on the new token ids silently).
+  params_io.check_vocabulary(tmp_path / "r", toy_tasks.VOCAB)
+  with pytest.raises(InputError, match="vocabulary.json: these params were trained on task 'genret_test_reverse'"):
+    params_io.check_vocabulary(tmp_path / "r", seqio.SentencePieceVocabulary(toy_tasks.SPM, extra_ids=1))
   with pytest.raises(InputError, match="seed=0, this config has 7"):
     trainer.train(model=t5(), mixture_or_task_name=toy_tasks.TASK, task_feature_lengths=LENGTHS, train_steps=4,
                   model_dir=str(tmp_path / "r"), batch_size=8, seed=7, progress=False, write_config=False,
@@ -179,6 +186,15 @@ def test_resume_refuses_another_runs_checkpoint_and_keeps_the_last_loss(tmp_path
                   optimizer=sgd(), mesh_config=trainer.MeshConfig(data=1))
   with pytest.raises(InputError, match="past TRAIN_STEPS=1"):
     _train(t5(), tmp_path / "r", 1, optimizer=sgd())
+  # Another model's checkpoint: one line naming the field (it was orbax's 700-line shape error), and the refused
+  # run leaves the checkpointed run's config.gin as it was.
+  gin_text = "# the checkpointed run's config\n"
+  (tmp_path / "r" / "config.gin").write_text(gin_text)
+  wider = model_api.EncoderDecoderModel(T5Config(vocab_size=VOCAB, d_model=64, num_heads=2, head_dim=16, d_ff=64,
+                                                 num_encoder_layers=1, num_decoder_layers=1, dtype="float32"))
+  with pytest.raises(InputError, match=r"model=\{'d_model': 32\}, this config has \{'d_model': 64\}"):
+    _train(wider, tmp_path / "r", 4, optimizer=sgd(), write_config=True)
+  assert (tmp_path / "r" / "config.gin").read_text() == gin_text
 
 
 def test_model_vocabulary_smaller_than_the_tasks_is_refused(tmp_path):
@@ -193,9 +209,68 @@ def test_bad_sizes_are_named_before_anything_runs(tmp_path):
   """BATCH_SIZE 0 reached TF's batch op, lengths without `targets` seqio's converter, a string TRAIN_STEPS a
   comparison TypeError."""
   for kw, key in ((dict(batch_size=0), "BATCH_SIZE"), (dict(train_steps="two"), "TRAIN_STEPS"),
-                  (dict(task_feature_lengths={"inputs": 8}), "TASK_FEATURE_LENGTHS")):
+                  (dict(task_feature_lengths={"inputs": 8}), "TASK_FEATURE_LENGTHS"),
+                  # 0 kept no checkpoint (orbax max_to_keep=0) / divided by zero after the first step:
+                  (dict(keep_checkpoints=0), "train.keep_checkpoints"),
+                  (dict(checkpoint_every=0), "train.checkpoint_every"), (dict(log_every=0), "train.log_every"),
+                  (dict(seed="abc"), "train.seed"),
+                  # jax's IndivisibleError, which names no setting:
+                  (dict(batch_size=6, mesh_config=trainer.MeshConfig(data=4)), "BATCH_SIZE"),
+                  (dict(batch_size=8, grad_accum_steps=4, mesh_config=trainer.MeshConfig(data=4)),
+                   "train.grad_accum_steps"),
+                  (dict(learning_rate="fast"), "make_optimizer.learning_rate")):
     args = dict(model=t5(), mixture_or_task_name=toy_tasks.TASK, task_feature_lengths=LENGTHS, train_steps=2,
                 model_dir=str(tmp_path / "x"), batch_size=8, progress=False, write_config=False)
-    with pytest.raises(InputError, match=f"config key {key}:"):
+    with pytest.raises(InputError, match=f"config key {re.escape(key)}:"):
       trainer.train(**{**args, **kw})
   assert not (tmp_path / "x").exists()
+  with pytest.raises(InputError, match="config key LoraConfig.rank:"):
+    lora_lib.LoraConfig(rank=0)
+  with pytest.raises(InputError, match="config key models.T5Config.dropout_rate:"):
+    T5Config(vocab_size=VOCAB, dropout_rate=1.5)
+  from genret_jax.training import optimizers
+  for kw, key in ((dict(warmup_steps=-5), "warmup_steps"), (dict(base_learning_rate=-1.0), "base_learning_rate")):
+    with pytest.raises(InputError, match=f"config key make_schedule.{key}:"):
+      optimizers.make_schedule(**kw)
+
+
+def test_gradient_accumulation_equals_one_batch_and_moves_no_rows(tmp_path):
+  """Microbatches are strided over the batch: each device's rows hold a share of every microbatch, so the
+  accumulation loop needs no collective beyond the gradient all-reduce (contiguous microbatches put each on a
+  quarter of the devices here: all-gathers and collective-permutes in every iteration)."""
+  sgd, mesh = lambda: optax.sgd(0.5), trainer.MeshConfig(data=8)
+  one = _train(t5(), tmp_path / "a1", 2, optimizer=sgd(), batch_size=32, mesh_config=mesh, dropout=False)
+  four = _train(t5(), tmp_path / "a4", 2, optimizer=sgd(), batch_size=32, mesh_config=mesh, dropout=False,
+                grad_accum_steps=4)
+  np.testing.assert_allclose(four.losses, one.losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(four.params), jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  model, tx = t5(), optax.sgd(0.1)
+  batch = {k: np.zeros((32, 16), np.int32) for k in
+           ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")}
+  with jax.set_mesh(mesh.build()) as m:
+    m = mesh.build()
+    params = model.init_sharded(jax.random.key(0), m, {k: (1, 16) for k in batch})
+    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    rep = jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec())
+    step = jax.jit(trainer.make_train_step(model, tx, 4, None, False),
+                   in_shardings=(jax.tree.map(lambda x: x.sharding, state), trainer._batch_specs(batch, m), None, rep))
+    hlo = step.lower(state, batch, None, jax.random.key(1)).compile().as_text()
+  assert not re.search(r"(all-gather|collective-permute)(-start)?\(", hlo)
+
+
+def test_evaluation_counts_every_row(tmp_path):
+  """The validation split has 31 rows: at batch 8 the last batch is short, padded with zero-weight rows, not
+  dropped, so the loss equals one batch of all 31 (and a split smaller than a batch gives a loss, not None)."""
+  from genret_jax.training import data as data_lib
+  model = t5()
+  mesh = trainer.MeshConfig(data=1).build()
+  params = trainer.initial_params(model, 0, mesh, {k: (1, 16) for k in ("encoder_input_tokens",
+                                                                        "decoder_input_tokens")})
+  eval_fn = jax.jit(trainer.make_eval_step(model))
+  conv = data_lib.feature_converter_for("t5")
+  loss = lambda bs: trainer.evaluate(eval_fn, params, None, toy_tasks.TASK, LENGTHS, "validation", bs, conv, 0, 100,
+                                     False)
+  whole, batched, larger = loss(31), loss(8), loss(64)
+  assert np.isfinite(whole)
+  np.testing.assert_allclose([batched, larger], [whole, whole], rtol=1e-6)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genret_jax.errors import InputError, check_int
+from genret_jax.errors import InputError, check_float, check_int
 
 Array = jax.Array
 DType = Any
@@ -51,6 +51,10 @@ def check_config(config, positive: Sequence[str]) -> None:
   cls = type(config).__name__
   for name in positive:
     check_int(getattr(config, name), f"models.{cls}.{name}")
+  # 1.0 zeroes every activation (and divides by 0); a rate above it made flax's Dropout produce NaN silently.
+  check_float(config.dropout_rate, f"models.{cls}.dropout_rate", 0.0, 1.0)
+  if config.dropout_rate == 1.0:
+    raise InputError("must be < 1 (1 drops every activation)", key=f"models.{cls}.dropout_rate")
   for name in ("dtype", "param_dtype"):
     try:
       as_dtype(getattr(config, name))

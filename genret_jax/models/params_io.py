@@ -8,6 +8,7 @@ model for inference (`retrieve`, `cgl`, `sweep`) reads it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Any
 
@@ -19,6 +20,7 @@ from genret_jax.errors import InputError
 
 PARAMS_SUBDIR = "params"
 MODEL_GIN = "model.gin"
+VOCABULARY_JSON = "vocabulary.json"
 
 
 def save_params(directory: str, params: Any, model_gin: str | None = None, overwrite: bool = True) -> str:
@@ -31,6 +33,42 @@ def save_params(directory: str, params: Any, model_gin: str | None = None, overw
   if model_gin is not None:
     atomic_files.write_text(os.path.join(directory, MODEL_GIN), model_gin)
   return path
+
+
+def vocabulary_record(vocabulary) -> dict:
+  """What identifies a seqio vocabulary: its class, size and, for SentencePiece, a hash of the model proto."""
+  record = {"class": type(vocabulary).__name__, "vocab_size": int(vocabulary.vocab_size)}
+  sp_model = getattr(vocabulary, "sp_model", None)
+  if sp_model is not None:
+    record["sha256"] = hashlib.sha256(sp_model).hexdigest()[:16]
+  return record
+
+
+def save_vocabulary_record(directory: str, task_name: str, vocabulary) -> None:
+  """Records next to the params the target vocabulary they were trained with (`check_vocabulary` reads it)."""
+  atomic_files.write_json(os.path.join(os.path.abspath(directory), VOCABULARY_JSON),
+                          {"task": task_name, "targets": vocabulary_record(vocabulary)}, indent=1)
+
+
+def check_vocabulary(directory: str, vocabulary) -> None:
+  """Refuses params trained with another vocabulary than the task's now. A task's vocabulary is rebuilt when its
+  corpus or settings change (the artefacts are keyed by the collection's fingerprint), and the old params ran on
+  the new token ids without a word. Params without a record (convert-hf, runs before it existed) pass."""
+  path = os.path.join(os.path.abspath(directory), VOCABULARY_JSON)
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      stored = json.load(f)
+    trained = stored["targets"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise InputError(f"unreadable vocabulary record ({e})", path=path) from e
+  now = vocabulary_record(vocabulary)
+  if trained != now:
+    raise InputError(f"these params were trained on task {stored.get('task')!r} with the vocabulary {trained}, "
+                     f"the task's vocabulary is now {now}: its corpus or vocabulary settings changed since "
+                     "training, so the token ids no longer mean what the model learned (retrain, or point the "
+                     "task at the collection it was trained on)", path=path)
 
 
 def params_fingerprint(directory: str) -> str:
@@ -80,9 +118,18 @@ def restore_params(directory: str, abstract_params: Any | None = None) -> Any:
       # reuse saved shardings whose devices are not here.
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-    if wrapped:
-      return ckptr.restore(path, {"params": abstract_params})["params"]
-    return ckptr.restore(path, abstract_params)
+    try:
+      if wrapped:
+        return ckptr.restore(path, {"params": abstract_params})["params"]
+      return ckptr.restore(path, abstract_params)
+    except Exception as e:   # tensorstore's read errors come as bare Exception and ValueError, 150 lines deep
+      raise unreadable(path, e) from e
+
+
+def unreadable(path: str, error: BaseException) -> InputError:
+  """The error for a checkpoint whose metadata read but whose arrays do not (truncated or partly copied files)."""
+  first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+  return InputError(f"checkpoint arrays unreadable (damaged or partly copied files?): {first[:300]}", path=path)
 
 
 def check_shapes(got: Any, want: Any, path: str, what: str) -> None:

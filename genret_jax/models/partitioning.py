@@ -14,6 +14,7 @@ parameter `('embed', 'mlp')` puts `embed` on `fsdp` and `mlp` on `model`.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -62,9 +63,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1,
       raise InputError(f"{len(devices)} devices are not divisible by the fixed mesh axes {sizes}", key="mesh")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
+    shape = dict(zip(MESH_AXES, sizes))
     if math.prod(sizes) > len(devices):
-      raise InputError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                       f"have {len(devices)}", key="mesh")
+      raise InputError(f"mesh {shape} needs {math.prod(sizes)} devices, have {len(devices)}", key="mesh")
+    # A multi-host job whose mesh leaves out a host's devices fails far from here (that host holds no shard of
+    # the arrays it is asked to read, or waits forever in a collective the others never join).
+    if jax.process_count() > 1:
+      raise InputError(f"mesh {shape} uses {math.prod(sizes)} of the job's {len(devices)} devices; a multi-host "
+                       "mesh must use every device (set one axis to -1)", key="mesh")
+    logging.warning("mesh %s uses %d of %d devices", shape, math.prod(sizes), len(devices))
     devices = devices[:math.prod(sizes)]
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
@@ -116,6 +123,37 @@ def logical_axes(boxed_params: Any) -> Any:
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, ...] input array: batch over (data, fsdp), the rest replicated."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def process_batch_slice(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
+  """(index, count): this process feeds rows [index * B / count, (index + 1) * B / count) of a global batch of B
+  rows laid out by `batch_sharding`.
+
+  `count` is the number of distinct row blocks the processes hold, not the process count: when the `data` and
+  `fsdp` axes do not span every host (a `model` axis across hosts), several processes hold the same rows and must
+  read the same data (t5x's data layout does the same)."""
+  data = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % data:
+    raise InputError(f"BATCH_SIZE {batch_size} is not divisible by the mesh's data x fsdp = {data} devices",
+                     key="BATCH_SIZE")
+  rows: dict[int, set[tuple[int, int]]] = {}
+  for device, index in batch_sharding(mesh, 1).devices_indices_map((batch_size,)).items():
+    start, stop, _ = index[0].indices(batch_size)
+    rows.setdefault(device.process_index, set()).add((start, stop))
+  spans = {}
+  for process, blocks in rows.items():
+    lo, hi = min(b[0] for b in blocks), max(b[1] for b in blocks)
+    if sum(b[1] - b[0] for b in blocks) != hi - lo:
+      raise InputError(f"process {process}'s devices hold rows that are not one contiguous block of the batch "
+                       f"({sorted(blocks)}); order the mesh's devices by host", key="mesh")
+    spans[process] = (lo, hi)
+  distinct = sorted(set(spans.values()))
+  if len({hi - lo for lo, hi in distinct}) != 1 or distinct[0][0] != 0 or any(
+      a[1] != b[0] for a, b in zip(distinct, distinct[1:])):
+    raise InputError(f"the processes' row blocks {distinct} do not split the batch evenly", key="mesh")
+  if jax.process_index() not in spans:
+    raise InputError(f"process {jax.process_index()} holds none of the mesh's devices", key="mesh")
+  return distinct.index(spans[jax.process_index()]), len(distinct)
 
 
 def describe_shardings(boxed_params: Any, mesh: jax.sharding.Mesh | None = None) -> list[tuple[str, tuple, tuple, str]]:

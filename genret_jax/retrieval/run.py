@@ -176,13 +176,14 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   collection = artefacts.collection()
   model = model_api.get_model()
   mesh = partitioning.make_mesh(mesh_data, mesh_fsdp, mesh_model)
+  vocab = task.output_features["targets"].vocabulary
+  params_io.check_vocabulary(checkpoint_path, vocab)
   params = params_io.restore_params(checkpoint_path, params_io.abstract_with_shardings(model, mesh))
   lengths = dict(task_feature_lengths or {"inputs": 64})
   # The task's query prefix, as the model was trained with it (a RetrievalConfig.query_prefix binding otherwise).
   prefix = {"query_prefix": artefacts.query_prefix} if artefacts.query_prefix else {}
   cfg = RetrievalConfig(beam_size=beam_size, batch_size=batch_size, inputs_length=lengths["inputs"],
                         index_shards=index_shards, **prefix)
-  vocab = task.output_features["targets"].vocabulary
   scheme_index = cached_scheme_index(artefacts, vocab, model.config.vocab_size, index_shards)
   retriever = Retriever(model, params, artefacts.identifier_scheme(), vocab, collection, cfg, mesh=mesh,
                         scheme_index=scheme_index)

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from genret_jax.models import params_io
+
 
 class Checkpointer:
 
@@ -37,8 +39,11 @@ class Checkpointer:
   def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict]:
     """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
     step = self.latest_step() if step is None else step
-    out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                           meta=ocp.args.JsonRestore()))
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             meta=ocp.args.JsonRestore()))
+    except Exception as e:   # see params_io.unreadable
+      raise params_io.unreadable(os.path.join(self.directory, str(step)), e) from e
     return out["state"], dict(out["meta"])
 
   def restore_meta(self, step: int | None = None) -> dict:

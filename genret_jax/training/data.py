@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Iterator, Mapping
 
-import jax
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -55,10 +54,11 @@ def check_model_vocabulary(mixture_or_task_name: str, model_vocab_size: int) -> 
 def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str,
                 batch_size: int, feature_converter: seqio.FeatureConverter, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, use_cached: bool = False, skip_batches: int = 0,
-                shard_index: int | None = None, num_shards: int | None = None) -> tf.data.Dataset:
+                shard_index: int = 0, num_shards: int = 1, drop_remainder: bool = True) -> tf.data.Dataset:
+  """Batches of `batch_size / num_shards` rows: this process's shard of each global batch (the trainer takes
+  `shard_index` and `num_shards` from the mesh, `partitioning.process_batch_slice`). `drop_remainder=False` keeps
+  a last, shorter batch (evaluation pads it)."""
   get_task(mixture_or_task_name)
-  shard_index = jax.process_index() if shard_index is None else shard_index
-  num_shards = jax.process_count() if num_shards is None else num_shards
   if batch_size % num_shards:
     raise InputError(f"BATCH_SIZE {batch_size} is not divisible by the {num_shards} data shards (hosts)",
                      key="BATCH_SIZE")
@@ -66,7 +66,9 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
       mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths), feature_converter=feature_converter,
       dataset_split=split, use_cached=use_cached, shuffle=shuffle, num_epochs=num_epochs,
       shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards), seed=seed,
-      batch_size=batch_size // num_shards)
+      batch_size=batch_size // num_shards if drop_remainder else None)
+  if not drop_remainder:
+    ds = ds.batch(batch_size // num_shards, drop_remainder=False)
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 
 Params = Any
 
@@ -34,6 +34,12 @@ class LoraConfig:
   stacked_pattern: str = r"(^|/)(layers|scan)(/|$)"
   # How many of the kernel's non-stacked axes are input axes (DenseGeneral kernels are [in, heads, head_dim]).
   input_ndim: int = 1
+
+  def __post_init__(self):
+    check_int(self.rank, "LoraConfig.rank")
+    check_int(self.input_ndim, "LoraConfig.input_ndim")
+    if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+      raise InputError(f"must be a number > 0, got {self.alpha!r}", key="LoraConfig.alpha")
 
   @property
   def scale(self) -> float:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_float, check_int
 
 
 @gin.configurable
@@ -20,8 +20,10 @@ def make_schedule(kind: str = "rsqrt", base_learning_rate: float = 1e-2, warmup_
 
   rsqrt follows t5x's `constant * rsqrt_decay`: lr = base * sqrt(warmup / max(step, warmup)).
   """
-  warmup_steps = max(int(warmup_steps), 0)
-  total_steps = max(int(total_steps), warmup_steps + 1)
+  base_learning_rate = check_float(base_learning_rate, "make_schedule.base_learning_rate", 0.0)
+  warmup_steps = check_int(warmup_steps, "make_schedule.warmup_steps", 0)
+  total_steps = max(check_int(total_steps, "make_schedule.total_steps"), warmup_steps + 1)
+  end_factor = check_float(end_factor, "make_schedule.end_factor", 0.0)
   warm = optax.linear_schedule(0.0, base_learning_rate, max(warmup_steps, 1))
   if kind == "constant":
     decay = optax.constant_schedule(base_learning_rate)
@@ -56,7 +58,17 @@ def make_optimizer(name: str = "adafactor", learning_rate: float | optax.Schedul
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    decay_exclude: Sequence[str] = (r"norm", r"scale$", r"bias$", r"embedding$"),
                    ) -> optax.GradientTransformation:
-  lr = make_schedule() if learning_rate is None else learning_rate
+  if learning_rate is None:
+    lr = make_schedule()
+  elif callable(learning_rate):
+    lr = learning_rate
+  else:
+    lr = check_float(learning_rate, "make_optimizer.learning_rate", 0.0)
+  for key, value, low in (("grad_clip_norm", grad_clip_norm or 0.0, 0.0), ("weight_decay", weight_decay, 0.0),
+                          ("eps", eps, 0.0)):
+    check_float(value, f"make_optimizer.{key}", low)
+  for key, value in (("b1", b1), ("b2", b2)):
+    check_float(value, f"make_optimizer.{key}", 0.0, 1.0)
   chain = []
   if grad_clip_norm:
     chain.append(optax.clip_by_global_norm(grad_clip_norm))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -60,15 +61,28 @@ def _batch_specs(batch: Mapping[str, np.ndarray], mesh) -> dict[str, NamedShardi
   return {k: partitioning.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
 
-def _global_batch(batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding] | None):
-  """Multi-host: each process holds its own rows (its seqio shard); jit needs one global array per feature."""
+def _global_batch(batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding] | None, batch_size: int):
+  """Multi-host: each process holds the rows of its devices (its seqio shard, `_data_shard`); jit needs one global
+  array per feature. The global shape is given: processes that share rows (a `model` axis across hosts) each
+  hold the same block, so it is not the local shape times the process count."""
   if shardings is None or jax.process_count() == 1:
     return batch
-  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(shardings[k], v, (batch_size,) + v.shape[1:])
+          for k, v in batch.items()}
+
+
+def _data_shard(batch_shardings: Mapping[str, NamedSharding] | None, batch_size: int) -> tuple[int, int]:
+  """(shard index, shard count) of the seqio stream this process reads: the block of rows its devices hold."""
+  if batch_shardings is None:
+    return 0, 1
+  return partitioning.process_batch_slice(next(iter(batch_shardings.values())).mesh, batch_size)
 
 
 def _split_microbatches(batch, n: int):
-  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+  """[n, B / n, ...] with microbatch i = rows i, i + n, i + 2n, ...: strided, so every device's block of the batch
+  holds B / n / devices rows of each microbatch and the accumulation loop moves no rows between devices
+  (contiguous blocks put each microbatch on a fraction of the devices: all-gathers in every iteration)."""
+  return jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -211,9 +225,12 @@ def train(*,
   gin_utils.check_required(MODEL=model, MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=mixture_or_task_name,
                            TASK_FEATURE_LENGTHS=task_feature_lengths, TRAIN_STEPS=train_steps,
                            INITIAL_CHECKPOINT_PATH=initial_checkpoint_path)
-  for macro, value in (("TRAIN_STEPS", train_steps), ("BATCH_SIZE", batch_size),
-                       ("train.grad_accum_steps", grad_accum_steps)):
-    check_int(value, macro)
+  for macro, value, low in (("TRAIN_STEPS", train_steps, 1), ("BATCH_SIZE", batch_size, 1),
+                            ("train.grad_accum_steps", grad_accum_steps, 1), ("train.eval_every", eval_every, 0),
+                            ("train.eval_batches", eval_batches, 1), ("train.checkpoint_every", checkpoint_every, 1),
+                            ("train.keep_checkpoints", keep_checkpoints, 1), ("train.log_every", log_every, 1),
+                            ("train.seed", seed, 0)):
+    check_int(value, macro, low)
   if not isinstance(task_feature_lengths, Mapping):
     raise InputError(f"must map feature names to lengths, got {task_feature_lengths!r}", key="TASK_FEATURE_LENGTHS")
   for feature, length in task_feature_lengths.items():
@@ -230,12 +247,15 @@ def train(*,
   from genret_jax.training import data as data_lib
   # The task is checked before MODEL_DIR is made or a checkpoint manager opened: a misspelt name leaves nothing.
   data_lib.check_model_vocabulary(mixture_or_task_name, model.config.vocab_size)
-  os.makedirs(model_dir, exist_ok=True)
-  if write_config and jax.process_index() == 0:
-    atomic_files.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
   mesh = (mesh_config or MeshConfig()).build()
+  shard_index, num_shards = partitioning.process_batch_slice(mesh, batch_size)
+  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % (grad_accum_steps * data_devices):
+    raise InputError(f"BATCH_SIZE {batch_size} must split into {grad_accum_steps} microbatches whose rows divide "
+                     f"evenly over the mesh's data x fsdp = {data_devices} devices", key="train.grad_accum_steps")
   schedule = learning_rate if learning_rate is not None else optimizers.make_schedule(total_steps=train_steps)
   tx = optimizer if optimizer is not None else optimizers.make_optimizer(learning_rate=schedule)
+  os.makedirs(model_dir, exist_ok=True)
   converter = data_lib.feature_converter_for(model.family, pack=pack)
   # Dropout keys fold the step into their own stream: folded into key(seed) itself, step 1's key was the one
   # `initial_rngs` splits for the init keys.
@@ -247,22 +267,35 @@ def train(*,
   latest = ckpt.latest_step()
   skip = 0
   # What the data stream and the loss depend on: a resumed run must have the same (TRAIN_STEPS may grow).
+  # The model, its LoRA and the frozen base too: orbax's shape error on another model's checkpoint was a
+  # 700-line traceback, and a different base under the same adapters resumed silently.
   run_identity = {"seed": seed, "batch_size": batch_size, "mixture_or_task_name": mixture_or_task_name,
-                  "task_feature_lengths": dict(task_feature_lengths), "pack": pack}
+                  "task_feature_lengths": dict(task_feature_lengths), "pack": pack,
+                  "model": {"family": model.family, **dataclasses.asdict(model.config)},
+                  "lora": dataclasses.asdict(lora) if lora is not None else None,
+                  "initial_checkpoint": (params_io.params_fingerprint(initial_checkpoint_path)
+                                         if initial_checkpoint_path else None)}
   resumed_meta: dict = {}
   if latest is not None:
     resumed_meta = ckpt.restore_meta(latest)
     _check_resume(resumed_meta, run_identity, latest, train_steps, model_dir)
     skip = int(resumed_meta["batches_consumed"])
+  # Written once the run is accepted: a refused resume leaves the checkpointed run's config in place.
+  if write_config and jax.process_index() == 0:
+    atomic_files.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
 
   ds = data_lib.get_dataset(mixture_or_task_name, task_feature_lengths, "train", batch_size, converter, seed=seed,
-                            shuffle=True, num_epochs=None, use_cached=use_cached_tasks, skip_batches=skip)
+                            shuffle=True, num_epochs=None, use_cached=use_cached_tasks, skip_batches=skip,
+                            shard_index=shard_index, num_shards=num_shards)
   batches = data_lib.numpy_batches(ds)
   first = next(batches)
   batch_shapes = {k: (1,) + v.shape[1:] for k, v in first.items()}
 
   with jax.set_mesh(mesh):
-    if initial_checkpoint_path:
+    if latest is not None and lora is None:
+      # The checkpoint holds the params: their shapes and shardings are all a restore needs.
+      base_params = params_io.abstract_with_shardings(model, mesh, batch_shapes)
+    elif initial_checkpoint_path:
       base_params = load_params(initial_checkpoint_path, model, mesh, batch_shapes)
     else:
       base_params = initial_params(model, seed, mesh, batch_shapes)
@@ -272,13 +305,14 @@ def train(*,
       frozen = base_params
     else:
       trainable0, frozen = base_params, None
+    del base_params   # full training keeps one copy of the params: the train state's
 
     def init_state(trainable):
       return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable))
 
     # One compilation gives both the state shardings (params keep their logical shardings, optimizer state
     # follows them by propagation) and the initialiser.
-    init_compiled = jax.jit(init_state).lower(trainable0).compile()
+    init_compiled = jax.jit(init_state, donate_argnums=0).lower(trainable0).compile()
     state_sh = init_compiled.output_shardings
     resumed_from = None
     if latest is not None:
@@ -314,7 +348,7 @@ def train(*,
     last_loss = float(resumed_meta.get("last_loss", "nan"))   # a finished run restarted reports its last loss
     tokens_per_s = 0.0
     while step < train_steps:
-      state, metrics = step_fn(state, _global_batch(batch, batch_sh), frozen, base_rng)
+      state, metrics = step_fn(state, _global_batch(batch, batch_sh, batch_size), frozen, base_rng)
       consumed += 1
       step += 1
       m = jax.device_get(metrics)
@@ -367,6 +401,9 @@ def train(*,
     if step >= train_steps:   # every process takes part in the orbax save; process 0 writes model.gin
       params_io.save_params(model_dir, full,
                             model_gin=_model_gin_text(model) if jax.process_index() == 0 else None)
+      if jax.process_index() == 0:
+        params_io.save_vocabulary_record(model_dir, mixture_or_task_name, data_lib.get_task(
+            mixture_or_task_name).output_features["targets"].vocabulary)
   return TrainResult(step=step, last_loss=last_loss, losses=losses, eval_loss=eval_loss, params=full,
                      model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from)
 
@@ -374,10 +411,14 @@ def train(*,
 def _check_resume(stored: Mapping, identity: Mapping, latest: int, train_steps: int, model_dir: str) -> None:
   """Refuses to continue another run's checkpoint: `batches_consumed` only places the data stream for the same
   seed, batch size, task, lengths and packing. Checkpoints written before these were recorded are not checked."""
-  json_identity = json.loads(json.dumps(identity))
+  json_identity = json.loads(json.dumps(identity, default=str))
   for key, value in json_identity.items():
     if key in stored and stored[key] != value:
-      raise InputError(f"holds a run with {key}={stored[key]!r}, this config has {value!r}: resuming needs the "
+      stored_v = stored[key]
+      if isinstance(value, dict) and isinstance(stored_v, dict):   # name the fields that differ
+        diff = sorted(k for k in set(value) | set(stored_v) if value.get(k) != stored_v.get(k))
+        stored_v, value = {k: stored_v.get(k) for k in diff}, {k: value.get(k) for k in diff}
+      raise InputError(f"holds a run with {key}={stored_v!r}, this config has {value!r}: resuming needs the "
                        f"same {key}; pass a new MODEL_DIR", path=model_dir)
   if latest > train_steps:
     raise InputError(f"holds a checkpoint at step {latest}, past TRAIN_STEPS={train_steps}; raise TRAIN_STEPS or "
@@ -386,23 +427,38 @@ def _check_resume(stored: Mapping, identity: Mapping, latest: int, train_steps: 
 
 def evaluate(eval_fn, trainable, frozen, task, lengths, split, batch_size, converter, seed, max_batches,
              use_cached, batch_shardings=None) -> float | None:
+  """Token-weighted loss over the first `max_batches` batches of `split`, every row of them: a last, short batch
+  is padded with zero-weight rows, and in a multi-host job every process runs as many batches as the process
+  with the most (zero-weight batches where its shard ran out), so no row is dropped and the collectives match."""
   from genret_jax.training import data as data_lib
+  shard_index, num_shards = _data_shard(batch_shardings, batch_size)
   try:
     ds = data_lib.get_dataset(task, lengths, split, batch_size, converter, seed=seed, shuffle=False, num_epochs=1,
-                              use_cached=use_cached)
+                              use_cached=use_cached, shard_index=shard_index, num_shards=num_shards,
+                              drop_remainder=False)
   except ValueError as e:  # seqio's unknown split: evaluation is optional, say so once
     logging.warning("eval split %r unavailable for %s: %s", split, task, e)
     return None
+  local = batch_size // num_shards
+  batches = list(itertools.islice(data_lib.numpy_batches(ds), max_batches))
+  count = len(batches)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
+  empty = {k: np.zeros((local,) + tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype)
+           for k, spec in ds.element_spec.items()}
   tot, n = 0.0, 0.0
-  for i, batch in enumerate(data_lib.numpy_batches(ds)):
-    if i >= max_batches:
-      break
-    m = jax.device_get(eval_fn(trainable, frozen, _global_batch(batch, batch_shardings)))
+  for i in range(count):
+    batch = batches[i] if i < len(batches) else empty
+    batch = {k: np.concatenate([v, empty[k][:local - len(v)]]) if len(v) < local else v for k, v in batch.items()}
+    m = jax.device_get(eval_fn(trainable, frozen, _global_batch(batch, batch_shardings, batch_size)))
     if float(m["dropped_tokens"]) > 0:
       raise InputError(f"evaluation of {task}/{split}: {int(m['dropped_tokens'])} target tokens fell outside the "
                        "model's loss positions", key="models.DecoderOnlyModel.loss_positions")
     tot += float(m["loss_sum"])
     n += float(m["num_tokens"])
+  if not n:
+    logging.warning("eval split %r of %s has no target tokens: no eval loss", split, task)
   return tot / n if n else None
 
 
