@@ -36,6 +36,7 @@ from scipy import optimize
 from genret_jax import atomic_files
 from genret_jax.errors import InputError, check_int
 from genret_jax.scaling import fits as fits_lib
+from genret_jax.scaling import results as results_lib
 
 DEFAULT_BEAMS = (1, 2, 5, 10, 20, 50, 100)
 
@@ -160,17 +161,19 @@ def _load_fits(args) -> dict:
       path = path / "fits.json"
     if not path.exists():
       raise InputError("fits file not found", path=str(path))
-    try:
-      return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise InputError(f"invalid JSON: {e.msg}", path=str(path), line=e.lineno) from None
+    if args.beam_metric is not None:   # it was ignored: fits.json holds the beam law `genret report` fitted
+      raise InputError("applies only with --results (the beam law in fits.json is the one `genret report "
+                       "--beam_metric` fitted)", key="beam_metric")
+    return results_lib.read_json(path)
   from genret_jax.scaling import report  # fit on the fly, without bootstrap or plots.
-  from genret_jax.scaling import results as results_lib
   path = pathlib.Path(args.results)
   run_dir = path if path.is_dir() else path.parent
   rows = results_lib.load_results(path)
+  beam_metric = args.beam_metric or "recall@10"
+  # As in `genret report`: an unknown metric silently gave "no beam law" advice.
+  results_lib.require_column(rows, beam_metric, "beam_metric")
   cfg = report.ReportConfig(restarts=args.restarts, seed=args.seed, bootstrap_resamples=0, plots=False,
-                            beam_metric=args.beam_metric)
+                            beam_metric=beam_metric)
   series = report.select_series(rows, run_dir, cfg.beam_metric)
   fitted, notes = report.fit_all(series, cfg)
   return {"flops": report.flops_coefficients(rows), "notes": notes,
@@ -199,7 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--n_max", type=float, default=None, help="largest N searched (default: observed x 10)")
   parser.add_argument("--max_examples", type=float, default=None, help="cap on D (e.g. the corpus' pairs)")
   parser.add_argument("--no_beam_law", action="store_true", help="ignore the beam law (m = 1)")
-  parser.add_argument("--beam_metric", default="recall@10", help="with --results: metric of the beam law")
+  parser.add_argument("--beam_metric", default=None,
+                      help="with --results: metric of the beam law (default recall@10)")
   parser.add_argument("--restarts", type=int, default=fits_lib.DEFAULT_RESTARTS)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output", default=None, help="also write the advice JSON here")

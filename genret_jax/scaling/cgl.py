@@ -113,13 +113,22 @@ class NegativeSet:
           qids = tuple(str(q) for q in z["query_ids"]) if bool(z["has_query_ids"]) else None
           return cls(np.asarray(z["negatives"], dtype=np.int64), int(z["seed"]), int(z["num_docs"]), qids)
       payload = json.loads(path.read_text())
-      negs = np.asarray(payload["negatives"], dtype=np.int64)
-      if negs.ndim != 2:
-        raise InputError("'negatives' must be a rectangular list of lists", path=str(path), key="negatives")
+      rows = payload["negatives"]
+      # (an object here failed inside int(); 1.5 or true was truncated to a document index without a word)
+      if not (isinstance(rows, list) and all(isinstance(r, list) and all(type(d) is int for d in r) for r in rows)
+              and len({len(r) for r in rows}) <= 1):
+        raise InputError("'negatives' must be a rectangular list of lists of document indices", path=str(path),
+                         key="negatives")
+      negs = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1 if rows and rows[0] else 0)
       qids = payload.get("query_ids")
-      out = cls(negs, int(payload["seed"]), int(payload["num_docs"]),
+      out = cls(negs.astype(np.int64), int(payload["seed"]), int(payload["num_docs"]),
                 tuple(qids) if qids is not None else None)
-    except (KeyError, ValueError, json.JSONDecodeError) as e:
+      if negs.size and not (0 <= negs.min() and negs.max() < out.num_docs):
+        raise InputError(f"'negatives' holds document indices outside [0, {out.num_docs})", path=str(path),
+                         key="negatives")
+    # TypeError: a value of the wrong JSON type (an object for "negatives", a list for "seed", a list as the
+    # whole file), which numpy or int() refused with a traceback.
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
       if isinstance(e, InputError):
         raise
       raise InputError(f"unreadable negatives file: {e}", path=str(path)) from None

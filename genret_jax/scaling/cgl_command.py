@@ -83,9 +83,18 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
 
   t0 = time.perf_counter()
   # Checked before any scoring (a bad averaging mode was found after every batch had been scored).
+  # (a string NEGATIVES_SEED failed inside int() with a traceback; -1 is a mesh axis's "all remaining devices").
   for macro, value, low in (("NUM_NEGATIVES", num_negatives, 1), ("BATCH_SIZE", batch_size, 1),
-                            ("genret.cgl_eval_run.bootstrap_resamples", bootstrap_resamples, 0)):
+                            ("NEGATIVES_SEED", negatives_seed, 0),
+                            ("genret.cgl_eval_run.bootstrap_resamples", bootstrap_resamples, 0),
+                            ("genret.cgl_eval_run.bootstrap_seed", bootstrap_seed, 0),
+                            ("genret.cgl_eval_run.mesh_data", mesh_data, -1),
+                            ("genret.cgl_eval_run.mesh_fsdp", mesh_fsdp, -1),
+                            ("genret.cgl_eval_run.mesh_model", mesh_model, -1)):
     check_int(value, macro, low)
+  for name, value in (("max_queries", max_queries), ("inputs_per_batch", inputs_per_batch)):
+    if value is not None:
+      check_int(value, f"genret.cgl_eval_run.{name}", 1)
   if averaging not in cgl.AVERAGING_MODES:
     raise InputError(f"unknown averaging {averaging!r}; choose from {sorted(cgl.AVERAGING_MODES)}",
                      key="genret.cgl_eval_run.averaging")
@@ -110,6 +119,7 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
     raise InputError(f"the gin config does not describe a model (models.get_model.model / MODEL): {e}",
                      key="MODEL_GIN") from e
   mesh = partitioning.make_mesh(mesh_data, mesh_fsdp, mesh_model)
+  params_io.check_vocabulary(checkpoint_path, vocab)
   params = params_io.restore_params(checkpoint_path, params_io.abstract_with_shardings(model, mesh))
 
   output_path = output_path or os.path.join(checkpoint_path, f"cgl_{split}.json")

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from genret_jax import atomic_files
+from genret_jax.corpora.lines import iter_lines
 from genret_jax.errors import InputError
 
 RESULTS_CSV = "results.csv"
@@ -64,41 +65,73 @@ def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = path / RESULTS_CSV
   if not path.exists():
     raise InputError("results table not found", path=str(path))
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
+  # Strict UTF-8 per line, so a bad byte is an InputError at its line (csv over a text file raised a bare
+  # UnicodeDecodeError); csv consumes one of these lines per `next`, so line_num is the physical line number.
+  reader = csv.DictReader(line + "\n" for _, line in iter_lines(path))
+  try:
     header = reader.fieldnames or []
-    missing = [c for c in REQUIRED if c not in header]
-    if missing:
-      raise InputError(f"missing required column(s) {missing}", path=str(path), line=1)
-    rows = []
-    seen: dict[str, int] = {}
-    for raw in reader:
-      line = reader.line_num
-      if None in raw or any(v is None for v in raw.values()):   # csv's markers for too many / too few fields
-        raise InputError(f"row has {'more' if None in raw else 'fewer'} fields than the header's {len(header)}",
-                         path=str(path), line=line)
-      row: dict[str, Any] = {}
-      for key in header:
-        kind = COLUMNS.get(key, str)
-        row[key] = _parse(raw.get(key) or "", kind, str(path), line, key)
-      for key, kind in COLUMNS.items():
-        if key not in row:
-          row[key] = math.nan if kind is float else (None if kind is int else "")
-      for key in REQUIRED:
-        if row[key] in ("", None) or (isinstance(row[key], float) and math.isnan(row[key])):
-          raise InputError(f"{key} is empty", path=str(path), line=line, key=key)
-      for key in POSITIVE:
-        v = row[key]
-        if v is not None and not (isinstance(v, float) and math.isnan(v)) and v <= 0:
-          raise InputError(f"{key} must be > 0, got {v}", path=str(path), line=line, key=key)
-      if row["cell_id"] in seen:
-        raise InputError(f"duplicate cell_id {row['cell_id']!r} (first on line {seen[row['cell_id']]})",
-                         path=str(path), line=line, key="cell_id")
-      seen[row["cell_id"]] = line
-      rows.append(row)
+  except csv.Error as e:
+    raise InputError(f"malformed CSV: {e}", path=str(path), line=1) from None
+  missing = [c for c in REQUIRED if c not in header]
+  if missing:
+    raise InputError(f"missing required column(s) {missing}", path=str(path), line=1)
+  rows = []
+  seen: dict[str, int] = {}
+  while True:
+    start = reader.line_num + 1
+    try:
+      raw = next(reader)
+    except StopIteration:
+      break
+    except csv.Error as e:
+      raise InputError(f"malformed CSV: {e}", path=str(path), line=start) from None
+    line = reader.line_num
+    if None in raw or any(v is None for v in raw.values()):   # csv's markers for too many / too few fields
+      raise InputError(f"row has {'more' if None in raw else 'fewer'} fields than the header's {len(header)}",
+                       path=str(path), line=line)
+    row: dict[str, Any] = {}
+    for key in header:
+      kind = COLUMNS.get(key, str)
+      row[key] = _parse(raw.get(key) or "", kind, str(path), line, key)
+    for key, kind in COLUMNS.items():
+      if key not in row:
+        row[key] = math.nan if kind is float else (None if kind is int else "")
+    for key in REQUIRED:
+      if row[key] in ("", None) or (isinstance(row[key], float) and math.isnan(row[key])):
+        raise InputError(f"{key} is empty", path=str(path), line=line, key=key)
+    for key in POSITIVE:
+      v = row[key]
+      if v is not None and not (isinstance(v, float) and math.isnan(v)) and v <= 0:
+        raise InputError(f"{key} must be > 0, got {v}", path=str(path), line=line, key=key)
+    if row["cell_id"] in seen:
+      raise InputError(f"duplicate cell_id {row['cell_id']!r} (first on line {seen[row['cell_id']]})",
+                       path=str(path), line=line, key="cell_id")
+    seen[row["cell_id"]] = line
+    rows.append(row)
   if not rows:
     raise InputError("results table has no rows", path=str(path))
   return rows
+
+
+def require_column(rows: list[dict[str, Any]], column: str, key: str) -> None:
+  """InputError naming `key` when the table has no `column` (an unknown metric made the beam fits vanish)."""
+  if column not in rows[0]:
+    have = sorted(k for k in rows[0] if k in METRIC_COLUMNS or "@" in k)
+    raise InputError(f"no column {column!r} in {RESULTS_CSV} (have {have})", key=key)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """A JSON file's value; a bad byte or bad JSON is an InputError naming the file (and line)."""
+  data = pathlib.Path(path).read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise InputError(f"not valid UTF-8 (byte 0x{data[e.start]:02x})", path=str(path), line=line) from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise InputError(f"invalid JSON: {e.msg}", path=str(path), line=e.lineno) from None
 
 
 def write_results(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -129,10 +162,7 @@ def load_per_query(run_dir: str | os.PathLike, cell_id: str) -> dict[str, Any] |
   path = per_query_path(run_dir, cell_id)
   if not path.exists():
     return None
-  try:
-    data = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise InputError(f"invalid JSON: {e.msg}", path=str(path), line=e.lineno) from None
+  data = read_json(path)
   if not isinstance(data, dict):
     raise InputError("per_query.json must hold an object of metric -> list", path=str(path))
   lengths = {k: len(v) for k, v in data.items() if isinstance(v, list) and k != "query_ids"}

@@ -19,15 +19,16 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import gin
 import numpy as np
 
 from genret_jax import atomic_files, gin_utils
-from genret_jax.errors import InputError, check_int
+from genret_jax.errors import InputError, check_float, check_int
 from genret_jax.scaling import results as results_lib
 
 RESULT_JSON = "result.json"
@@ -68,6 +69,42 @@ class SweepConfig:
   negatives_seed: int = 0
   seed: int = 0
 
+  def __post_init__(self):
+    # Checked when the config is built, before anything trains: a negative max_eval_queries or a 0
+    # num_negatives failed after training (blaming the corpus or an internal key), min > max steps was clipped.
+    key = lambda name: f"SweepConfig.{name}"  # noqa: E731
+    if not isinstance(self.rungs, Mapping) or not all(
+        isinstance(fam, str) and isinstance(files, (list, tuple)) and all(isinstance(f, str) for f in files)
+        for fam, files in self.rungs.items()):
+      raise InputError(f"must map each family to a list of rung gin files, e.g. {{\"t5\": [\"models/...gin\"]}}; "
+                       f"got {self.rungs!r}", key=key("rungs"))
+    for name in ("fraction_families", "fraction_rungs", "beam_rungs", "beams", "data_fractions"):
+      if not isinstance(getattr(self, name), (list, tuple)):
+        raise InputError(f"must be a list, e.g. ({getattr(self, name)!r},), got {getattr(self, name)!r}",
+                         key=key(name))
+    for f in self.data_fractions:
+      check_float(f, key("data_fractions"), low=0.0, high=1.0, low_open=True)
+    for fam in self.fraction_families:
+      if not isinstance(fam, str):
+        raise InputError(f"must list family names, got {fam!r}", key=key("fraction_families"))
+    for name in ("fraction_rungs", "beam_rungs"):   # indices into each family's rung list (ranges: in plan)
+      for i in getattr(self, name):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+          raise InputError(f"must list rung indices (integers), got {i!r}", key=key(name))
+    check_float(self.train_epochs, key("train_epochs"), low=0.0, low_open=True)
+    for name in ("min_train_steps", "max_train_steps", "batch_size", "num_negatives"):
+      check_int(getattr(self, name), key(name), low=1)
+    for name in ("max_eval_queries", "negatives_seed", "seed"):
+      check_int(getattr(self, name), key(name), low=0)
+    if self.min_train_steps > self.max_train_steps:
+      raise InputError(f"min_train_steps {self.min_train_steps} is above max_train_steps {self.max_train_steps}",
+                       key=key("min_train_steps"))
+    lengths = self.task_feature_lengths
+    if not isinstance(lengths, Mapping) or set(lengths) != {"inputs", "targets"}:
+      raise InputError(f"must be {{\"inputs\": N, \"targets\": M}}, got {lengths!r}", key=key("task_feature_lengths"))
+    for name, value in lengths.items():
+      check_int(value, f"{key('task_feature_lengths')}[{name!r}]", low=1)
+
 
 def _model_id(family: str, rung_gin: str, fraction: float) -> str:
   import tasks
@@ -90,10 +127,30 @@ def plan(cfg: SweepConfig) -> list[dict]:
   for beam in cfg.beams:
     check_int(beam, "SweepConfig.beams")
   check_int(cfg.default_beam, "SweepConfig.default_beam")
+  # Selections that chose nothing (a family typo, an index past a family's ladder, an empty list) silently
+  # dropped the data or beam axis; every entry must select something.
+  if not cfg.beams:
+    raise InputError("no beams to decode at", key="SweepConfig.beams")
+  unknown = [f for f in cfg.fraction_families if f not in cfg.rungs]
+  if unknown:
+    raise InputError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; the rungs have "
+                     f"{sorted(cfg.rungs)}", key="SweepConfig.fraction_families")
+  if len(fractions) > 1 and not cfg.fraction_rungs:
+    raise InputError(f"selects no rung, so data fractions {[f for f in fractions if f < 1.0]} would train nothing",
+                     key="SweepConfig.fraction_rungs")
+  if set(cfg.beams) - {cfg.default_beam} and not cfg.beam_rungs:
+    raise InputError(f"selects no rung, so beams {sorted(set(cfg.beams) - {cfg.default_beam})} would never be "
+                     f"decoded (every rung gets default_beam {cfg.default_beam} only)", key="SweepConfig.beam_rungs")
   for family, rungs in cfg.rungs.items():
     n = len(rungs)
-    frac_idx = ({i % n for i in cfg.fraction_rungs}
-                if not cfg.fraction_families or family in cfg.fraction_families else set())
+    gets_fractions = len(fractions) > 1 and (not cfg.fraction_families or family in cfg.fraction_families)
+    for name, indices in (("fraction_rungs", cfg.fraction_rungs if gets_fractions else ()),
+                          ("beam_rungs", cfg.beam_rungs)):
+      bad = [i for i in indices if not -n <= i < n]
+      if bad:
+        raise InputError(f"rung index {bad[0]} is out of range for family {family!r}, which has {n} rung(s) "
+                         f"(indices {-n}..{n - 1})", key=f"SweepConfig.{name}")
+    frac_idx = {i % n for i in cfg.fraction_rungs} if gets_fractions else set()
     beam_idx = {i % n for i in cfg.beam_rungs}
     for i, rung in enumerate(rungs):
       for f in fractions:
@@ -292,6 +349,7 @@ class Sweep:
 
   def run(self) -> list[dict]:
     cells = plan(self.cfg)
+    self.eval_queries()   # a typo in eval_split was found after the first model had trained
     all_rows = []
     for i, cell in enumerate(cells):
       rows = self.done_rows(cell)
