@@ -32,7 +32,7 @@ import gin
 import numpy as np
 
 from genret_jax import atomic_files
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 from genret_jax.gin_utils import add_gin_arguments, parse_gin
 
 KINDS = ("suffix_array", "trie")
@@ -62,14 +62,20 @@ def read_token_file(path: str, vocab_size: int | None = None) -> list[np.ndarray
   return seqs
 
 
-def tokenize_corpus(corpus: str, spm_model: str) -> list[np.ndarray]:
+def tokenize_corpus(corpus: str, spm_model: str, vocab_size: int | None = None) -> list[np.ndarray]:
+  """The corpus's "title text" as SentencePiece ids; with `vocab_size`, refuses a model with more pieces (its ids
+  would index past the model's vocabulary, as `read_token_file` refuses such ids)."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   from genret_jax import corpora  # pylint: disable=g-import-not-at-top
-  collection = corpora.load(corpus)
   try:
     sp = spm.SentencePieceProcessor(model_file=spm_model)
   except (OSError, RuntimeError) as e:
     raise InputError(f"cannot load SentencePiece model: {e}", path=spm_model) from e
+  if vocab_size is not None and sp.get_piece_size() > vocab_size:
+    raise InputError(f"the SentencePiece model has {sp.get_piece_size()} pieces (token ids up to "
+                     f"{sp.get_piece_size() - 1}) but --vocab_size is {vocab_size}: pass the model's vocabulary "
+                     "size, at least the number of pieces", path=spm_model, key="build_index.vocab_size")
+  collection = corpora.load(corpus)
   texts = [f"{d.title} {d.text}".strip() for d in collection.documents]
   return [np.asarray(ids, np.int64) for ids in sp.encode(texts)]
 
@@ -110,10 +116,22 @@ def build_index(kind: str = "suffix_array", output_dir: str | None = None, token
     raise InputError(f"kind must be one of {KINDS}, got {kind!r}", key="build_index.kind")
   if not output_dir:
     raise InputError("an output directory is required", key="build_index.output_dir")
+  if vocab_size is not None:
+    check_int(vocab_size, "build_index.vocab_size", low=2)
+  check_int(sep_id, "build_index.sep_id", low=0)
+  check_int(eos_id, "build_index.eos_id", low=0)
+  if kind == "suffix_array" and vocab_size is not None and sep_id > vocab_size:
+    # sep_id == vocab_size is one id past the vocabulary, never generated (what `--task` indexes use); a larger
+    # one (like a token id >= vocab_size, refused below) means the ids are not those of this vocabulary.
+    raise InputError(f"--sep_id {sep_id} is past --vocab_size {vocab_size}: give a separator < vocab_size that "
+                     f"never occurs in documents, or {vocab_size} (one past the vocabulary)",
+                     key="build_index.sep_id")
+  if kind == "trie" and vocab_size is not None and eos_id >= vocab_size:
+    raise InputError(f"--eos_id {eos_id} >= --vocab_size {vocab_size}", key="build_index.eos_id")
   if tokens_file:
     seqs = read_token_file(tokens_file, vocab_size)
   elif corpus and spm_model:
-    seqs = tokenize_corpus(corpus, spm_model)
+    seqs = tokenize_corpus(corpus, spm_model, vocab_size)
   else:
     raise InputError("give tokens_file, or corpus and spm_model", key="build_index.tokens_file")
   empty = sum(1 for s in seqs if not s.size)   # a suffix array keeps them as empty documents

@@ -15,9 +15,20 @@ from typing import Any, ClassVar, Sequence
 
 from genret_jax import atomic_files
 from genret_jax.corpora.types import Collection, Document
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_float, check_int
 
 FORMAT_VERSION = 1
+MAX_SEED = 2**32 - 1   # scikit-learn's random_state range
+
+
+def check_seed(seed, key: str = "seed") -> int:
+  """A scheme seed: an integer in [0, 2**32 - 1] (scikit-learn rejects others with a traceback)."""
+  seed = check_int(seed, key, low=0)
+  if seed > MAX_SEED:
+    raise InputError(f"must be an integer <= {MAX_SEED}, got {seed}", key=key)
+  return seed
+
+
 SCHEME_FILE = "scheme.json"
 
 _WS = re.compile(r"\s+")
@@ -58,6 +69,10 @@ class IdentifierScheme(abc.ABC):
 
   name: ClassVar[str] = ""
   is_ngram: ClassVar[bool] = False
+  # Option checks beyond the type of each option's default (`make_config`): bounds of numeric options
+  # (`check_int` / `check_float` keyword arguments) and the allowed values of string options or tuple items.
+  LIMITS: ClassVar[dict[str, dict]] = {}
+  CHOICES: ClassVar[dict[str, tuple]] = {}
 
   @dataclasses.dataclass(frozen=True)
   class Config:
@@ -74,20 +89,65 @@ class IdentifierScheme(abc.ABC):
 
   @classmethod
   def make_config(cls, **cfg) -> Any:
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    """The scheme's Config from options (build-ids' --scheme_config), every option checked here, naming it as
+    `scheme_config.<option>` (a string, float or out-of-range size otherwise failed inside scikit-learn, or was
+    quietly turned into sequential ids)."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
     for key in cfg:
       if key not in fields:
         raise InputError(f"unknown option for identifier scheme {cls.name!r}; known: {sorted(fields)}",
-                         key=key)
-    # JSON and gin hand over lists; tuples keep configs hashable and equal after a save/load round trip.
-    return cls.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+                         key=key)   # the bare name: tests/test_tasks.py relies on it
+    config = cls.Config(**{k: cls._check_option(k, v, fields[k].default) for k, v in cfg.items()})
+    cls._check_config(config)
+    return config
+
+  @classmethod
+  def _check_option(cls, name: str, value, default):
+    key = f"scheme_config.{name}"
+    limits, choices = cls.LIMITS.get(name, {}), cls.CHOICES.get(name)
+    if isinstance(default, bool):
+      if not isinstance(value, bool):
+        raise InputError(f"must be true or false, got {value!r}", key=key)
+      return value
+    if isinstance(default, int):
+      return check_int(value, key, **{"low": 0, **limits})
+    if isinstance(default, float):
+      return check_float(value, key, **limits)
+    if isinstance(default, str):
+      if not isinstance(value, str):
+        raise InputError(f"must be a string, got {value!r}", key=key)
+      if choices is not None and value not in choices:
+        raise InputError(f"must be one of {list(choices)}, got {value!r}", key=key)
+      return value
+    if isinstance(default, tuple):
+      # JSON and gin hand over lists; tuples keep configs hashable and equal after a save/load round trip.
+      if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"must be a list of strings, got {value!r}", key=key)
+      if not value or (choices is not None and not set(value) <= set(choices)):
+        allowed = f" from {list(choices)}" if choices is not None else ""
+        raise InputError(f"must be a non-empty list of strings{allowed}, got {list(value)!r}", key=key)
+      return tuple(value)
+    return value
+
+  @classmethod
+  def _check_config(cls, config) -> None:
+    """Checks that involve several options (subclasses)."""
+
+  @staticmethod
+  def _check_token(value: str, name: str) -> None:
+    """An option that becomes (part of) an added vocabulary token."""
+    if not value or any(c.isspace() for c in value):
+      raise InputError(f"must be a non-empty string without whitespace (it becomes a vocabulary token), got "
+                       f"{value!r}", key=f"scheme_config.{name}")
 
   @classmethod
   def build(cls, collection: Collection, seed: int = 0, **cfg) -> "IdentifierScheme":
+    seed = check_seed(seed)
+    config = cls.make_config(**cfg)
     if not collection.documents:
       raise InputError(f"cannot build identifiers for an empty collection {collection.name!r}",
                        path=collection.source or None)
-    scheme = cls(cls.make_config(**cfg), seed, collection_fingerprint(collection),
+    scheme = cls(config, seed, collection_fingerprint(collection),
                  [d.doc_id for d in collection.documents])
     scheme._collection = collection
     scheme._build(collection)

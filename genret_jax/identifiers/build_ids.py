@@ -10,6 +10,7 @@ import argparse
 import json
 
 from genret_jax.errors import InputError
+from genret_jax.identifiers.base import check_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,12 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from genret_jax import corpora, identifiers
   from genret_jax.corpora import default as default_corpus
+  check_seed(args.seed, "--seed")
   try:
     cfg = json.loads(args.scheme_config)
   except json.JSONDecodeError as e:
     raise InputError(f"--scheme_config is not JSON: {e.msg}", key="scheme_config") from e
   if not isinstance(cfg, dict):
     raise InputError("--scheme_config must be a JSON object", key="scheme_config")
+  identifiers.scheme_class(args.scheme).make_config(**cfg)   # before the corpus is read
   collection = (default_corpus.load_default() if args.corpus == "default"
                 else corpora.load(args.corpus, format=args.format))
   scheme = identifiers.build(args.scheme, collection, seed=args.seed, **cfg)

@@ -11,7 +11,10 @@ from genret_jax.identifiers.base import document_text
 
 def tfidf_svd_vectors(collection: Collection, dim: int, seed: int, max_features: int = 20000) -> np.ndarray:
   """[num_docs, <=dim] float64 L2-normalised vectors. Empty documents get the zero vector."""
-  # One BLAS thread: faster on shared small machines, and floating-point sums stay in one order.
+  # One BLAS thread: faster on shared small machines, and floating-point sums stay in one order. The limit only
+  # reaches libraries already loaded, so scikit-learn (and the BLAS it brings) is imported first: imported inside,
+  # a process's first call ran multi-threaded and gave different vectors (and docids) from the later calls.
+  import sklearn.decomposition  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   with threadpoolctl.threadpool_limits(1):
     return _vectors([document_text(d) for d in collection.documents], dim, seed, max_features)
 
@@ -26,7 +29,11 @@ def _vectors(texts: list[str], dim: int, seed: int, max_features: int) -> np.nda
                                max_features=max_features, dtype=np.float64)
   try:
     tfidf = vectorizer.fit_transform(texts)
-  except ValueError:  # every document empty or stop words only: no vocabulary at all
+  except ValueError as e:
+    # Every document empty or stop words only: no vocabulary at all. Any other ValueError (a bad parameter: the
+    # options are checked by the schemes' make_config) was once taken for this and gave sequential ids.
+    if "empty vocabulary" not in str(e) and "no terms remain" not in str(e):
+      raise
     return np.zeros((len(texts), 1))
   k = max(1, min(dim, tfidf.shape[1] - 1, tfidf.shape[0] - 1))
   if tfidf.shape[1] <= 1 or tfidf.shape[0] <= 1:

@@ -37,6 +37,8 @@ class SemanticScheme(DocidScheme):
   """
 
   name = "semantic"
+  LIMITS = {"branching": {"low": 2}, "leaf_size": {"low": 1}, "dim": {"low": 1}, "max_features": {"low": 1}}
+  CHOICES = {"token_format": ("digits", "tokens")}
 
   @dataclasses.dataclass(frozen=True)
   class Config:
@@ -47,11 +49,7 @@ class SemanticScheme(DocidScheme):
     token_format: str = "digits"
 
   def _build(self, collection: Collection) -> None:
-    cfg = self.config
-    if cfg.branching < 2 or cfg.leaf_size < 1 or cfg.token_format not in ("digits", "tokens"):
-      from genret_jax.errors import InputError
-      raise InputError("semantic ids need branching >= 2, leaf_size >= 1, token_format digits|tokens",
-                       key="semantic")
+    cfg = self.config   # checked by make_config
     vectors = tfidf_svd_vectors(collection, cfg.dim, self.seed, cfg.max_features)
     paths: list[tuple[int, ...]] = [()] * len(vectors)
     stack = [((), np.arange(len(vectors)))]
@@ -102,6 +100,7 @@ class CodebookScheme(DocidScheme):
   """
 
   name = "codebook"
+  LIMITS = {"levels": {"low": 1}, "codes": {"low": 2}, "dim": {"low": 1}, "max_features": {"low": 1}}
 
   @dataclasses.dataclass(frozen=True)
   class Config:
@@ -111,10 +110,7 @@ class CodebookScheme(DocidScheme):
     max_features: int = 20000
 
   def _build(self, collection: Collection) -> None:
-    cfg = self.config
-    if cfg.levels < 1 or cfg.codes < 2:
-      from genret_jax.errors import InputError
-      raise InputError("codebook ids need levels >= 1 and codes >= 2", key="codebook")
+    cfg = self.config   # checked by make_config
     vectors = tfidf_svd_vectors(collection, cfg.dim, self.seed, cfg.max_features)
     residual = vectors.copy()
     codes = np.zeros((len(vectors), cfg.levels), dtype=np.int64)

@@ -27,6 +27,10 @@ class NgramScheme(IdentifierScheme):
 
   name = "ngram"
   is_ngram = True
+  LIMITS = {"n_samples": {"low": 1}, "min_length": {"low": 1}, "max_length": {"low": 1},
+            "temperature": {"low": 0.0, "low_open": True}, "title_samples": {"low": 1}, "query_samples": {"low": 1},
+            "index_pairs": {"low": 0}, "index_source_words": {"low": 1}}
+  CHOICES = {"views": VIEWS}
 
   @dataclasses.dataclass(frozen=True)
   class Config:
@@ -44,14 +48,16 @@ class NgramScheme(IdentifierScheme):
     index_source_words: int = 64
     pseudo_queries_file: str = ""        # JSON {doc_id: [pseudo-query, ...]}, when the corpus has them
 
+  @classmethod
+  def _check_config(cls, config) -> None:
+    if config.min_length > config.max_length:
+      raise InputError(f"min_length {config.min_length} > max_length {config.max_length}",
+                       key="scheme_config.min_length")
+    for name in ("title_marker", "query_bos", "query_eos"):
+      cls._check_token(getattr(config, name), name)
+
   def _build(self, collection: Collection) -> None:
-    cfg = self.config
-    bad = [v for v in cfg.views if v not in VIEWS]
-    if bad or not cfg.views:
-      raise InputError(f"unknown n-gram views {bad}; choose from {VIEWS}", key="views")
-    if not 1 <= cfg.min_length <= cfg.max_length or cfg.n_samples < 1 or cfg.temperature <= 0:
-      raise InputError("need 1 <= min_length <= max_length, n_samples >= 1, temperature > 0",
-                       key="n_samples")
+    cfg = self.config   # checked by make_config
     self.pseudo_queries: dict[int, list[str]] = {}
     if cfg.pseudo_queries_file:
       self.pseudo_queries = self._read_pseudo_queries(collection, cfg.pseudo_queries_file)

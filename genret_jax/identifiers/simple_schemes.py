@@ -17,6 +17,10 @@ class AtomicScheme(DocidScheme):
   class Config:
     token_prefix: str = "d"
 
+  @classmethod
+  def _check_config(cls, config) -> None:
+    cls._check_token(config.token_prefix, "token_prefix")
+
   def _build(self, collection: Collection) -> None:
     self._set_docids([f"<{self.config.token_prefix}_{i}>" for i in range(len(collection.documents))])
 

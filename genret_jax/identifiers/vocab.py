@@ -27,7 +27,7 @@ from sentencepiece import sentencepiece_model_pb2
 from genret_jax import atomic_files
 from genret_jax.corpora.types import Collection
 from genret_jax.errors import InputError
-from genret_jax.identifiers.base import document_text
+from genret_jax.identifiers.base import check_seed, document_text
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 _CHUNK_WORDS = 200  # SentencePiece skips "sentences" over max_sentence_length bytes: feed chunks instead
@@ -176,12 +176,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from genret_jax import corpora, identifiers
   from genret_jax.corpora import default as default_corpus
-  collection = (default_corpus.load_default() if args.corpus == "default"
-                else corpora.load(args.corpus, format=args.format))
+  check_seed(args.seed, "--seed")
   try:
     cfg = json.loads(args.scheme_config)
   except json.JSONDecodeError as e:
     raise InputError(f"--scheme_config is not JSON: {e.msg}", key="scheme_config") from e
+  if not isinstance(cfg, dict):
+    raise InputError("--scheme_config must be a JSON object", key="scheme_config")
+  collection = (default_corpus.load_default() if args.corpus == "default"
+                else corpora.load(args.corpus, format=args.format))
   if args.scheme and os.path.isdir(args.scheme):
     scheme = identifiers.load(args.scheme, collection)
   elif args.scheme:

@@ -46,8 +46,14 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
 
 def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   """All tensors of a checkpoint directory as float32 numpy arrays."""
+  return _read_hf_weights(hf_dir)[0]
+
+
+def _read_hf_weights(hf_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors as float32 numpy arrays, the file each tensor was read from)."""
   d = pathlib.Path(hf_dir)
   files = sorted(d.glob("*.safetensors"))
+  sources: dict[str, str] = {}
   if files:
     from safetensors import SafetensorError, safe_open
     out = {}
@@ -56,9 +62,10 @@ def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
         with safe_open(str(f), framework="np") as fh:  # bf16 arrives as ml_dtypes.bfloat16: no torch needed
           for k in fh.keys():
             out[k] = fh.get_tensor(k).astype(np.float32)
+            sources[k] = str(f)
       except SafetensorError as e:
         raise InputError(f"not a readable safetensors file: {e}", path=str(f)) from e
-    return out
+    return out, sources
   bins = sorted(d.glob("pytorch_model*.bin"))
   if bins:
     try:
@@ -70,7 +77,8 @@ def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     for f in bins:
       for k, v in torch.load(str(f), map_location="cpu", weights_only=True).items():
         out[k] = v.float().numpy()
-    return out
+        sources[k] = str(f)
+    return out, sources
   raise InputError("no *.safetensors or pytorch_model*.bin weights found", path=str(d))
 
 
@@ -296,6 +304,54 @@ def hf_config_from(config) -> dict[str, Any]:
           "mlp_bias": False, "max_position_embeddings": 4096}
 
 
+class _ReadTracker(dict):
+  """A state dict that records which tensors the converter read, and names a missing one (a config.json with
+  more layers than the weights hold was a KeyError traceback)."""
+
+  def __init__(self, sd: dict, hf_dir: str):
+    super().__init__(sd)
+    self.read: set[str] = set()
+    self.hf_dir = hf_dir
+
+  def __getitem__(self, key):
+    if key not in self:
+      raise InputError(f"weight {key!r} missing from the checkpoint (config.json implies it)", path=self.hf_dir)
+    self.read.add(key)
+    return super().__getitem__(key)
+
+
+def _ignorable(name: str, sd: dict[str, np.ndarray], config) -> bool:
+  """Tensors HF writes that the converted model knowingly does without: the per-stack copies of T5's tied
+  `shared` embedding, a tied output head identical to the embedding, and the rotary `inv_freq` buffers older
+  LLaMA checkpoints store (recomputed from rope_theta)."""
+  if isinstance(config, T5Config):
+    if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+      return True   # HF ties both to `shared` whatever they hold
+    embed = "shared.weight"
+  else:
+    if name.endswith(".rotary_emb.inv_freq"):
+      return True
+    embed = "model.embed_tokens.weight"
+  return (name == "lm_head.weight" and config.tie_word_embeddings and embed in sd
+          and sd[name].shape == sd[embed].shape and np.array_equal(sd[name], sd[embed]))
+
+
+def check_all_tensors_used(sd: dict[str, np.ndarray], read: set[str], config, sources: dict[str, str],
+                           hf_dir: str) -> None:
+  """Every tensor of the checkpoint is converted or knowingly ignored (`_ignorable`); any other one means
+  config.json does not describe the checkpoint (e.g. fewer layers than the weights hold), which would otherwise
+  convert a truncated model without a word."""
+  unused = [k for k in sd if k not in read and not _ignorable(k, sd, config)]
+  if not unused:
+    return
+  files = sorted({sources.get(k, str(hf_dir)) for k in unused})
+  shown = ", ".join(unused[:6]) + (", ..." if len(unused) > 6 else "")
+  layers = "num_layers / num_decoder_layers" if isinstance(config, T5Config) else "num_hidden_layers"
+  extra = f" (and in {len(files) - 1} other file(s))" if len(files) > 1 else ""
+  raise InputError(f"{len(unused)} tensor(s){extra} that config.json does not account for would be dropped: "
+                   f"{shown}; does config.json ({layers}, ...) describe this checkpoint?", path=files[0])
+
+
 def params_from_hf(sd: dict[str, np.ndarray], config) -> dict:
   from genret_jax.models import layers
   p = t5_params_from_hf(sd, config) if isinstance(config, T5Config) else llama_params_from_hf(sd, config)
@@ -318,11 +374,13 @@ def _to_float32(tree):
 def load_hf(hf_dir: str | os.PathLike, **config_overrides) -> tuple[Any, dict]:
   """(our config, our params) from a HF checkpoint directory."""
   config = config_from_hf(read_hf_config(hf_dir), **config_overrides)
-  sd = read_hf_weights(hf_dir)
+  sd, sources = _read_hf_weights(hf_dir)
   if isinstance(config, T5Config) and config.tie_word_embeddings and "lm_head.weight" in sd and not np.array_equal(
       sd["lm_head.weight"], sd.get("shared.weight")):
     config = dataclasses.replace(config, tie_word_embeddings=False)  # an untied lm_head is stored: keep it
-  params = params_from_hf(sd, config)
+  tracked = _ReadTracker(sd, str(hf_dir))
+  params = params_from_hf(tracked, config)
+  check_all_tensors_used(sd, tracked.read, config, sources, str(hf_dir))
   from genret_jax.models import model_api, params_io
   model = (model_api.EncoderDecoderModel if isinstance(config, T5Config) else model_api.DecoderOnlyModel)(config)
   # A tensor whose shape config.json does not imply would otherwise be written and fail at the first restore.

@@ -32,6 +32,11 @@ def _parse_mesh(text: str) -> dict[str, int]:
     if size == 0 or size < -1:
       raise InputError(f"mesh size {name.strip()}={size}: give a size >= 1, or -1", key="--mesh")
     sizes[name.strip()] = size
+  # As partitioning.make_mesh (which `genret train` calls): the table is drawn without devices, so it is not called
+  # here, and two -1 axes were shown as a 1x1x1 mesh.
+  if sum(s == -1 for s in sizes.values()) > 1:
+    raise InputError("at most one mesh axis may be -1, got " + " ".join(f"{k}={v}" for k, v in sizes.items()),
+                     key="--mesh")
   return sizes
 
 
