@@ -86,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(--gin.{unbound.group(1)}=... or a gin file)", file=sys.stderr)
     return 2
   except OSError as e:
+    # gin re-raises an error from inside a configurable as a proxy without the OS fields; the original is its
+    # __context__.
+    while e.filename is None and isinstance(e.__context__, OSError):
+      e = e.__context__
     if e.filename is None:
       raise
     # Output paths that are files, directories or unwritable: the OS's reason and the path, one line.

@@ -48,6 +48,14 @@ def test_output_paths_that_cannot_be_written_are_one_line(tmp_path, capsys):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "fits.json"]   # no temporary file left
   err = _error(capsys, "build-ids", "--corpus", "default", "--scheme", "atomic", "--output", str(tmp_path / "afile"))
   assert err.startswith(f"genret build-ids: error: {tmp_path / 'afile'}:")
+  # Raised inside a gin configurable, whose proxy of the error had lost its file name (a traceback).
+  import os
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  import toy_tasks
+  (tmp_path / "toy.gin").write_text(toy_tasks.train_gin(steps=1, mesh_data=1))
+  err = _error(capsys, "train", f"--gin_file={tmp_path / 'toy.gin'}", f'--gin.train.model_dir="{tmp_path / "afile"}"')
+  assert err == f"genret train: error: {tmp_path / 'afile'}: File exists"
 
 
 def test_multihost_flags_are_checked(monkeypatch, capsys):
