@@ -197,6 +197,22 @@ def test_resume_refuses_another_runs_checkpoint_and_keeps_the_last_loss(tmp_path
   assert (tmp_path / "r" / "config.gin").read_text() == gin_text
 
 
+def test_truncated_rows_are_counted(tmp_path, caplog):
+  """seqio trims rows longer than TASK_FEATURE_LENGTHS without a word; the trainer counts them (a sample of each
+  task's first rows) in its log and MODEL_DIR/truncation.json."""
+  import json
+  import logging
+  with caplog.at_level(logging.WARNING):
+    trainer.train(model=t5(), mixture_or_task_name=toy_tasks.TASK, task_feature_lengths={"inputs": 16, "targets": 6},
+                  train_steps=1, model_dir=str(tmp_path / "t"), batch_size=8, progress=False, write_config=False,
+                  mesh_config=trainer.MeshConfig(data=1))
+  counts = json.loads((tmp_path / "t" / "truncation.json").read_text())[toy_tasks.TASK]
+  # 256 reversed word lists of 3-6 words: 149 take more than 6 pieces with EOS, the longest 17; 6 inputs > 16.
+  assert counts == {"inputs": {"examples": 256, "over": 6, "longest": 17},
+                    "targets": {"examples": 256, "over": 149, "longest": 17}}
+  assert "149 of the first 256 targets are longer than TASK_FEATURE_LENGTHS['targets'] = 6" in caplog.text
+
+
 def test_model_vocabulary_smaller_than_the_tasks_is_refused(tmp_path):
   """Token ids past the embedding table made the loss NaN a few steps in; now one error before training."""
   small = model_api.EncoderDecoderModel(T5Config(vocab_size=16, d_model=32, num_heads=2, head_dim=16, d_ff=64,

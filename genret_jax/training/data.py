@@ -77,6 +77,31 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
   return ds
 
 
+def truncation_counts(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str = "train",
+                      max_examples: int = 2000, use_cached: bool = False) -> dict[str, dict[str, dict[str, int]]]:
+  """{task: {feature: {"examples", "over", "longest"}}} over the first `max_examples` examples of each task of
+  the mixture: how many are longer (EOS included) than their feature length. seqio trims those rows to fit
+  (keeping the EOS) and says nothing; for docid targets a trimmed row is another identifier. A sample, so that
+  a 21M-passage task costs the same second as a small one."""
+  provider = get_task(mixture_or_task_name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  out = {}
+  for task in tasks:
+    if split not in task.splits:
+      continue
+    ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1, use_cached=use_cached,
+                          trim_output_features=False)
+    features = [k for k in task_feature_lengths if k in ds.element_spec]
+    ds = ds.take(max_examples).map(lambda ex: {k: tf.size(ex[k]) for k in features})
+    sizes = {k: [] for k in features}
+    for ex in ds.as_numpy_iterator():
+      for k in features:
+        sizes[k].append(int(ex[k]))
+    out[task.name] = {k: {"examples": len(v), "over": sum(x > task_feature_lengths[k] for x in v),
+                          "longest": max(v, default=0)} for k, v in sizes.items()}
+  return out
+
+
 def numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
   for batch in ds.as_numpy_iterator():
     yield {k: np.asarray(v) for k, v in batch.items()}

@@ -284,6 +284,9 @@ def train(*,
   if write_config and jax.process_index() == 0:
     atomic_files.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
 
+  if jax.process_index() == 0:
+    _report_truncation(data_lib.truncation_counts(mixture_or_task_name, task_feature_lengths,
+                                                  use_cached=use_cached_tasks), task_feature_lengths, model_dir)
   ds = data_lib.get_dataset(mixture_or_task_name, task_feature_lengths, "train", batch_size, converter, seed=seed,
                             shuffle=True, num_epochs=None, use_cached=use_cached_tasks, skip_batches=skip,
                             shard_index=shard_index, num_shards=num_shards)
@@ -406,6 +409,18 @@ def train(*,
             mixture_or_task_name).output_features["targets"].vocabulary)
   return TrainResult(step=step, last_loss=last_loss, losses=losses, eval_loss=eval_loss, params=full,
                      model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from)
+
+
+def _report_truncation(counts: Mapping, lengths: Mapping[str, int], model_dir: str) -> None:
+  """Says how many training rows seqio trims to TASK_FEATURE_LENGTHS (sampled), in the log and in
+  MODEL_DIR/truncation.json."""
+  atomic_files.write_json(os.path.join(model_dir, "truncation.json"), counts, indent=1)
+  for task, features in counts.items():
+    for feature, c in features.items():
+      if c["over"]:
+        logging.warning("%s: %d of the first %d %s are longer than TASK_FEATURE_LENGTHS[%r] = %d (longest %d "
+                        "tokens with EOS) and are truncated to it", task, c["over"], c["examples"], feature,
+                        feature, lengths[feature], c["longest"])
 
 
 def _check_resume(stored: Mapping, identity: Mapping, latest: int, train_steps: int, model_dir: str) -> None:
