@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import time
 from typing import Any, Callable, Mapping
 
@@ -86,7 +87,8 @@ def _split_microbatches(batch, n: int):
 
 
 def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
@@ -113,19 +115,22 @@ def make_train_step(model, tx: optax.GradientTransformation, grad_accum_steps: i
         i, mb = xs
         (wl, m), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(rng, i))
         acc_g, acc_l, acc_n, acc_c, acc_d = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_l + wl, acc_n + m["num_tokens"],
+        return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc_g, g), acc_l + wl, acc_n + m["num_tokens"],
                 acc_c + m["accuracy"] * m["num_tokens"], acc_d + m["dropped_tokens"]), None
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      # Sums of many microbatch gradients in float32 even for bfloat16 params (bf16 keeps 8 bits of mantissa:
+      # a 64-way sum would lose the small ones); the optimizer gets them back in the params' dtype.
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), state.params)
       (grads, wloss, ntok, correct, dropped), _ = jax.lax.scan(
           body, (zeros, 0.0, 0.0, 0.0, 0.0), (jnp.arange(grad_accum_steps), micro))
     denom = jnp.maximum(ntok, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     loss = wloss / denom
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    # Guard the loss, the gradients and the updated params: a step that would poison the state is not applied.
-    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params)
+    # Guard the loss, the gradients, the updated params and optimizer state: a step that would poison the state is
+    # not applied (an Adam second moment overflowing to inf leaves the params finite but that parameter frozen).
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_params) & _all_finite(new_opt)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
                            opt_state=keep(new_opt, state.opt_state))
@@ -157,15 +162,38 @@ class TrainResult:
   resumed_from: int | None
 
 
+# Dense bf16 peak FLOP/s per chip, by `device_kind`. TPUs report exact names ("TPU v5" is a v5p, "TPU v5 lite" a
+# v5e, "TPU v6 lite" a v6e); GPUs report the marketing name ("NVIDIA H100 80GB HBM3"), matched by model number
+# as a whole word so that "L40S" is not an "L4" and "GH200" is an "H200".
+_TPU_PEAK_FLOPS = {"tpu v4": 275e12, "tpu v4 lite": 138e12, "tpu v5": 459e12, "tpu v5p": 459e12,
+                   "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+                   "tpu7x": 2307e12}
+_GPU_PEAK_FLOPS = {"b200": 2250e12, "h200": 989e12, "gh200": 989e12, "h100": 989e12, "h800": 989e12,
+                   "a100": 312e12, "a800": 312e12, "l40s": 362e12, "l4": 121e12, "a10g": 70e12, "v100": 125e12}
+
+
+def peak_flops_for(device_kind: str) -> float | None:
+  """Per-chip peak FLOP/s of an accelerator named by `device_kind`; None when it is not in the tables."""
+  kind = device_kind.lower().strip()
+  if kind in _TPU_PEAK_FLOPS:
+    return _TPU_PEAK_FLOPS[kind]
+  for word in re.findall(r"[a-z0-9]+", kind):
+    if word in _GPU_PEAK_FLOPS:
+      return _GPU_PEAK_FLOPS[word]
+  return None
+
+
 @functools.cache
 def _device_peak_flops() -> float:
-  """Per-device peak FLOP/s for MFU: known accelerators by name; CPU measured with a short matmul."""
-  kind = jax.devices()[0].device_kind.lower()
-  table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12, "l4": 121e12, "tpu v4": 275e12,
-           "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
-  for k, v in table.items():
-    if k in kind:
-      return v
+  """Per-device peak FLOP/s for MFU: known accelerators by name; CPU measured with a short matmul; 0 (MFU not
+  reported) for an accelerator the tables do not know."""
+  device = jax.devices()[0]
+  peak = peak_flops_for(device.device_kind)
+  if peak is not None:
+    return peak
+  if device.platform != "cpu":
+    logging.warning("no peak FLOP/s known for device kind %r: MFU is not reported", device.device_kind)
+    return 0.0
   n = 512
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
@@ -375,8 +403,9 @@ def train(*,
         scalars = {"loss": last_loss, "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
                    "tokens_per_s": tokens_per_s,
                    # optax evaluates the schedule at the update count before the update: step k applied k - 1.
-                   "learning_rate": optimizers.learning_rate_at(schedule, step - 1),
-                   "mfu": tokens_per_s * flops_per_token / peak if peak else 0.0}
+                   "learning_rate": optimizers.learning_rate_at(schedule, step - 1)}
+        if peak:
+          scalars["mfu"] = tokens_per_s * flops_per_token / peak
         writer.write_scalars(step, scalars)
         tokens_window, t_window = 0.0, time.perf_counter()
         if pbar is not None:
