@@ -353,3 +353,26 @@ def test_peak_flops_by_device_kind():
   assert trainer.peak_flops_for("NVIDIA L40S") == 362e12
   assert trainer.peak_flops_for("NVIDIA L4") == 121e12
   assert trainer.peak_flops_for("cpu") is None and trainer.peak_flops_for("NVIDIA GeForce RTX 4090") is None
+
+
+def test_resume_restores_the_input_pipeline_or_skips_to_the_same_place(tmp_path, caplog):
+  """A restart restores each process's tf.data iterator saved with the checkpoint (no re-run of the consumed
+  batches); with that save missing it skips them. Either way the run equals an uninterrupted one, and only the
+  positions of kept checkpoints stay on disk."""
+  import logging
+  import shutil
+  sgd = lambda: optax.sgd(0.5)
+  whole = _train(t5(), tmp_path / "whole", 6, optimizer=sgd(), keep_checkpoints=1)
+  assert sorted(os.listdir(tmp_path / "whole" / "checkpoints_data")) == ["6"]
+  for name, drop_positions in (("restored", False), ("skipped", True)):
+    _train(t5(), tmp_path / name, 6, optimizer=sgd(), keep_checkpoints=1, stop_after_steps=4)
+    if drop_positions:
+      shutil.rmtree(tmp_path / name / "checkpoints_data")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      again = _train(t5(), tmp_path / name, 6, optimizer=sgd(), keep_checkpoints=1)
+    assert again.resumed_from == 4
+    assert ("input pipeline restored at batch 4" in caplog.text) == (not drop_positions)
+    np.testing.assert_array_equal(again.losses, whole.losses[4:])
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(whole.params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

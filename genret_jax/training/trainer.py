@@ -2,12 +2,14 @@
 resume, optional LoRA, gradient accumulation, TensorBoard metrics, NaN guard.
 
 Resume is exact: the train state (params, optimizer state, step) is checkpointed with the number of batches the
-data stream has produced; dropout RNGs are `fold_in(seed, step)`; the seqio stream is deterministic given its seed
-and skips the consumed batches. A killed and restarted run therefore ends bit-identical to an uninterrupted one.
+data stream has produced; dropout RNGs are `fold_in(seed, step)`; the seqio stream is deterministic given its seed,
+and a restart restores each process's saved tf.data iterator (or, without one, skips the consumed batches). A killed
+and restarted run therefore ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from typing import Any, Callable, Mapping
 
@@ -245,10 +248,14 @@ def train(*,
           dropout: bool = True,
           progress: bool = True,
           write_config: bool = True,
+          checkpoint_data_position: bool = True,
           stop_after_steps: int | None = None) -> TrainResult:
   """Trains `model` on a seqio task/mixture; resumes from MODEL_DIR/checkpoints when present.
 
-  `stop_after_steps` stops the process early (as if killed) — used by the resume tests.
+  `checkpoint_data_position` saves each process's tf.data iterator with every checkpoint
+  (MODEL_DIR/checkpoints_data/<step>/process_<i>), so a restart restores the input pipeline instead of re-running
+  it over every consumed batch; without it (or when that save is missing) the restart skips them, with the same
+  result. `stop_after_steps` stops the process early (as if killed) — used by the resume tests.
   """
   gin_utils.check_required(MODEL=model, MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=mixture_or_task_name,
                            TASK_FEATURE_LENGTHS=task_feature_lengths, TRAIN_STEPS=train_steps,
@@ -315,10 +322,16 @@ def train(*,
   if jax.process_index() == 0:
     _report_truncation(data_lib.truncation_counts(mixture_or_task_name, task_feature_lengths,
                                                   use_cached=use_cached_tasks), task_feature_lengths, model_dir)
-  ds = data_lib.get_dataset(mixture_or_task_name, task_feature_lengths, "train", batch_size, converter, seed=seed,
-                            shuffle=True, num_epochs=None, use_cached=use_cached_tasks, skip_batches=skip,
-                            shard_index=shard_index, num_shards=num_shards)
-  batches = data_lib.numpy_batches(ds)
+  train_data = functools.partial(data_lib.get_dataset, mixture_or_task_name, task_feature_lengths, "train",
+                                 batch_size, converter, seed=seed, shuffle=True, num_epochs=None,
+                                 use_cached=use_cached_tasks, shard_index=shard_index, num_shards=num_shards)
+  data_dir = lambda step: os.path.join(model_dir, "checkpoints_data", str(step), f"process_{jax.process_index()}")
+  batches = data_lib.ResumableBatches(train_data())
+  if skip:
+    if checkpoint_data_position and batches.restore(data_dir(latest)):
+      logging.info("input pipeline restored at batch %d from %s", skip, data_dir(latest))
+    else:
+      batches = data_lib.ResumableBatches(train_data(skip_batches=skip))
   first = next(batches)
   batch_shapes = {k: (1,) + v.shape[1:] for k, v in first.items()}
 
@@ -420,6 +433,8 @@ def train(*,
       if step % checkpoint_every == 0 or step == train_steps:
         ckpt.save(step, state, {"batches_consumed": consumed, "step": step, "last_loss": last_loss, **run_identity},
                   force=True)
+        if checkpoint_data_position and batches.save(data_dir(step)):
+          _prune_data_positions(os.path.dirname(os.path.dirname(data_dir(step))), keep={step, *ckpt.all_steps()})
       if stop_after_steps is not None and step - start_step >= stop_after_steps:
         break
       if step < train_steps:
@@ -438,6 +453,16 @@ def train(*,
             mixture_or_task_name).output_features["targets"].vocabulary)
   return TrainResult(step=step, last_loss=last_loss, losses=losses, eval_loss=eval_loss, params=full,
                      model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from)
+
+
+def _prune_data_positions(root: str, keep: set[int]) -> None:
+  """Removes this process's saved input positions of steps the checkpoint manager no longer keeps."""
+  mine = f"process_{jax.process_index()}"
+  for name in os.listdir(root) if os.path.isdir(root) else []:
+    if name.isdigit() and int(name) not in keep:
+      shutil.rmtree(os.path.join(root, name, mine), ignore_errors=True)
+      with contextlib.suppress(OSError):   # the last process out removes the step's directory
+        os.rmdir(os.path.join(root, name))
 
 
 def _report_truncation(counts: Mapping, lengths: Mapping[str, int], model_dir: str) -> None:
