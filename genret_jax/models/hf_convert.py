@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -89,52 +89,119 @@ def _get(cfg: dict, *keys, default=None):
   return default
 
 
-def t5_config_from_hf(hf: dict[str, Any], **overrides) -> T5Config:
-  proj = hf.get("feed_forward_proj", "relu")
-  gated = proj.startswith("gated-")
-  act = "gelu_new" if proj == "gated-gelu" else proj.split("-")[-1]
+# Every config.json field that changes what transformers computes is either mapped below or refused with an
+# InputError naming config.json and the key: a field we skipped would convert into a different model without a
+# word. Fields with no effect on the computation (initializer_*, use_cache, token ids other than T5's decoder start,
+# max_position_embeddings under default RoPE, pretraining_tp: transformers 5 ignores it and 4.x only split the same
+# matmuls) are not read. docs/models.md lists what is supported and what is refused.
+def _refuse(path: str, key: str, why: str) -> NoReturn:
+  raise InputError(f"{key}: {why}", path=path, key=key)
+
+
+def _required(hf: dict, key: str, path: str):
+  if hf.get(key) is None:
+    _refuse(path, key, "missing (the model's size needs it)")
+  return hf[key]
+
+
+def t5_config_from_hf(hf: dict[str, Any], config_path: str | os.PathLike = "config.json", **overrides) -> T5Config:
+  path = str(config_path)
+  proj = _get(hf, "feed_forward_proj", default="relu")
+  parts = str(proj).split("-")
+  if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+    _refuse(path, "feed_forward_proj", f"{proj!r} is neither 'ACT' nor 'gated-ACT' (transformers refuses it too)")
+  gated = len(parts) == 2
+  act = "gelu_new" if proj == "gated-gelu" else parts[-1]
+  # transformers derives dense_act_fn / is_gated_act from feed_forward_proj, then config.json's own copies (every
+  # saved config has them) override it: a hand-edited feed_forward_proj would not change HF's model, nor, mapped
+  # from feed_forward_proj, would ours match it.
+  for key, implied in (("dense_act_fn", act), ("is_gated_act", gated)):
+    if hf.get(key) is not None and hf[key] != implied:
+      _refuse(path, key, f"{hf[key]!r} contradicts feed_forward_proj {proj!r} (which implies {implied!r}); "
+              "transformers would use the former: make them agree")
   if act not in _ACT_FROM_HF:
-    raise InputError(f"unsupported feed_forward_proj {proj!r}", key="feed_forward_proj")
+    _refuse(path, "feed_forward_proj", f"activation {act!r} of {proj!r} is not supported (one of "
+            f"{', '.join(sorted(_ACT_FROM_HF))}, optionally gated-)")
   acts = (_ACT_FROM_HF[act], "linear") if gated else (_ACT_FROM_HF[act],)
+  start = hf.get("decoder_start_token_id")
+  if start not in (None, 0):
+    _refuse(path, "decoder_start_token_id", f"{start!r}: our T5 decoder (and its feature converter) starts from "
+            "token 0")
+  # transformers >= 5 always ties T5's lm_head and keeps v1.0's output rescaling as scale_decoder_outputs, whose
+  # presence wins (null included: no rescaling); older configs only say tie_word_embeddings (absent = tied).
+  tied = hf.get("tie_word_embeddings") is not False
+  scale = bool(hf["scale_decoder_outputs"]) if "scale_decoder_outputs" in hf else tied
+  if hf.get("model_type") == "mt5":
+    # transformers 4 rescaled a tied mT5's decoder output, 5 never does (nor reads scale_decoder_outputs): which
+    # one trained it is not recorded. google/mt5-* are untied, where both agree.
+    if tied:
+      _refuse(path, "tie_word_embeddings", "a tied mT5 is computed differently by transformers 4 (output x "
+              "d_model**-0.5) and 5 (not rescaled); only untied mT5 (tie_word_embeddings false) is imported")
+    scale = False
   return T5Config(
-      vocab_size=hf["vocab_size"], d_model=hf["d_model"], num_heads=hf["num_heads"], head_dim=hf["d_kv"],
-      d_ff=hf["d_ff"], num_encoder_layers=hf["num_layers"],
+      vocab_size=_required(hf, "vocab_size", path), d_model=_required(hf, "d_model", path),
+      num_heads=_required(hf, "num_heads", path), head_dim=_required(hf, "d_kv", path),
+      d_ff=_required(hf, "d_ff", path), num_encoder_layers=_required(hf, "num_layers", path),
       num_decoder_layers=_get(hf, "num_decoder_layers", "num_layers"), mlp_activations=acts,
-      relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-      relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-      dropout_rate=hf.get("dropout_rate", 0.0), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-      tie_word_embeddings=hf.get("tie_word_embeddings", True),
-      # transformers >= 5 always ties T5 and records v1.0's output rescaling separately
-      scale_decoder_outputs=hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True)), **overrides)
+      relative_attention_num_buckets=_get(hf, "relative_attention_num_buckets", default=32),
+      relative_attention_max_distance=_get(hf, "relative_attention_max_distance", default=128),
+      dropout_rate=_get(hf, "dropout_rate", default=0.1),   # transformers' default
+      layer_norm_epsilon=_get(hf, "layer_norm_epsilon", default=1e-6), tie_word_embeddings=tied,
+      scale_decoder_outputs=scale, **overrides)
 
 
-def llama_config_from_hf(hf: dict[str, Any], **overrides) -> LlamaConfig:
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    raise InputError(f"rope type {rope_type!r} is not supported (only default RoPE)", key="rope_parameters")
-  if hf.get("hidden_act", "silu") != "silu":
-    raise InputError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)", key="hidden_act")
-  if hf.get("attention_bias") or hf.get("mlp_bias"):
-    raise InputError("attention/MLP biases are not supported", key="attention_bias")
-  heads = hf["num_attention_heads"]
+_PARTIAL_ROPE = ("our RoPE, like transformers' LLaMA (which ignores the factor), rotates every dimension, not what "
+                 "a model trained with a partial rotation expects")
+
+
+def llama_config_from_hf(hf: dict[str, Any], config_path: str | os.PathLike = "config.json",
+                         **overrides) -> LlamaConfig:
+  path = str(config_path)
+  # Both RoPE dicts are checked: transformers reads the legacy rope_scaling first, a 5.x config rope_parameters.
+  for key in ("rope_scaling", "rope_parameters"):
+    rope = hf.get(key) or {}
+    if not isinstance(rope, dict):
+      _refuse(path, key, f"{rope!r} is not a JSON object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+      _refuse(path, key, f"rope_type {rope_type!r} is not supported (only default RoPE: llama3, linear, dynamic, "
+              "yarn, longrope rescale its frequencies)")
+    if _get(rope, "partial_rotary_factor", default=1.0) != 1.0:
+      _refuse(path, key, f"partial_rotary_factor {rope['partial_rotary_factor']!r}: {_PARTIAL_ROPE}")
+  if _get(hf, "partial_rotary_factor", default=1.0) != 1.0:
+    _refuse(path, "partial_rotary_factor", f"{hf['partial_rotary_factor']!r}: {_PARTIAL_ROPE}")
+  # transformers' order: the legacy dict, then 5.x's rope_parameters, then the top-level field.
+  theta = next((d["rope_theta"] for d in (hf.get("rope_scaling") or {}, hf.get("rope_parameters") or {}, hf)
+                if d.get("rope_theta") is not None), 10000.0)
+  act = _get(hf, "hidden_act", default="silu")
+  if act not in ("silu", "swish"):
+    _refuse(path, "hidden_act", f"{act!r} is not supported (SwiGLU uses silu)")
+  for key in ("attention_bias", "mlp_bias"):
+    if hf.get(key):
+      _refuse(path, key, f"{hf[key]!r}: biases are not supported")
+  if _get(hf, "attention_dropout", default=0.0) != 0.0:
+    _refuse(path, "attention_dropout", f"{hf['attention_dropout']!r}: our LLaMA has no attention-only dropout "
+            "(its dropout_rate also drops the residual and MLP outputs); set it to 0.0 to import")
+  heads = _required(hf, "num_attention_heads", path)
+  d_model = _required(hf, "hidden_size", path)
   return LlamaConfig(
-      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-      num_heads=heads, num_kv_heads=_get(hf, "num_key_value_heads", default=heads),
-      head_dim=_get(hf, "head_dim", default=hf["hidden_size"] // heads), d_ff=hf["intermediate_size"],
-      rope_theta=float(_get(rope, "rope_theta", default=_get(hf, "rope_theta", default=10000.0))),
-      rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=hf.get("tie_word_embeddings", False),
+      vocab_size=_required(hf, "vocab_size", path), d_model=d_model,
+      num_layers=_required(hf, "num_hidden_layers", path), num_heads=heads,
+      num_kv_heads=_get(hf, "num_key_value_heads", default=heads),
+      head_dim=_get(hf, "head_dim", default=d_model // heads), d_ff=_required(hf, "intermediate_size", path),
+      rope_theta=float(theta),
+      rms_norm_eps=_get(hf, "rms_norm_eps", default=1e-6), tie_word_embeddings=bool(hf.get("tie_word_embeddings")),
       **overrides)
 
 
-def config_from_hf(hf: dict[str, Any], **overrides):
+def config_from_hf(hf: dict[str, Any], config_path: str | os.PathLike = "config.json", **overrides):
   model_type = hf.get("model_type", "")
   if model_type in ("t5", "mt5"):
-    return t5_config_from_hf(hf, **overrides)
+    return t5_config_from_hf(hf, config_path, **overrides)
   if model_type == "llama":
-    return llama_config_from_hf(hf, **overrides)
-  raise InputError(f"unsupported model_type {model_type!r} (T5ForConditionalGeneration or LlamaForCausalLM)",
-                   key="model_type")
+    return llama_config_from_hf(hf, config_path, **overrides)
+  _refuse(str(config_path), "model_type",
+          f"{model_type!r} is not supported (T5ForConditionalGeneration or LlamaForCausalLM)")
 
 
 # ---- weight mapping ---------------------------------------------------------------------------------------------
@@ -373,7 +440,7 @@ def _to_float32(tree):
 
 def load_hf(hf_dir: str | os.PathLike, **config_overrides) -> tuple[Any, dict]:
   """(our config, our params) from a HF checkpoint directory."""
-  config = config_from_hf(read_hf_config(hf_dir), **config_overrides)
+  config = config_from_hf(read_hf_config(hf_dir), pathlib.Path(hf_dir) / "config.json", **config_overrides)
   sd, sources = _read_hf_weights(hf_dir)
   if isinstance(config, T5Config) and config.tie_word_embeddings and "lm_head.weight" in sd and not np.array_equal(
       sd["lm_head.weight"], sd.get("shared.weight")):
