@@ -1,6 +1,10 @@
-"""`genret retrieve` through runs/infer.gin on an n-gram scheme (the embedded default corpus, a random tiny
-T5): the suffix array split into device shards (`INDEX_SHARDS`, placed over a 2-way `model` mesh axis) gives
-the same run file as one shard; a docid scheme refuses shards with a one-line error."""
+"""`genret retrieve` through runs/infer.gin on the embedded default corpus with a random tiny T5: the suffix array
+split into device shards (`INDEX_SHARDS`, placed over a 2-way `model` mesh axis) gives the same run file as one
+shard; a docid scheme refuses shards; a restart resumes only where nothing that changes results changed and
+writes the bytes of an uninterrupted run; bad settings, an empty split and cut queries are one line or
+reported."""
+
+import json
 
 import jax
 import pytest
@@ -78,3 +82,111 @@ def test_restart_with_another_setting_or_other_params_is_refused(tmp_path, capsy
   params_io.save_params(str(ckpt), params)   # the same directory, saved again (as further training would)
   assert cli.main(argv) == 2
   assert "differs in ['params']" in capsys.readouterr().err
+
+
+def test_interrupted_job_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+  """Preempted after two batches, then restarted after a crash that left half a line of the third: the restart
+  redoes only the missing batches and writes the bytes of an uninterrupted run."""
+  from genret_jax.retrieval import pipeline
+  ckpt = _checkpoint(tmp_path, "naive")
+  argv = _argv(ckpt, "--gin.BEAM_SIZE=3", "--gin.INFER_BATCH_SIZE=8", "--gin.genret.retrieve_run.max_queries=30")
+  clean, cut = tmp_path / "clean", tmp_path / "cut"
+  assert cli.main([*argv, f"--gin.OUTPUT_DIR=\"{clean}\""]) == 0
+  real, calls = pipeline.Retriever.retrieve_batch, []
+
+  def preempted(self, *args):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt   # as a SIGINT from the scheduler
+    return real(self, *args)
+
+  monkeypatch.setattr(pipeline.Retriever, "retrieve_batch", preempted)
+  with pytest.raises(KeyboardInterrupt):
+    cli.main([*argv, f"--gin.OUTPUT_DIR=\"{cut}\""])
+  written = (cut / "results.jsonl").read_bytes()
+  assert written.count(b"\n") == 16 and not (cut / "run.trec").exists()
+  third = (clean / "results.jsonl").read_bytes().split(b"\n")[16]
+  (cut / "results.jsonl").write_bytes(written + third[:len(third) // 2])
+  monkeypatch.setattr(pipeline.Retriever, "retrieve_batch", real)
+  calls.clear()
+  assert cli.main([*argv, f"--gin.OUTPUT_DIR=\"{cut}\""]) == 0
+  for name in ("results.jsonl", "run.trec"):
+    assert (cut / name).read_bytes() == (clean / name).read_bytes()
+  a, b = (json.loads((d / "metrics.json").read_text()) for d in (clean, cut))
+  assert a["metrics"] == b["metrics"] and b["store"]["partial_lines_dropped"] == 1
+
+
+def test_bad_settings_are_one_line_naming_the_key(tmp_path, capsys):
+  """BEAM_SIZE and INFER_BATCH_SIZE are named as set and refused before the checkpoint is read (minutes for a
+  large model; here the params are missing); max_queries 0 ran every query and -1 all but the last one."""
+  ckpt = _checkpoint(tmp_path, "naive")
+  (ckpt / "params").rename(ckpt / "params_moved")
+  for binding, key in (("--gin.BEAM_SIZE=0", "BEAM_SIZE"), ("--gin.BEAM_SIZE=-2", "BEAM_SIZE"),
+                       ("--gin.INFER_BATCH_SIZE=0", "INFER_BATCH_SIZE"),
+                       ("--gin.genret.retrieve_run.max_queries=0", "genret.retrieve_run.max_queries"),
+                       ("--gin.genret.retrieve_run.max_queries=-1", "genret.retrieve_run.max_queries")):
+    assert cli.main(_argv(ckpt, binding)) == 2
+    err = capsys.readouterr().err
+    assert f"error: config key {key}: must be an integer >= 1" in err and len(err.splitlines()) == 1, err
+  assert cli.main(_argv(ckpt)) == 2
+  assert "no parameter checkpoint" in capsys.readouterr().err
+  assert cli.main(_argv(ckpt, "--gin.SPLIT=\"dev\"")) == 2
+  assert "config key SPLIT: split 'dev' has no queries" in capsys.readouterr().err
+
+
+def test_empty_split_is_refused(tmp_path, capsys):
+  """Three judged queries split 80/10/10 leave no test query: the job wrote an empty run and metrics {} and
+  exited 0."""
+  import tasks
+  corpus = tmp_path / "tiny"
+  (corpus / "qrels").mkdir(parents=True)
+  (corpus / "corpus.jsonl").write_text("".join(
+      json.dumps({"_id": f"d{i}", "title": "", "text": f"document {i} about {w}"}) + "\n"
+      for i, w in enumerate(["cats", "dogs", "ships", "birds"])))
+  (corpus / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": w}) + "\n"
+                                                for i, w in enumerate(["cats", "dogs", "ships"])))
+  (corpus / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+      f"q{i}\td{i}\t1\n" for i in range(3)))
+  names = tasks.register_collection_tasks("retrievecmd_tiny", str(corpus), "naive", vocab_size=100)
+  ckpt = tmp_path / "run"
+  ckpt.mkdir()   # the split is checked before the model or params are needed
+  (ckpt / "model.gin").write_text(toy_tasks.tiny_t5_model_gin(100) + f"""models.get_model.model = %MODEL
+MIXTURE_OR_TASK_NAME = "{names['retrieval']}"
+TASK_FEATURE_LENGTHS = {{"inputs": 32, "targets": 16}}
+""")
+  assert cli.main(_argv(ckpt)) == 2
+  err = capsys.readouterr().err
+  assert "config key SPLIT: split 'test' of" in err and "is empty; non-empty: ['train']" in err, err
+  assert not (ckpt / "retrieve_test_beam20").exists()
+
+
+def test_cut_queries_are_counted(tmp_path):
+  """Queries longer than TASK_FEATURE_LENGTHS['inputs'] are cut as training cut them, and metrics.json says how
+  many (they were cut without a word)."""
+  import tasks
+  from genret_jax.identifiers.vocab import encode_batch
+  ckpt = _checkpoint(tmp_path, "naive")
+  out = tmp_path / "out"
+  assert cli.main(_argv(ckpt, "--gin.BEAM_SIZE=2", "--gin.genret.retrieve_run.max_queries=6",
+                        "--gin.TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': 16}", f"--gin.OUTPUT_DIR=\"{out}\"")) == 0
+  name = "genret_retrievecmd_naive_naive_retrieval"
+  queries = tasks.artefacts_for(name).query_splits()["test"][:6]
+  vocab = seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+  want = [q.query_id for q, ids in zip(queries, encode_batch(vocab, [q.text for q in queries])) if len(ids) > 7]
+  report = json.loads((out / "metrics.json").read_text())["report"]["inputs"]
+  assert want and report == {"queries_truncated": len(want), "inputs_length": 8, "truncated_query_ids": want}
+
+
+def test_resume_refuses_batches_of_other_queries(tmp_path, capsys, monkeypatch):
+  """meta.json counts the queries without listing them: a restart whose split now holds other queries (the
+  same number) kept the old rows and scored the new queries as having retrieved nothing."""
+  import tasks
+  ckpt = _checkpoint(tmp_path, "naive")
+  argv = _argv(ckpt, "--gin.BEAM_SIZE=2", "--gin.INFER_BATCH_SIZE=8", "--gin.genret.retrieve_run.max_queries=4")
+  assert cli.main(argv) == 0
+  artefacts = tasks.artefacts_for("genret_retrievecmd_naive_naive_retrieval")
+  splits = artefacts.query_splits()
+  monkeypatch.setattr(type(artefacts), "query_splits", lambda self: {**splits, "test": splits["test"][1:]})
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "results.jsonl: batch 0 holds queries" in err and "the split's queries changed" in err, err

@@ -15,6 +15,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from genret_jax.corpora.types import Collection, Query
 from genret_jax.decoding.beam_search import beam_search
@@ -116,8 +117,20 @@ class Retriever:
         sh = partitioning.batch_sharding(self.mesh, 2)
         inputs = jax.device_put(inputs, sh)
         query_mask = jax.device_put(query_mask, partitioning.batch_sharding(self.mesh, 1))
-        return jax.device_get(fn(self.params, self.index.constraint, inputs, query_mask))
+        out = fn(self.params, self.index.constraint, inputs, query_mask)
+      if jax.process_count() > 1:
+        # On a multi-host mesh each process holds only its own hosts' rows, and device_get refuses the others:
+        # every process gets every row (one small all-gather; the search itself stays sharded).
+        return multihost_utils.process_allgather(out, tiled=True)
+      return jax.device_get(out)
     return jax.device_get(fn(self.params, self.index.constraint, jnp.asarray(inputs), jnp.asarray(query_mask)))
+
+  def too_long(self, queries: Sequence[Query]) -> list[str]:
+    """Ids of the queries whose tokens (prefix included) do not fit `inputs_length` with their EOS: `batches`
+    trims them as the seqio task trimmed the training inputs."""
+    room = self.cfg.inputs_length - 1
+    texts = [self.cfg.query_prefix + q.text for q in queries]
+    return [q.query_id for q, ids in zip(queries, encode_batch(self.vocab, texts)) if len(ids) > room]
 
   def batches(self, queries: Sequence[Query]) -> Iterator[tuple[int, list[Query], np.ndarray, np.ndarray]]:
     bs = self.cfg.batch_size

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, check_int
 from genret_jax.retrieval import metrics as metrics_lib
 from genret_jax.retrieval.docids import DocidLookup
 from genret_jax.retrieval.ngram_scoring import NgramIndex, NgramScoringConfig, score_documents
@@ -131,11 +131,14 @@ def compute_metrics(results: Sequence[QueryResult], qrels: Mapping[str, Mapping[
   return out
 
 
-def finalize(store: ResultsStore, tag: str = "genret", **metric_kwargs) -> dict[str, Any]:
-  """Writes `run.trec` and `metrics.json` from a job's stored results; returns the metrics JSON."""
+def finalize(store: ResultsStore, tag: str = "genret", report: Mapping[str, Any] | None = None,
+             **metric_kwargs) -> dict[str, Any]:
+  """Writes `run.trec` and `metrics.json` from a job's stored results; returns the metrics JSON. `report`
+  entries join the metrics JSON's report."""
   results = store.results()
   store.write_run(tag)
   out = compute_metrics(results, **metric_kwargs)
+  out["report"].update(report or {})
   out["store"] = dict(store.report)
   store.write_metrics(out)
   return out
@@ -156,8 +159,10 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   batches already written are skipped), then writes run.trec, results.jsonl and metrics.json. `index_shards`
   splits an n-gram scheme's suffix array into that many device shards, placed over the mesh's `model` axis
   when `mesh_model` divides them. The constraint is cached in the task's artefact directory
-  (`retrieval_index_v<vocab size>`, see `retrieval.scheme_index`): later jobs load it."""
+  (`retrieval_index_v<vocab size>`, see `retrieval.scheme_index`): later jobs load it. On several processes
+  (jax.distributed) every process decodes every batch and process 0 alone writes the output directory."""
   import dataclasses
+  import logging
   import os
 
   import tasks  # noqa: F401  (registers the tasks)
@@ -167,11 +172,19 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   from genret_jax.retrieval.scheme_index import cached_scheme_index
   from genret_jax.scaling.cgl_command import _retrieval_task
 
+  # Named as the user set them, and before the checkpoint loads (minutes for a large model on a pod).
+  check_int(beam_size, "BEAM_SIZE")
+  check_int(batch_size, "INFER_BATCH_SIZE")
+  if max_queries is not None:   # 0 ran every query and -1 all but the last one
+    check_int(max_queries, "genret.retrieve_run.max_queries")
   task = _retrieval_task(mixture_or_task_name)
   artefacts = tasks.artefacts_for(task.name)
   splits = artefacts.query_splits()
   if split not in splits:
     raise InputError(f"split {split!r} has no queries; available: {sorted(splits)}", key="SPLIT")
+  if not splits[split]:   # a small corpus's seeded split can be empty: the job wrote an empty run and "succeeded"
+    raise InputError(f"split {split!r} of {artefacts.collection().name!r} is empty; non-empty: "
+                     f"{sorted(k for k, v in splits.items() if v)}", key="SPLIT")
   queries = list(splits[split])[:max_queries] if max_queries else list(splits[split])
   collection = artefacts.collection()
   model = model_api.get_model()
@@ -193,14 +206,30 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
           "beam_size": beam_size, "batch_size": batch_size, "num_queries": len(queries),
           "params": params_io.params_fingerprint(checkpoint_path), "task_feature_lengths": lengths,
           "retrieval_config": dataclasses.asdict(cfg), "scoring_config": dataclasses.asdict(retriever.scoring)}
-  store = ResultsStore(output_dir, meta, overwrite=overwrite)
+  # Trimmed like the training inputs (seqio), but a researcher should know how many queries lost their tail.
+  too_long = retriever.too_long(queries)
+  if too_long:
+    logging.warning("%d of %d queries are longer than TASK_FEATURE_LENGTHS['inputs'] = %d tokens (EOS "
+                    "included) and were cut to it, as training cut them; e.g. %s", len(too_long), len(queries),
+                    lengths["inputs"], too_long[:5])
   batches = list(retriever.batches(queries))
+  _check_processes_agree(meta, queries)
+  store, done = _open_output(output_dir, meta, overwrite, [[q.query_id for q in b[1]] for b in batches])
 
   def compute(b: int):
     _, chunk, inputs, mask = batches[b]
+    if store is None:   # not process 0: it joins the batch's collectives, process 0 writes its rows
+      retriever.decode(inputs, mask, beam_size)
+      return []
     return retriever.retrieve_batch(chunk, inputs, mask, beam_size)
 
-  process_batches(store, range(len(batches)), compute, progress=progress, desc=f"retrieve beam={beam_size}")
+  counts = process_batches(store if store is not None else _DecodeOnly(done), range(len(batches)), compute,
+                           progress=progress and store is not None, desc=f"retrieve beam={beam_size}")
+  truncated = {"queries_truncated": len(too_long), "inputs_length": lengths["inputs"],
+               "truncated_query_ids": too_long[:100]}
+  if store is None:
+    return {"metrics": {}, "report": {"inputs": truncated, **counts}, "output_dir": os.path.abspath(output_dir),
+            "written_by_process": 0}
   qrels = {q.query_id: collection.qrels.get(q.query_id, {}) for q in queries}
   answers = {q.query_id: list(q.answers) for q in queries if q.answers} or None
 
@@ -209,9 +238,74 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
     return f"{d.title} {d.text}".strip()
 
   out = finalize(store, tag=f"genret-{task.name}-beam{beam_size}", qrels=qrels if any(qrels.values()) else None,
-                 answers=answers, doc_text=doc_text if answers else None, query_ids=[q.query_id for q in queries])
+                 answers=answers, doc_text=doc_text if answers else None, query_ids=[q.query_id for q in queries],
+                 report={"inputs": truncated})
   out["output_dir"] = os.path.abspath(output_dir)
   return out
+
+
+class _DecodeOnly:
+  """What processes other than 0 hold in place of the `ResultsStore`: process 0's finished batches, so that they
+  decode exactly the batches it decodes (each decode is a collective), and no writes."""
+
+  def __init__(self, done: set[int]):
+    self.completed_batches = set(done)
+
+  def write_batch(self, batch: int, results) -> None:
+    del batch, results
+
+
+def _check_processes_agree(meta: Mapping[str, Any], queries) -> None:
+  """Refuses, on every process at once, a multi-host job whose processes see different jobs (another config, or
+  a host whose GENRET_CACHE artefacts split the queries differently): they would decode different numbers of
+  batches and wait for each other forever, or write rows of queries that process 0 does not hold."""
+  import hashlib
+  import json
+
+  import jax
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+  for q in queries:
+    h.update(f"{q.query_id}\t{q.text}\n".encode())
+  mine = np.frombuffer(h.digest()[:16], np.int32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  differ = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
+  if differ:
+    raise InputError(f"processes {differ} see another job than process 0 (configuration, checkpoint or the "
+                     "split's queries differ): give every host the same flags, gin files and GENRET_CACHE")
+
+
+def _open_output(output_dir: str, meta: Mapping[str, Any], overwrite: bool,
+                 batch_ids: Sequence[Sequence[str]]) -> tuple[ResultsStore | None, set[int]]:
+  """(store, batches already written), for a job whose batch b holds the queries `batch_ids[b]`. Process 0
+  alone opens the store (it alone recovers, truncates and appends; two processes appending to one results.jsonl
+  wrote every row twice) and tells the others which batches it has, so that a restarted multi-host job skips the
+  same batches on every host; they get None."""
+  import jax
+  num_batches = len(batch_ids)
+  if jax.process_count() == 1:
+    store = ResultsStore(output_dir, meta, overwrite=overwrite)
+    store.check_queries(batch_ids)
+    return store, store.completed_batches
+  from jax.experimental import multihost_utils
+  store, error = None, None
+  flags = np.zeros(num_batches + 1, np.int32)   # [process 0 opened the store, then one per batch: written]
+  if jax.process_index() == 0:
+    try:
+      store = ResultsStore(output_dir, meta, overwrite=overwrite)
+      store.check_queries(batch_ids)
+      flags[0] = 1
+      flags[1 + np.array(sorted(b for b in store.completed_batches if b < num_batches), np.int64)] = 1
+    except Exception as e:   # raised after the broadcast: the other processes must not wait for it forever
+      error = e
+  flags = np.asarray(multihost_utils.broadcast_one_to_all(flags))
+  if error is not None:
+    raise error
+  if not flags[0]:
+    raise InputError("process 0 could not open the output directory (its log says why)", path=output_dir)
+  return store, {int(b) for b in np.flatnonzero(flags[1:])}
 
 
 def build_task_index(mixture_or_task_name: str, vocab_size: int, index_shards: int = 1) -> dict[str, Any]:
@@ -238,16 +332,28 @@ def build_task_index(mixture_or_task_name: str, vocab_size: int, index_shards: i
 
 def add_arguments(parser) -> None:
   from genret_jax import gin_utils
+  from genret_jax.training import distributed
   gin_utils.add_gin_arguments(parser)
+  distributed.add_arguments(parser)
 
 
 def run(args) -> int:
   from genret_jax import gin_utils
+  from genret_jax.training import distributed
+  # Before anything touches the backend: a multi-GPU or multi-host job otherwise ran as one process per host.
+  distributed.initialize_from_args(args)
   from genret_jax.models import model_api  # noqa: F401  (registers the model configurables)
+  # Registers RetrievalConfig: `--gin.RetrievalConfig.hits=...` was "no configurable matching" in a fresh process.
+  from genret_jax.retrieval import pipeline  # noqa: F401
   from genret_jax.scaling.cgl_command import _model_gin_file
   model_gin = _model_gin_file(args)
   gin_utils.parse_gin([model_gin, *args.gin_file], args.gin_bindings, args.gin_search_paths)
   out = retrieve_run()
+  if "written_by_process" in out:
+    import jax
+    print(f"process {jax.process_index()} of {jax.process_count()}: decoded {out['report']['batches_computed']} "
+          f"batches; process {out['written_by_process']} wrote {out['output_dir']}")
+    return 0
   agg = out.get("metrics", {})
   shown = {k: round(float(v), 4) for k, v in agg.items()
            if k in ("Recall@10", "Hits@10", "MRR@10", "nDCG@10", "AnswerHits@10")}

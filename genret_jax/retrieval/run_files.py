@@ -129,6 +129,7 @@ class ResultsStore:
       _write_json(meta_path, self.meta)
     self.report = dict(partial_lines_dropped=0)
     self._completed: dict[int, int] = {}  # batch -> number of queries
+    self._query_ids: dict[int, list[str]] = {}  # batch -> its query ids, in order
     self._recover()
 
   def _recover(self) -> None:
@@ -155,6 +156,7 @@ class ResultsStore:
       group.append(rec)
       if len(group) == of:
         self._completed[batch] = of
+        self._query_ids[batch] = [str(r.get("query_id")) for r in group]
         good_end = offset
         group = []
     if good_end < len(data):
@@ -192,6 +194,18 @@ class ResultsStore:
       f.flush()
       os.fsync(f.fileno())
     self._completed[int(batch)] = len(results)
+    self._query_ids[int(batch)] = [str(r.query_id) for r in results]
+
+  def check_queries(self, batches: Sequence[Sequence[str]]) -> None:
+    """Refuses to resume when a written batch holds other queries than `batches[b]` (the job's query ids per
+    batch): meta.json counts the queries but does not list them, and a resumed job whose split changed kept the
+    old queries' rows, then scored the new queries as if they had retrieved nothing."""
+    for b in sorted(self._completed):
+      want = list(batches[b]) if b < len(batches) else []
+      if self._query_ids[b] != want:
+        raise InputError(f"batch {b} holds queries {self._query_ids[b][:3]}..., the job now puts {want[:3]}... "
+                         "there (the split's queries changed); pass a new output directory or overwrite=True "
+                         "(genret retrieve: --gin.genret.retrieve_run.overwrite=True)", path=self.results_path)
 
   def results(self) -> list[QueryResult]:
     """All stored results, in batch order."""
