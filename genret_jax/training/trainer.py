@@ -253,9 +253,9 @@ def train(*,
   """Trains `model` on a seqio task/mixture; resumes from MODEL_DIR/checkpoints when present.
 
   `checkpoint_data_position` saves each process's tf.data iterator with every checkpoint
-  (MODEL_DIR/checkpoints_data/<step>/process_<i>), so a restart restores the input pipeline instead of re-running
-  it over every consumed batch; without it (or when that save is missing) the restart skips them, with the same
-  result. `stop_after_steps` stops the process early (as if killed) — used by the resume tests.
+  (MODEL_DIR/checkpoints_data/<step>/shard_<k>-of-<n>.process_<i>), so a restart restores the input pipeline
+  instead of re-running it over every consumed batch; without it (or when that save is missing) the restart skips
+  them, with the same result. `stop_after_steps` stops the process early (as if killed) — used by the resume tests.
   """
   gin_utils.check_required(MODEL=model, MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=mixture_or_task_name,
                            TASK_FEATURE_LENGTHS=task_feature_lengths, TRAIN_STEPS=train_steps,
@@ -325,7 +325,10 @@ def train(*,
   train_data = functools.partial(data_lib.get_dataset, mixture_or_task_name, task_feature_lengths, "train",
                                  batch_size, converter, seed=seed, shuffle=True, num_epochs=None,
                                  use_cached=use_cached_tasks, shard_index=shard_index, num_shards=num_shards)
-  data_dir = lambda step: os.path.join(model_dir, "checkpoints_data", str(step), f"process_{jax.process_index()}")
+  # The shard layout is in the name: after a restart on another host count a process finds no position for its new
+  # shard (and skips) instead of restoring another shard's iterator.
+  data_dir = lambda step: os.path.join(model_dir, "checkpoints_data", str(step), _data_position_name(shard_index,
+                                                                                                     num_shards))
   batches = data_lib.ResumableBatches(train_data())
   if skip:
     if checkpoint_data_position and batches.restore(data_dir(latest)):
@@ -434,7 +437,8 @@ def train(*,
         ckpt.save(step, state, {"batches_consumed": consumed, "step": step, "last_loss": last_loss, **run_identity},
                   force=True)
         if checkpoint_data_position and batches.save(data_dir(step)):
-          _prune_data_positions(os.path.dirname(os.path.dirname(data_dir(step))), keep={step, *ckpt.all_steps()})
+          _prune_data_positions(os.path.dirname(os.path.dirname(data_dir(step))), os.path.basename(data_dir(step)),
+                                keep={step, *ckpt.all_steps()})
       if stop_after_steps is not None and step - start_step >= stop_after_steps:
         break
       if step < train_steps:
@@ -455,9 +459,12 @@ def train(*,
                      model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from)
 
 
-def _prune_data_positions(root: str, keep: set[int]) -> None:
+def _data_position_name(shard_index: int, num_shards: int) -> str:
+  return f"shard_{shard_index}-of-{num_shards}.process_{jax.process_index()}"
+
+
+def _prune_data_positions(root: str, mine: str, keep: set[int]) -> None:
   """Removes this process's saved input positions of steps the checkpoint manager no longer keeps."""
-  mine = f"process_{jax.process_index()}"
   for name in os.listdir(root) if os.path.isdir(root) else []:
     if name.isdigit() and int(name) not in keep:
       shutil.rmtree(os.path.join(root, name, mine), ignore_errors=True)
