@@ -2,7 +2,8 @@
 
 Every cache, result and run file goes through here, so a killed job or two jobs writing the same entry (hosts
 sharing a filesystem) never leave a reader half a file. The temporary name carries a uuid, not a pid: pids repeat
-across hosts.
+across hosts. On an object store (gs://, `filesystem.is_remote`) the file is written to a local temporary and
+uploaded whole: an object becomes visible only when its upload completes, which is the same guarantee.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import contextlib
 import errno
 import json
 import os
+import tempfile
 import uuid
 from typing import Any, Callable, Iterator
+
+from genret_jax import filesystem
 
 
 @contextlib.contextmanager
@@ -24,11 +28,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, opener: Callable[..
   temporary file is removed and `path` is left as it was.
   """
   path = os.fspath(path)
+  if "b" not in mode:
+    open_kwargs.setdefault("encoding", "utf-8")
+  if filesystem.is_remote(path):
+    with _remote_atomic_open(path, mode, opener, open_kwargs) as f:
+      yield f
+    return
   if os.path.isdir(path):   # checked first: the rename's error would name the temporary file
     raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  if "b" not in mode:
-    open_kwargs.setdefault("encoding", "utf-8")
   tmp = f"{path}.tmp{uuid.uuid4().hex}"
   try:
     with opener(tmp, mode, **open_kwargs) as f:
@@ -43,6 +51,22 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, opener: Callable[..
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+@contextlib.contextmanager
+def _remote_atomic_open(path: str, mode: str, opener: Callable[..., Any], open_kwargs: dict) -> Iterator[Any]:
+  if filesystem.isdir(path):
+    raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", path)
+  fd, tmp = tempfile.mkstemp(prefix="genret-upload-")
+  os.close(fd)
+  try:
+    with opener(tmp, mode, **open_kwargs) as f:
+      yield f
+    filesystem.makedirs(os.path.dirname(path))
+    filesystem.copy_from_local(tmp, path)
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import gin
 
+from genret_jax import filesystem
 from genret_jax.errors import InputError
 
 _GIN_DOT = re.compile(r"^--gin\.([^=]+)=(.*)$", re.S)
@@ -48,6 +49,12 @@ logging.getLogger().addFilter(_QuietSearchPaths())
 
 
 def _resolve(path: str, search_paths: Sequence[str]) -> str | None:
+  if filesystem.is_remote(path):   # a model.gin next to params on gs://
+    if not filesystem.exists(path):
+      return None
+    import tensorflow as tf
+    gin.config.register_file_reader(tf.io.gfile.GFile, tf.io.gfile.exists)   # gin reads with `open` only
+    return path
   for base in ["", *search_paths]:
     candidate = os.path.join(base, path) if base else path
     if os.path.exists(candidate):

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from genret_jax import filesystem
 from genret_jax.errors import InputError
 from genret_jax.models.llama import LlamaConfig
 from genret_jax.models.t5 import T5Config
@@ -499,13 +500,13 @@ def run(args: argparse.Namespace) -> int:
     from genret_jax.models.model_api import get_model
     if not args.checkpoint:
       raise InputError("--to_hf needs --checkpoint (a model directory)", key="--checkpoint")
-    model_dir = os.path.abspath(args.checkpoint)
+    model_dir = filesystem.abspath(args.checkpoint)   # may be gs://: read through tf.io.gfile and orbax
     if os.path.basename(model_dir) == params_io.PARAMS_SUBDIR and not params_io.has_params(model_dir):
       model_dir = os.path.dirname(model_dir)
     gin_files = args.gin_file
     if not gin_files:
       gin_files = [os.path.join(model_dir, params_io.MODEL_GIN)]
-      if not os.path.isfile(gin_files[0]):
+      if not filesystem.isfile(gin_files[0]):
         raise InputError(f"no {params_io.MODEL_GIN} next to the params; pass the model's --gin_file",
                          path=model_dir)
     parse_gin(gin_files, args.gin_bindings, args.gin_search_paths)

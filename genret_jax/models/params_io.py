@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from genret_jax import atomic_files
+from genret_jax import atomic_files, filesystem
 from genret_jax.errors import InputError
 
 PARAMS_SUBDIR = "params"
@@ -24,8 +24,8 @@ VOCABULARY_JSON = "vocabulary.json"
 
 
 def save_params(directory: str, params: Any, model_gin: str | None = None, overwrite: bool = True) -> str:
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  directory = filesystem.abspath(directory)
+  filesystem.makedirs(directory)
   path = os.path.join(directory, PARAMS_SUBDIR)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, params, force=overwrite)
@@ -46,7 +46,7 @@ def vocabulary_record(vocabulary) -> dict:
 
 def save_vocabulary_record(directory: str, task_name: str, vocabulary) -> None:
   """Records next to the params the target vocabulary they were trained with (`check_vocabulary` reads it)."""
-  atomic_files.write_json(os.path.join(os.path.abspath(directory), VOCABULARY_JSON),
+  atomic_files.write_json(os.path.join(filesystem.abspath(directory), VOCABULARY_JSON),
                           {"task": task_name, "targets": vocabulary_record(vocabulary)}, indent=1)
 
 
@@ -54,11 +54,11 @@ def check_vocabulary(directory: str, vocabulary) -> None:
   """Refuses params trained with another vocabulary than the task's now. A task's vocabulary is rebuilt when its
   corpus or settings change (the artefacts are keyed by the collection's fingerprint), and the old params ran on
   the new token ids without a word. Params without a record (convert-hf, runs before it existed) pass."""
-  path = os.path.join(os.path.abspath(directory), VOCABULARY_JSON)
-  if not os.path.isfile(path):
+  path = os.path.join(filesystem.abspath(directory), VOCABULARY_JSON)
+  if not filesystem.isfile(path):
     return
   try:
-    with open(path, encoding="utf-8") as f:
+    with filesystem.open(path) as f:
       stored = json.load(f)
     trained = stored["targets"]
   except (OSError, ValueError, KeyError, TypeError) as e:
@@ -74,28 +74,28 @@ def check_vocabulary(directory: str, vocabulary) -> None:
 def params_fingerprint(directory: str) -> str:
   """Identifies one save of `<dir>/params` without reading the arrays: orbax's checkpoint metadata carries the
   save's commit timestamp (and travels with a copied directory); without it, the files' names and sizes."""
-  path = os.path.join(os.path.abspath(directory), PARAMS_SUBDIR)
+  path = os.path.join(filesystem.abspath(directory), PARAMS_SUBDIR)
   h = hashlib.sha256()
   meta = os.path.join(path, "_CHECKPOINT_METADATA")
-  if os.path.isfile(meta):
-    with open(meta, "rb") as f:
+  if filesystem.isfile(meta):
+    with filesystem.open(meta, "rb") as f:
       h.update(f.read())
   else:
-    for root, _, files in sorted(os.walk(path)):
+    for root, _, files in sorted(filesystem.walk(path)):
       for name in sorted(files):
-        h.update(f"{os.path.relpath(os.path.join(root, name), path)}:{os.path.getsize(os.path.join(root, name))}\n"
-                 .encode())
+        full = os.path.join(root, name)
+        h.update(f"{os.path.relpath(full, path)}:{filesystem.getsize(full)}\n".encode())
   return h.hexdigest()[:16]
 
 
 def has_params(directory: str) -> bool:
-  return os.path.isdir(os.path.join(os.path.abspath(directory), PARAMS_SUBDIR))
+  return filesystem.isdir(os.path.join(filesystem.abspath(directory), PARAMS_SUBDIR))
 
 
 def restore_params(directory: str, abstract_params: Any | None = None) -> Any:
   """Restores params; with `abstract_params` (ShapeDtypeStructs with shardings) directly into those shardings."""
-  path = os.path.join(os.path.abspath(directory), PARAMS_SUBDIR)
-  if not os.path.isdir(path):
+  path = os.path.join(filesystem.abspath(directory), PARAMS_SUBDIR)
+  if not filesystem.isdir(path):
     raise InputError(f"no parameter checkpoint at {path} (expected the output of `genret train` or "
                      f"`genret convert-hf`)", path=directory)
   with ocp.StandardCheckpointer() as ckptr:
@@ -105,7 +105,7 @@ def restore_params(directory: str, abstract_params: Any | None = None) -> Any:
       raise InputError(f"not an orbax parameter checkpoint ({e})", path=path) from e
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    if not tree or not os.path.exists(os.path.join(path, "_METADATA")):
+    if not tree or not filesystem.exists(os.path.join(path, "_METADATA")):
       raise InputError("not an orbax parameter checkpoint (no _METADATA: an interrupted save or another "
                        "directory)", path=path)
     # convert-hf before session 16 saved {"params": tree}; a model's own top-level names are its modules.

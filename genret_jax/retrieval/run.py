@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from genret_jax import filesystem
 from genret_jax.errors import InputError, check_int
 from genret_jax.retrieval import metrics as metrics_lib
 from genret_jax.retrieval.docids import DocidLookup
@@ -177,6 +178,10 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   check_int(batch_size, "INFER_BATCH_SIZE")
   if max_queries is not None:   # 0 ran every query and -1 all but the last one
     check_int(max_queries, "genret.retrieve_run.max_queries")
+  filesystem.local_abspath(output_dir or os.path.join(checkpoint_path, "retrieve"), key="OUTPUT_DIR",
+                           why="results.jsonl grows batch by batch so that a restarted job resumes, which an "
+                           "object store cannot append to; set OUTPUT_DIR to a local directory (and copy it up "
+                           "when the job ends)")
   task = _retrieval_task(mixture_or_task_name)
   artefacts = tasks.artefacts_for(task.name)
   splits = artefacts.query_splits()
@@ -202,7 +207,7 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
                         scheme_index=scheme_index)
   output_dir = output_dir or os.path.join(checkpoint_path, f"retrieve_{split}_beam{beam_size}")
   # Everything that changes the results: a restart with any of it changed must not append to these batches.
-  meta = {"checkpoint_path": os.path.abspath(checkpoint_path), "task": task.name, "split": split,
+  meta = {"checkpoint_path": filesystem.abspath(checkpoint_path), "task": task.name, "split": split,
           "beam_size": beam_size, "batch_size": batch_size, "num_queries": len(queries),
           "params": params_io.params_fingerprint(checkpoint_path), "task_feature_lengths": lengths,
           "retrieval_config": dataclasses.asdict(cfg), "scoring_config": dataclasses.asdict(retriever.scoring)}

@@ -33,12 +33,11 @@ import hashlib
 import json
 import math
 import os
-import pathlib
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from genret_jax import atomic_files
+from genret_jax import atomic_files, filesystem
 from genret_jax.errors import InputError
 from genret_jax.scaling import bootstrap
 
@@ -86,54 +85,56 @@ class NegativeSet:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes `.json` (readable) or `.npz` (compact) by suffix, atomically (temp file + rename)."""
-    path = pathlib.Path(path)
-    if path.suffix == ".npz":
+    path = os.fspath(path)   # a str, not a pathlib.Path: Path("gs://b/x") is the local gs:/b/x
+    suffix = os.path.splitext(path)[1]
+    if suffix == ".npz":
       with atomic_files.atomic_open(path, "wb") as f:
         np.savez(f, negatives=self.negatives.astype(np.int64), seed=np.int64(self.seed),
                  num_docs=np.int64(self.num_docs),
                  query_ids=np.array(self.query_ids if self.query_ids is not None else [], dtype=str),
                  has_query_ids=np.bool_(self.query_ids is not None))
-    elif path.suffix == ".json":
+    elif suffix == ".json":
       payload = {"seed": int(self.seed), "num_docs": int(self.num_docs),
                  "num_negatives": self.num_negatives, "fingerprint": self.fingerprint(),
                  "query_ids": list(self.query_ids) if self.query_ids is not None else None,
                  "negatives": self.negatives.astype(np.int64).tolist()}
       atomic_files.write_json(path, payload)
     else:
-      raise InputError("negatives file must end in .json or .npz", path=str(path))
+      raise InputError("negatives file must end in .json or .npz", path=path)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "NegativeSet":
-    path = pathlib.Path(path)
-    if not path.exists():
-      raise InputError("negatives file not found", path=str(path))
+    path = os.fspath(path)
+    if not filesystem.exists(path):
+      raise InputError("negatives file not found", path=path)
     try:
-      if path.suffix == ".npz":
-        with np.load(path) as z:
+      if os.path.splitext(path)[1] == ".npz":
+        with filesystem.open(path, "rb") as f, np.load(f) as z:
           qids = tuple(str(q) for q in z["query_ids"]) if bool(z["has_query_ids"]) else None
           return cls(np.asarray(z["negatives"], dtype=np.int64), int(z["seed"]), int(z["num_docs"]), qids)
-      payload = json.loads(path.read_text())
+      with filesystem.open(path) as f:
+        payload = json.loads(f.read())
       rows = payload["negatives"]
       # (an object here failed inside int(); 1.5 or true was truncated to a document index without a word)
       if not (isinstance(rows, list) and all(isinstance(r, list) and all(type(d) is int for d in r) for r in rows)
               and len({len(r) for r in rows}) <= 1):
-        raise InputError("'negatives' must be a rectangular list of lists of document indices", path=str(path),
+        raise InputError("'negatives' must be a rectangular list of lists of document indices", path=path,
                          key="negatives")
       negs = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1 if rows and rows[0] else 0)
       qids = payload.get("query_ids")
       out = cls(negs.astype(np.int64), int(payload["seed"]), int(payload["num_docs"]),
                 tuple(qids) if qids is not None else None)
       if negs.size and not (0 <= negs.min() and negs.max() < out.num_docs):
-        raise InputError(f"'negatives' holds document indices outside [0, {out.num_docs})", path=str(path),
+        raise InputError(f"'negatives' holds document indices outside [0, {out.num_docs})", path=path,
                          key="negatives")
     # TypeError: a value of the wrong JSON type (an object for "negatives", a list for "seed", a list as the
     # whole file), which numpy or int() refused with a traceback.
     except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
       if isinstance(e, InputError):
         raise
-      raise InputError(f"unreadable negatives file: {e}", path=str(path)) from None
+      raise InputError(f"unreadable negatives file: {e}", path=path) from None
     if "fingerprint" in payload and payload["fingerprint"] != out.fingerprint():
-      raise InputError("negatives fingerprint mismatch (file edited or truncated)", path=str(path),
+      raise InputError("negatives fingerprint mismatch (file edited or truncated)", path=path,
                        key="fingerprint")
     return out
 

@@ -22,7 +22,7 @@ from typing import Mapping
 import gin
 import jax
 
-from genret_jax import atomic_files, gin_utils
+from genret_jax import atomic_files, filesystem, gin_utils
 from genret_jax.errors import InputError, check_int
 from genret_jax.scaling import cgl, cgl_eval, scoring
 
@@ -124,7 +124,7 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
 
   output_path = output_path or os.path.join(checkpoint_path, f"cgl_{split}.json")
   negatives_path = negatives_path or os.path.join(
-      os.path.dirname(os.path.abspath(output_path)), f"negatives_{split}_n{num_negatives}_s{negatives_seed}.npz")
+      os.path.dirname(filesystem.abspath(output_path)), f"negatives_{split}_n{num_negatives}_s{negatives_seed}.npz")
 
   def show(done, total):
     if progress and (done == total or done % max(1, total // 20) == 0):
@@ -139,14 +139,14 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
       targets_cache_dir=artefacts.directory())
   out = cgl_eval.evaluation_json(
       ev, bootstrap_resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed,
-      extra={"checkpoint_path": os.path.abspath(checkpoint_path), "task": task.name,
+      extra={"checkpoint_path": filesystem.abspath(checkpoint_path), "task": task.name,
              "collection": collection.name, "scheme": scheme.name, "split": split,
              "averaging": averaging, "task_feature_lengths": lengths, "inputs_checked_against_task": checked,
-             "negatives_path": os.path.abspath(negatives_path), "model_family": model.family,
+             "negatives_path": filesystem.abspath(negatives_path), "model_family": model.family,
              "num_devices": jax.device_count(), "wall_seconds": None})
   out["wall_seconds"] = time.perf_counter() - t0
   atomic_files.write_json(output_path, out, indent=1)
-  out["output_path"] = os.path.abspath(output_path)
+  out["output_path"] = filesystem.abspath(output_path)
   return out
 
 
@@ -161,13 +161,13 @@ def _model_gin_file(args) -> str:
   if not isinstance(ckpt, str) or not ckpt:
     raise InputError("CHECKPOINT_PATH is required (--gin.CHECKPOINT_PATH=\\\"/path/to/run\\\")",
                      key="CHECKPOINT_PATH")
-  if not os.path.isdir(ckpt):
+  if not filesystem.isdir(ckpt):
     raise InputError("CHECKPOINT_PATH: no such directory", path=ckpt)
   model_gin = gin_utils.config_value("MODEL_GIN")
   if isinstance(model_gin, str) and model_gin:
     return model_gin
   path = os.path.join(ckpt, "model.gin")
-  if not os.path.exists(path):
+  if not filesystem.exists(path):
     raise InputError("no model.gin next to the params; pass the model config with --gin.MODEL_GIN=...",
                      path=path)
   return path

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from genret_jax import atomic_files
+from genret_jax import atomic_files, filesystem
 from genret_jax.corpora.types import Collection, Query
 from genret_jax.errors import InputError
 from genret_jax.identifiers.base import DocidScheme, IdentifierScheme
@@ -112,7 +112,7 @@ def load_or_sample_negatives(path: str | None, num_docs: int, positives: Sequenc
                              query_ids: Sequence[str], num_negatives: int, seed: int,
                              excluded: Sequence[int] = (), allow_fewer: bool = False) -> cgl.NegativeSet:
   """The negatives at `path` when it exists (checked against this evaluation), else sampled and saved there."""
-  if path and os.path.exists(path):
+  if path and filesystem.exists(path):
     neg = cgl.NegativeSet.load(path)
     if neg.num_docs != num_docs:
       raise InputError(f"negatives were drawn for {neg.num_docs} documents, the corpus has {num_docs}",

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 import gin
 import numpy as np
 
-from genret_jax import atomic_files, gin_utils
+from genret_jax import atomic_files, filesystem, gin_utils
 from genret_jax.errors import InputError, check_float, check_int
 from genret_jax.scaling import results as results_lib
 
@@ -165,7 +165,8 @@ def plan(cfg: SweepConfig) -> list[dict]:
 class Sweep:
 
   def __init__(self, cfg: SweepConfig, out_dir: str, config_path: str = "", progress: bool = True):
-    self.cfg, self.out_dir, self.config_path, self.progress = cfg, os.path.abspath(out_dir), config_path, progress
+    self.cfg, self.config_path, self.progress = cfg, config_path, progress
+    self.out_dir = filesystem.local_abspath(out_dir, key="--output_dir", why="the sweep appends to results.csv and its cells in place; run it on a local or mounted directory")
     self.stale_flops: list[str] = []   # finished models whose FLOP columns use an older count (done_rows)
     os.makedirs(os.path.join(self.out_dir, results_lib.CELLS_DIR), exist_ok=True)
     os.makedirs(os.path.join(self.out_dir, "models"), exist_ok=True)
@@ -393,7 +394,7 @@ def run(args) -> int:
   logging.basicConfig(level=logging.WARNING)
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
   cfg = SweepConfig()
-  out = os.path.abspath(args.output_dir)
+  out = filesystem.local_abspath(args.output_dir, key="--output_dir", why="the sweep appends to results.csv and its cells in place; run it on a local or mounted directory")
   os.makedirs(out, exist_ok=True)
   atomic_files.write_text(os.path.join(out, "sweep.gin"), gin.config_str())
   run_sweep(cfg, out, config_path=",".join(args.gin_file))

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from genret_jax import filesystem
 from genret_jax.models import params_io
 
 
@@ -20,7 +21,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int | None = 3, save_interval_steps: int = 1,
                async_save: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = filesystem.abspath(directory)   # gs:// kept: orbax writes there itself
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
         cleanup_tmp_directories=True, enable_async_checkpointing=async_save)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import uuid
 from typing import Iterator, Mapping
 
@@ -17,6 +16,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from genret_jax import filesystem
 from genret_jax.errors import InputError
 
 
@@ -129,24 +129,31 @@ class ResumableBatches:
     """Writes the position to `directory` (a directory renamed into place, so a killed save leaves none)."""
     if not self.checkpointable:
       return False
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(directory)}-{uuid.uuid4().hex}")
+    parent = os.path.dirname(filesystem.abspath(directory))
+    filesystem.makedirs(parent)
+    # Locally a directory renamed into place: a killed save leaves none. An object store renames object by object
+    # (and ram:// not at all), so there the checkpoint is written in place: TF writes its index after the data,
+    # and `restore` wants the index and checks what it reads, falling back to the skip.
+    remote = filesystem.is_remote(directory)
+    tmp = directory if remote else os.path.join(parent, f".tmp-{os.path.basename(directory)}-{uuid.uuid4().hex}")
+    if remote:
+      filesystem.rmtree(directory, ignore_errors=True)
     try:
       tf.train.Checkpoint(iterator=self._iterator).write(os.path.join(tmp, "iterator"))
     except (tf.errors.OpError, ValueError) as e:
-      shutil.rmtree(tmp, ignore_errors=True)
+      filesystem.rmtree(tmp, ignore_errors=True)
       self.checkpointable = False
       logging.warning("the input pipeline's position cannot be checkpointed (%s: %s); a restart will skip the "
                       "consumed batches instead", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
       return False
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    if not remote:
+      filesystem.rmtree(directory, ignore_errors=True)
+      os.replace(tmp, directory)
     return True
 
   def restore(self, directory: str) -> bool:
     """Restores the position saved in `directory`; False (iterator untouched) when there is none."""
-    if not os.path.exists(os.path.join(directory, "iterator.index")):
+    if not filesystem.exists(os.path.join(directory, "iterator.index")):
       return False
     try:
       tf.train.Checkpoint(iterator=self._iterator).read(os.path.join(directory, "iterator")).assert_consumed()

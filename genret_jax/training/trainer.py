@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from typing import Any, Callable, Mapping
 
@@ -29,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from genret_jax import atomic_files, gin_utils
+from genret_jax import atomic_files, filesystem, gin_utils
 from genret_jax.errors import InputError, check_int
 from genret_jax.models import params_io, partitioning
 from genret_jax.training import checkpoints as ckpt_lib
@@ -290,7 +289,8 @@ def train(*,
                      f"evenly over the mesh's data x fsdp = {data_devices} devices", key="train.grad_accum_steps")
   schedule = learning_rate if learning_rate is not None else optimizers.make_schedule(total_steps=train_steps)
   tx = optimizer if optimizer is not None else optimizers.make_optimizer(learning_rate=schedule)
-  os.makedirs(model_dir, exist_ok=True)
+  model_dir = filesystem.abspath(model_dir)   # gs://... stays a URL (os.makedirs made a local ./gs:/... of it)
+  filesystem.makedirs(model_dir)
   converter = data_lib.feature_converter_for(model.family, pack=pack)
   # Dropout keys fold the step into their own stream: folded into key(seed) itself, step 1's key was the one
   # `initial_rngs` splits for the init keys.
@@ -465,11 +465,11 @@ def _data_position_name(shard_index: int, num_shards: int) -> str:
 
 def _prune_data_positions(root: str, mine: str, keep: set[int]) -> None:
   """Removes this process's saved input positions of steps the checkpoint manager no longer keeps."""
-  for name in os.listdir(root) if os.path.isdir(root) else []:
+  for name in filesystem.listdir(root) if filesystem.isdir(root) else []:
     if name.isdigit() and int(name) not in keep:
-      shutil.rmtree(os.path.join(root, name, mine), ignore_errors=True)
+      filesystem.rmtree(os.path.join(root, name, mine), ignore_errors=True)
       with contextlib.suppress(OSError):   # the last process out removes the step's directory
-        os.rmdir(os.path.join(root, name))
+        filesystem.rmdir(os.path.join(root, name))
 
 
 def _report_truncation(counts: Mapping, lengths: Mapping[str, int], model_dir: str) -> None:
@@ -576,7 +576,10 @@ def _make_writer(model_dir: str):
   if jax.process_index() != 0:
     return _NullWriter()
   from clu import metric_writers
-  return metric_writers.create_default_writer(os.path.join(model_dir, "train"), asynchronous=False)
+  # create_default_writer's synchronous writers, without its epath.Path(logdir): that knows gs:// but no other
+  # scheme tf.summary writes to (ram://, which the tests use for an object store).
+  return metric_writers.MultiWriter([metric_writers.LoggingWriter(),
+                                     metric_writers.SummaryWriter(os.path.join(model_dir, "train"))])
 
 
 def _progress(start, total, enabled):

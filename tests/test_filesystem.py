@@ -1,0 +1,182 @@
+"""MODEL_DIR / CHECKPOINT_PATH on an object store (gs://): our own files go through `genret_jax.filesystem`.
+
+TensorFlow's in-memory ram:// filesystem stands in for GCS: both are reached only through tf.io.gfile, so a file
+written with `open` or `os` instead lands in a local `ram:` directory and the tests see it missing there.
+"""
+
+import gzip
+import json
+import logging
+import os
+import sys
+import uuid
+
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import seqio
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(__file__))
+import toy_tasks  # noqa: E402
+
+from genret_jax import atomic_files, filesystem, gin_utils  # noqa: E402
+from genret_jax.errors import InputError  # noqa: E402
+from genret_jax.models import params_io  # noqa: E402
+from genret_jax.scaling import cgl  # noqa: E402
+from genret_jax.training import data as data_lib  # noqa: E402
+
+
+@pytest.fixture
+def remote():
+  root = f"ram://genret-{uuid.uuid4().hex}"
+  yield root
+  tf.io.gfile.rmtree(root) if tf.io.gfile.exists(root) else None
+
+
+@pytest.fixture(autouse=True)
+def _no_local_ram_dir(tmp_path, monkeypatch):
+  """Runs each test in an empty directory and fails it if anything wrote a local `ram:` path (os on a URL)."""
+  monkeypatch.chdir(tmp_path)
+  yield
+  assert not os.path.exists(tmp_path / "ram:"), sorted(os.listdir(tmp_path / "ram:"))
+
+
+def test_paths_and_directories(remote):
+  assert filesystem.is_remote("gs://bucket/run") and filesystem.is_remote(remote)
+  assert not filesystem.is_remote("/tmp/run") and not filesystem.is_remote("file:///tmp/run")
+  assert filesystem.abspath("gs://bucket/run/") == "gs://bucket/run"   # os.path.abspath gave <cwd>/gs:/bucket/run
+  assert filesystem.abspath("run") == os.path.abspath("run")
+  d = f"{remote}/a/b"
+  assert not filesystem.exists(d)
+  filesystem.makedirs(d)
+  assert filesystem.isdir(d) and not filesystem.isfile(d)
+  with filesystem.open(f"{d}/x.txt", "w") as f:
+    f.write("héllo")
+  assert filesystem.isfile(f"{d}/x.txt") and filesystem.getsize(f"{d}/x.txt") == len("héllo".encode())
+  with filesystem.open(f"{d}/x.txt") as f:
+    assert f.read() == "héllo"
+  assert filesystem.listdir(f"{remote}/a") == ["b"]
+  assert [(r, files) for r, _, files in filesystem.walk(remote) if files] == [(d, ["x.txt"])]
+  with pytest.raises(OSError):
+    filesystem.rmdir(d)   # not empty
+  filesystem.remove(f"{d}/x.txt")
+  filesystem.rmdir(d)
+  filesystem.rmtree(f"{remote}/a")
+  assert not filesystem.exists(f"{remote}/a")
+  filesystem.rmtree(f"{remote}/absent", ignore_errors=True)
+  with pytest.raises(ValueError, match="UTF-8"):
+    filesystem.open(f"{remote}/y.txt", "w", encoding="latin-1")
+
+
+def test_atomic_files_upload_whole_or_not_at_all(remote):
+  path = f"{remote}/out/metrics.json"
+  atomic_files.write_json(path, {"a": 1})
+  with filesystem.open(path) as f:
+    assert json.load(f) == {"a": 1}
+  with pytest.raises(RuntimeError):
+    with atomic_files.atomic_open(path) as f:
+      f.write('{"a": 2')
+      raise RuntimeError("killed mid-write")
+  with filesystem.open(path) as f:
+    assert json.load(f) == {"a": 1}   # the old file, whole
+  with atomic_files.atomic_open(f"{remote}/out/t.json.gz", "wt", opener=gzip.open) as f:
+    f.write("zipped")
+  with filesystem.open(f"{remote}/out/t.json.gz", "rb") as f:
+    assert gzip.decompress(f.read()) == b"zipped"
+  with pytest.raises(IsADirectoryError):
+    atomic_files.write_text(f"{remote}/out", "x")
+
+
+def test_vocabulary_record_and_fingerprint_on_remote(remote):
+  params_io.save_vocabulary_record(remote, "task", seqio.PassThroughVocabulary(size=64))
+  params_io.check_vocabulary(remote, seqio.PassThroughVocabulary(size=64))
+  with pytest.raises(InputError, match="vocabulary.json"):
+    params_io.check_vocabulary(remote, seqio.PassThroughVocabulary(size=65))
+  # Without orbax's metadata file the fingerprint hashes the files' names and sizes (walk + stat on gfile).
+  filesystem.makedirs(f"{remote}/params/d")
+  atomic_files.write_bytes(f"{remote}/params/d/shard", b"1234")
+  first = params_io.params_fingerprint(remote)
+  atomic_files.write_bytes(f"{remote}/params/d/shard", b"12345")
+  assert params_io.params_fingerprint(remote) != first
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".json"])
+def test_negatives_round_trip_on_remote(remote, suffix):
+  neg = cgl.NegativeSet(np.arange(6, dtype=np.int64).reshape(2, 3), seed=3, num_docs=10, query_ids=("q1", "q2"))
+  path = f"{remote}/negatives{suffix}"
+  neg.save(path)
+  back = cgl.NegativeSet.load(path)
+  np.testing.assert_array_equal(back.negatives, neg.negatives)
+  assert (back.seed, back.num_docs, back.query_ids) == (3, 10, ("q1", "q2"))
+
+
+def test_gin_file_on_remote(remote):
+  atomic_files.write_text(f"{remote}/model.gin", "MODEL_DIR = 'from-remote'\n")
+  gin_utils.parse_gin([f"{remote}/model.gin"], [])
+  assert gin_utils.config_value("MODEL_DIR") == "from-remote"
+  with pytest.raises(InputError, match="gin file not found"):
+    gin_utils.parse_gin([f"{remote}/absent.gin"], [])
+
+
+def test_input_position_saved_and_restored_on_remote(remote):
+  ds = tf.data.Dataset.range(100).shuffle(50, seed=1).batch(4).map(lambda x: {"x": x})
+  batches = data_lib.ResumableBatches(ds)
+  for _ in range(3):
+    next(batches)
+  assert batches.save(f"{remote}/checkpoints_data/3/shard_0-of-1.process_0")
+  expected = [next(batches)["x"] for _ in range(2)]
+  again = data_lib.ResumableBatches(ds)
+  assert again.restore(f"{remote}/checkpoints_data/3/shard_0-of-1.process_0")
+  np.testing.assert_array_equal([next(again)["x"] for _ in range(2)], expected)
+  assert not data_lib.ResumableBatches(ds).restore(f"{remote}/checkpoints_data/9/shard_0-of-1.process_0")
+
+
+def test_directories_appended_in_place_must_be_local():
+  from genret_jax.retrieval.run import retrieve_run
+  from genret_jax.scaling.sweep import Sweep, SweepConfig
+  with pytest.raises(InputError, match="OUTPUT_DIR"):
+    retrieve_run(checkpoint_path="gs://bucket/run", mixture_or_task_name="any")   # default output: inside it
+  with pytest.raises(InputError, match="OUTPUT_DIR"):
+    retrieve_run(checkpoint_path="/local/run", mixture_or_task_name="any", output_dir="gs://bucket/out")
+  with pytest.raises(InputError, match="--output_dir.*must be a local path"):
+    Sweep(SweepConfig(), "gs://bucket/sweep")
+
+
+def _orbax_on_local_disk(monkeypatch, local_root):
+  """orbax and tensorstore reach gs:// themselves but know no ram://: their directories under the remote root
+  are mapped to a local one, so the test sees where everything else goes."""
+  def local(path):
+    path = os.fspath(path)
+    return os.path.join(local_root, path.split("://", 1)[1]) if path.startswith("ram://") else path
+
+  real_manager, real_standard = ocp.CheckpointManager, ocp.StandardCheckpointer
+
+  class Standard(real_standard):
+    def save(self, path, *a, **k):
+      return super().save(local(path), *a, **k)
+
+  monkeypatch.setattr(ocp, "CheckpointManager", lambda directory, **k: real_manager(local(directory), **k))
+  monkeypatch.setattr(ocp, "StandardCheckpointer", Standard)
+
+
+def test_training_with_a_remote_model_dir_writes_its_own_files_there(remote, tmp_path, monkeypatch, caplog):
+  """Every file the trainer writes itself (config, truncation report, TensorBoard events, input positions,
+  model.gin, vocabulary record) lands under MODEL_DIR on the store, a restart finds its input position there,
+  and nothing is written to a local `ram:` directory (the autouse fixture)."""
+  from test_trainer import _train, t5
+  _orbax_on_local_disk(monkeypatch, str(tmp_path / "orbax"))
+  sgd = lambda: optax.sgd(0.5)
+  whole = _train(t5(), tmp_path / "whole", 4, optimizer=sgd(), keep_checkpoints=1)
+  _train(t5(), remote, 4, optimizer=sgd(), keep_checkpoints=1, stop_after_steps=2, write_config=True)
+  assert {"config.gin", "truncation.json", "train", "checkpoints_data"} <= set(filesystem.listdir(remote))
+  assert filesystem.listdir(f"{remote}/train")   # event files
+  assert filesystem.exists(f"{remote}/checkpoints_data/2/shard_0-of-1.process_0/iterator.index")
+  with caplog.at_level(logging.INFO):
+    again = _train(t5(), remote, 4, optimizer=sgd(), keep_checkpoints=1)
+  assert again.resumed_from == 2 and "input pipeline restored at batch 2" in caplog.text
+  np.testing.assert_array_equal(again.losses, whole.losses[2:])
+  assert filesystem.listdir(f"{remote}/checkpoints_data") == ["4"]   # step 2's position pruned on the store
+  assert {"model.gin", "vocabulary.json"} <= set(filesystem.listdir(remote))
+  assert os.path.isdir(tmp_path / "orbax" / remote.split("://")[1] / "checkpoints" / "4")
