@@ -92,7 +92,7 @@ def test_interrupted_job_resumes_to_the_same_bytes(tmp_path, monkeypatch):
   argv = _argv(ckpt, "--gin.BEAM_SIZE=3", "--gin.INFER_BATCH_SIZE=8", "--gin.genret.retrieve_run.max_queries=30")
   clean, cut = tmp_path / "clean", tmp_path / "cut"
   assert cli.main([*argv, f"--gin.OUTPUT_DIR=\"{clean}\""]) == 0
-  real, calls = pipeline.Retriever.retrieve_batch, []
+  real, calls = pipeline.Retriever.decode, []
 
   def preempted(self, *args):
     calls.append(1)
@@ -100,14 +100,14 @@ def test_interrupted_job_resumes_to_the_same_bytes(tmp_path, monkeypatch):
       raise KeyboardInterrupt   # as a SIGINT from the scheduler
     return real(self, *args)
 
-  monkeypatch.setattr(pipeline.Retriever, "retrieve_batch", preempted)
+  monkeypatch.setattr(pipeline.Retriever, "decode", preempted)
   with pytest.raises(KeyboardInterrupt):
     cli.main([*argv, f"--gin.OUTPUT_DIR=\"{cut}\""])
   written = (cut / "results.jsonl").read_bytes()
   assert written.count(b"\n") == 16 and not (cut / "run.trec").exists()
   third = (clean / "results.jsonl").read_bytes().split(b"\n")[16]
   (cut / "results.jsonl").write_bytes(written + third[:len(third) // 2])
-  monkeypatch.setattr(pipeline.Retriever, "retrieve_batch", real)
+  monkeypatch.setattr(pipeline.Retriever, "decode", real)
   calls.clear()
   assert cli.main([*argv, f"--gin.OUTPUT_DIR=\"{cut}\""]) == 0
   for name in ("results.jsonl", "run.trec"):

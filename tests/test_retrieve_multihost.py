@@ -2,9 +2,10 @@
 2-device `data` mesh, like tests/test_multihost.py does for training, and one plain process.
 
 * Each host holds half of every query batch, and the last batch (10 queries at 4 per batch) has its 2 real rows
-  on process 0 and only padding on process 1. Every process decodes every batch, process 0 alone writes: each
-  query exactly once, the same bytes as one process on a 2-device mesh. (Each process fetched its decoded
-  batch with device_get, which refuses rows on another host; and each appended to results.jsonl.)
+  on process 0 and only padding on process 1. Every process decodes every batch and ranks every other query of
+  it (docid lookup or n-gram scoring), process 0 alone writes: each query exactly once, the same bytes as one
+  process on a 2-device mesh. (Each process fetched its decoded batch with device_get, which refuses rows on
+  another host; and each appended to results.jsonl. Then process 0 ranked every query alone.)
 * A restart of both processes after a crash mid-write resumes where process 0's file ends, on both hosts, and
   writes the same bytes as the uninterrupted run.
 * Processes that see different jobs (here: another max_queries) stop with one line each instead of waiting for
@@ -42,12 +43,12 @@ def env(tmp_path, monkeypatch):
               JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
-def _checkpoint(tmp_path):
+def _checkpoint(tmp_path, scheme="naive"):
   """A tiny random T5 whose model.gin registers its task itself (the child processes import nothing else); the
   task's artefacts and retrieval index are built here, so the processes only load them."""
   import tasks
   from genret_jax.retrieval import run
-  names = tasks.register_collection_tasks("mhretrieve", "default", "naive", vocab_size=300)
+  names = tasks.register_collection_tasks("mhretrieve", "default", scheme, vocab_size=300)
   vocab_size = seqio.get_mixture_or_task(names["retrieval"]).output_features["targets"].vocabulary.vocab_size
   run.build_task_index(names["retrieval"], vocab_size)
   model = model_api.EncoderDecoderModel(T5Config(vocab_size=vocab_size, d_model=32, num_heads=2, head_dim=16,
@@ -57,11 +58,11 @@ def _checkpoint(tmp_path):
 MIXTURE_OR_TASK_NAME = @tasks.collection_task()
 tasks.collection_task.collection_name = "mhretrieve"
 tasks.collection_task.collection_path = "default"
-tasks.collection_task.scheme = "naive"
+tasks.collection_task.scheme = "SCHEME"
 tasks.collection_task.role = "retrieval"
 tasks.collection_task.vocab_size = 300
 TASK_FEATURE_LENGTHS = {"inputs": 32, "targets": 16}
-"""
+""".replace("SCHEME", scheme)
   ckpt = tmp_path / "run"
   params_io.save_params(str(ckpt), model.init(jax.random.key(0)), model_gin=gin)
   test_ids = [q.query_id for q in tasks.artefacts_for(names["retrieval"]).query_splits()["test"][:10]]
@@ -93,12 +94,14 @@ def _two_processes(env, ckpt, out, extra=((), ()), timeout=120) -> list[str]:
   return outs
 
 
-def test_two_process_retrieve_writes_once_and_resumes(tmp_path, env):
-  ckpt, test_ids = _checkpoint(tmp_path)
+@pytest.mark.parametrize("scheme", ["naive", "ngram"])
+def test_two_process_retrieve_writes_once_and_resumes(tmp_path, env, scheme):
+  ckpt, test_ids = _checkpoint(tmp_path, scheme)
   out = tmp_path / "out"
   outs = _two_processes(env, ckpt, out)
   assert "retrieved; metrics" in outs[0], outs[0][-3000:]
-  assert "process 1 of 2: decoded 3 batches; process 0 wrote" in outs[1], outs[1][-3000:]
+  # Each process ranks every other query of each batch (4 + 4 + 2 rows): process 1 ranks rows 1, 3 of each.
+  assert "process 1 of 2: decoded 3 batches, ranked 5 queries; process 0 wrote" in outs[1], outs[1][-3000:]
   rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
   assert [r["query_id"] for r in rows] == test_ids   # each once, no padding row
   assert sorted({line.split()[0] for line in (out / "run.trec").read_text().splitlines()}) == sorted(test_ids)
@@ -116,7 +119,7 @@ def test_two_process_retrieve_writes_once_and_resumes(tmp_path, env):
   os.remove(out / "run.trec")
   outs = _two_processes(env, ckpt, out)
   assert "retrieved; metrics" in outs[0], outs[0][-3000:]
-  assert "process 1 of 2: decoded 2 batches" in outs[1], outs[1][-3000:]
+  assert "process 1 of 2: decoded 2 batches, ranked 3 queries" in outs[1], outs[1][-3000:]
   assert all((out / name).read_bytes() == data for name, data in first.items())
   assert json.loads((out / "metrics.json").read_text())["store"]["partial_lines_dropped"] == 2
 
@@ -139,3 +142,39 @@ def test_fresh_process_takes_retrieval_config_bindings(tmp_path, env):
   assert p.returncode == 0, p.stdout[-3000:]
   assert json.loads((out / "meta.json").read_text())["retrieval_config"]["hits"] == 2
   assert max(len(json.loads(line)["doc_ids"]) for line in (out / "results.jsonl").read_text().splitlines()) <= 2
+
+
+_SHARE = """
+import sys
+from genret_jax.training import distributed
+distributed.initialize("localhost:%s", 2, int(sys.argv[1]))
+import jax
+from genret_jax.retrieval.run import _on_every_process
+print("gathered", _on_every_process(lambda: [jax.process_index()] * (3 + jax.process_index())))
+def fail():
+  if jax.process_index() == 1:
+    raise ValueError("bad row")
+  return "fine"
+_on_every_process(fail)
+"""
+
+
+def test_a_share_that_fails_on_one_process_stops_every_process(env):
+  """Results of different sizes come back in process order; an error on one host is raised on all of them (the
+  others waited in the all-gather forever)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, "-c", _SHARE % port, str(i)], cwd=_REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, o) in enumerate(zip(procs, outs)):
+    assert "gathered [[0, 0, 0], [1, 1, 1, 1]]" in o, o[-2000:]
+    assert p.returncode != 0
+    assert ("ValueError: bad row" if i == 1 else "process 1 failed ranking its share of the batch: bad row") in o, \
+        o[-2000:]

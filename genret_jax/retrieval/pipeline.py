@@ -146,12 +146,16 @@ class Retriever:
 
   def retrieve_batch(self, chunk: Sequence[Query], inputs: np.ndarray, mask: np.ndarray,
                      beam: int) -> list[QueryResult]:
-    out = self.decode(inputs, mask, beam)
-    ids = [q.query_id for q in chunk]
+    return self.rank(self.decode(inputs, mask, beam), chunk)
+
+  def rank(self, out, chunk: Sequence[Query], rows: Sequence[int] | None = None) -> list[QueryResult]:
+    """Documents for the queries of `chunk` at `rows` (default: all) of one decoded batch."""
+    rows = range(len(chunk)) if rows is None else rows
+    ids = [chunk[r].query_id for r in rows]
     if self.is_ngram:
       return run_lib.retrieve_batch(out, ids, self.doc_ids, index=self.index.ngram_index, cfg=self.scoring,
-                                    k=self.cfg.hits)
-    return run_lib.retrieve_batch(out, ids, self.doc_ids, lookup=self.index.lookup, k=self.cfg.hits)
+                                    k=self.cfg.hits, rows=rows)
+    return run_lib.retrieve_batch(out, ids, self.doc_ids, lookup=self.index.lookup, k=self.cfg.hits, rows=rows)
 
   def retrieve(self, queries: Sequence[Query], beam: int | None = None, progress: bool = False) -> list[QueryResult]:
     # Explicitly None: a beam of 0 fell back to the configured beam while a sweep recorded it as 0.

@@ -14,7 +14,7 @@ The model half (checkpoint, seqio inputs, `decoding.beam_search` under the mesh)
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -58,7 +58,7 @@ def host_history(out: Any) -> list[tuple[list[tuple[int, ...]], list[float], lis
 def retrieve_batch(beam_outputs: Any, query_ids: Sequence[str], doc_ids: Sequence[str], *,
                    lookup: DocidLookup | None = None, index: NgramIndex | None = None,
                    cfg: NgramScoringConfig | None = None, k: int = 100,
-                   keep_identifiers: bool = True) -> list[QueryResult]:
+                   keep_identifiers: bool = True, rows: Sequence[int] | None = None) -> list[QueryResult]:
   """Turns one batch of beam-search outputs into ranked documents.
 
   Args:
@@ -71,14 +71,13 @@ def retrieve_batch(beam_outputs: Any, query_ids: Sequence[str], doc_ids: Sequenc
     cfg: n-gram scoring parameters (n-gram scheme; `cfg.hits` bounds the documents returned).
     k: documents kept per query (docid schemes).
     keep_identifiers: store the decoded identifiers (docid) or the scoring stats (n-gram) with each result.
+    rows: the batch rows `query_ids` belong to (default 0, 1, ...): a multi-host job ranks a share on each host.
   """
   if (lookup is None) == (index is None):
     raise InputError("give exactly one of a docid lookup table or an n-gram index", key="scheme")
   results = []
   if lookup is not None:
-    per_query = host_hypotheses(beam_outputs)
-    if len(per_query) < len(query_ids):
-      raise InputError(f"{len(per_query)} beam outputs for {len(query_ids)} queries", key="beam_outputs")
+    per_query = _rows(host_hypotheses(beam_outputs), query_ids, rows)
     for qid, (hyps, scores) in zip(query_ids, per_query):
       ranking = lookup.rank(hyps, scores, k=k)
       extra = dict(num_invalid=ranking.num_invalid, num_duplicates=ranking.num_duplicates)
@@ -88,9 +87,7 @@ def retrieve_batch(beam_outputs: Any, query_ids: Sequence[str], doc_ids: Sequenc
                                  ranking.scores.tolist(), extra))
     return results
   cfg = cfg or NgramScoringConfig()
-  per_query = host_history(beam_outputs)
-  if len(per_query) < len(query_ids):
-    raise InputError(f"{len(per_query)} beam outputs for {len(query_ids)} queries", key="beam_outputs")
+  per_query = _rows(host_history(beam_outputs), query_ids, rows)
   for qid, (keys, logprobs, counts) in zip(query_ids, per_query):
     known = None if any(c < 0 for c in counts) else counts
     scored = score_documents(keys, logprobs, index, cfg, counts=known)
@@ -98,6 +95,14 @@ def retrieve_batch(beam_outputs: Any, query_ids: Sequence[str], doc_ids: Sequenc
     results.append(QueryResult(str(qid), [doc_ids[d] for d in scored.doc_indices.tolist()],
                                scored.scores.tolist(), extra))
   return results
+
+
+def _rows(per_query: list, query_ids: Sequence[str], rows: Sequence[int] | None) -> list:
+  rows = range(len(query_ids)) if rows is None else list(rows)
+  if len(rows) != len(query_ids) or (len(rows) and max(rows) >= len(per_query)):
+    raise InputError(f"{len(per_query)} beam outputs for {len(query_ids)} queries at rows {list(rows)[:8]}",
+                     key="beam_outputs")
+  return [per_query[r] for r in rows]
 
 
 def compute_metrics(results: Sequence[QueryResult], qrels: Mapping[str, Mapping[str, int]] | None = None,
@@ -166,6 +171,8 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   import logging
   import os
 
+  import jax
+
   import tasks  # noqa: F401  (registers the tasks)
   from genret_jax.models import model_api, params_io, partitioning
   from genret_jax.retrieval.pipeline import RetrievalConfig, Retriever
@@ -221,12 +228,22 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   _check_processes_agree(meta, queries)
   store, done = _open_output(output_dir, meta, overwrite, [[q.query_id for q in b[1]] for b in batches])
 
+  nproc, me = jax.process_count(), jax.process_index()
+  ranked_here = [0]
+
   def compute(b: int):
     _, chunk, inputs, mask = batches[b]
-    if store is None:   # not process 0: it joins the batch's collectives, process 0 writes its rows
-      retriever.decode(inputs, mask, beam_size)
+    out = retriever.decode(inputs, mask, beam_size)
+    if nproc == 1:
+      return retriever.rank(out, chunk)
+    # Every process holds every decoded row: each ranks every nproc-th query (the n-gram scoring is host time,
+    # ~0.1-0.3 s a query, which on process 0 alone grew with the pod), and process 0 collects them in order.
+    rows = range(me, len(chunk), nproc)
+    mine = _on_every_process(lambda: retriever.rank(out, chunk, rows))
+    ranked_here[0] += len(rows)
+    if store is None:   # not process 0: process 0 writes the rows
       return []
-    return retriever.retrieve_batch(chunk, inputs, mask, beam_size)
+    return [mine[r % nproc][r // nproc] for r in range(len(chunk))]
 
   counts = process_batches(store if store is not None else _DecodeOnly(done), range(len(batches)), compute,
                            progress=progress and store is not None, desc=f"retrieve beam={beam_size}")
@@ -234,7 +251,7 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
                "truncated_query_ids": too_long[:100]}
   if store is None:
     return {"metrics": {}, "report": {"inputs": truncated, **counts}, "output_dir": os.path.abspath(output_dir),
-            "written_by_process": 0}
+            "written_by_process": 0, "queries_ranked_here": ranked_here[0]}
   qrels = {q.query_id: collection.qrels.get(q.query_id, {}) for q in queries}
   answers = {q.query_id: list(q.answers) for q in queries if q.answers} or None
 
@@ -247,6 +264,32 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
                  report={"inputs": truncated})
   out["output_dir"] = os.path.abspath(output_dir)
   return out
+
+
+def _on_every_process(fn: Callable[[], Any]) -> list[Any]:
+  """Runs `fn` here and returns every process's result, by process index (pickled, padded to the longest, one
+  all-gather). An exception on any process is raised on all of them: one raising alone left the others waiting in
+  the all-gather forever."""
+  import pickle
+
+  import jax
+  from jax.experimental import multihost_utils
+  error = None
+  try:
+    payload = pickle.dumps((True, fn()))
+  except Exception as e:   # pylint: disable=broad-except
+    error, payload = e, pickle.dumps((False, str(e).splitlines()[0] if str(e) else type(e).__name__))
+  size = np.asarray(multihost_utils.process_allgather(np.array([len(payload)], np.int64))).reshape(-1)
+  buf = np.zeros(int(size.max()), np.uint8)
+  buf[:len(payload)] = np.frombuffer(payload, np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(size), -1)
+  results = [pickle.loads(every[p, :size[p]].tobytes()) for p in range(len(size))]
+  if error is not None:
+    raise error
+  failed = [(p, value) for p, (ok, value) in enumerate(results) if not ok]
+  if failed:
+    raise InputError(f"process {failed[0][0]} failed ranking its share of the batch: {failed[0][1]}")
+  return [value for _, value in results]
 
 
 class _DecodeOnly:
@@ -357,7 +400,8 @@ def run(args) -> int:
   if "written_by_process" in out:
     import jax
     print(f"process {jax.process_index()} of {jax.process_count()}: decoded {out['report']['batches_computed']} "
-          f"batches; process {out['written_by_process']} wrote {out['output_dir']}")
+          f"batches, ranked {out['queries_ranked_here']} queries; process {out['written_by_process']} wrote "
+          f"{out['output_dir']}")
     return 0
   agg = out.get("metrics", {})
   shown = {k: round(float(v), 4) for k, v in agg.items()
