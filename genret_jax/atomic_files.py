@@ -12,7 +12,9 @@ import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
+import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -37,6 +39,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, opener: Callable[..
   if os.path.isdir(path):   # checked first: the rename's error would name the temporary file
     raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  _remove_stale_temporaries(path)
   tmp = f"{path}.tmp{uuid.uuid4().hex}"
   try:
     with opener(tmp, mode, **open_kwargs) as f:
@@ -51,6 +54,27 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, opener: Callable[..
     with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
+
+
+# A writer killed with SIGKILL (or a host that died) leaves its temporary behind; the next write of the same file
+# removes those old enough that no live writer can still hold them (another host may be writing the same entry).
+STALE_AFTER_S = 6 * 3600
+_TMP_SUFFIX = re.compile(r"\.tmp[0-9a-f]{32}$")
+
+
+def _remove_stale_temporaries(path: str) -> None:
+  directory, name = os.path.split(os.path.abspath(path))
+  now = time.time()
+  try:
+    entries = os.scandir(directory)
+  except OSError:
+    return
+  with entries:
+    for e in entries:
+      if e.name.startswith(name) and _TMP_SUFFIX.fullmatch(e.name[len(name):]):
+        with contextlib.suppress(OSError):   # gone already, or another process's cleanup won
+          if now - e.stat().st_mtime > STALE_AFTER_S:
+            os.remove(e.path)
 
 
 @contextlib.contextmanager

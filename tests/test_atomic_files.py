@@ -40,6 +40,21 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
   assert os.listdir(tmp_path) == ["a.txt"]
 
 
+def test_a_killed_writers_old_temporary_is_removed_by_the_next_write(tmp_path):
+  """SIGKILL leaves `<name>.tmp<uuid>`; the next write of that file removes it once it is older than any live
+  write could be, and leaves young ones (another host writing the same entry now) and other files' alone."""
+  path = tmp_path / "a.json"
+  old, young = (tmp_path / f"a.json.tmp{'0' * 32}"), (tmp_path / f"a.json.tmp{'1' * 32}")
+  other = tmp_path / f"b.json.tmp{'0' * 32}"
+  for p in (old, young, other):
+    p.write_text("half")
+  stale = os.path.getmtime(old) - atomic_files.STALE_AFTER_S - 60
+  os.utime(old, (stale, stale))
+  os.utime(other, (stale, stale))
+  atomic_files.write_json(path, {"x": 1})
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.json", young.name, other.name])
+
+
 def _write(path, i):
   for _ in range(20):
     atomic_files.write_json(path, {"writer": i, "pad": "x" * 100_000})
