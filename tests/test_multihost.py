@@ -80,3 +80,44 @@ def test_two_process_training(tmp_path, mesh):
                         mesh_config=trainer.MeshConfig(data=1), eval_every=STEPS, eval_batches=100,
                         progress=False, write_config=False)
     np.testing.assert_allclose(_losses(outs[0]), (one.last_loss, one.eval_loss), atol=2e-4)
+
+
+def test_preemption_notice_on_one_host_checkpoints_every_host_at_one_step(tmp_path):
+  """SIGTERM to one process only (hosts get their notices at different times): JAX's preemption service agrees a
+  step, both processes checkpoint at it and exit 143, and the restart resumes from it on both."""
+  import signal
+  import time
+  steps = 60
+  gin_path = tmp_path / "toy.gin"
+  gin_path.write_text(toy_tasks.train_gin(steps=steps, mesh_data=-1) + "train.batch_size = 6\n")
+  model_dir = tmp_path / "run"
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+             JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+  def start():
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, "-m", "genret_jax.cli", "train", f"--gin_file={gin_path}",
+                              f"--gin.train.model_dir=\"{model_dir}\"", f"--coordinator_address=localhost:{port}",
+                              "--process_count=2", f"--process_index={i}"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+
+  procs = start()
+  ckdir = model_dir / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (ckdir.exists() and any(d.isdigit() for d in os.listdir(ckdir))):
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  saved = []
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    m = re.search(r"preempted: checkpoint saved at step (\d+)", out)
+    assert m and p.returncode == 143, f"process {i} (rc {p.returncode}):\n{out[-3000:]}"
+    saved.append(int(m.group(1)))
+  assert saved[0] == saved[1] < steps and str(saved[0]) in os.listdir(ckdir)
+  procs = start()
+  outs = [p.communicate(timeout=400)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0 and f"trained to step {steps}" in out, f"process {i}:\n{out[-3000:]}"
+  final = [re.search(r"trained to step \d+: loss ([\d.]+)", out).group(1) for out in outs]
+  assert final[0] == final[1]

@@ -162,6 +162,44 @@ class TrainResult:
   model_dir: str
   tokens_per_s: float
   resumed_from: int | None
+  preempted: bool = False   # stopped by a preemption notice (SIGTERM) after checkpointing; rerun to resume
+
+
+class _PreemptionNotice:
+  """Whether the job was told to stop (SIGTERM: Cloud TPU spot/preemptible VMs, SLURM, Kubernetes), checked once a
+  step. On several processes JAX's preemption service catches the signal and agrees a step at which every host
+  saves (`reached_preemption_sync_point`, as t5x; the hosts may get the signal at different steps); on one process
+  our own handler sets a flag for the next step boundary. Without it a preempted run lost every step since its
+  last periodic checkpoint."""
+
+  def __init__(self):
+    import signal
+    import threading
+    from jax._src import distributed as jax_distributed
+    self._multi = jax_distributed.global_state.client is not None
+    self._signal, self._old, self.received = signal, None, False
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    if self.received:   # a second notice: stop now, as without the handler
+      self.close()
+      self._signal.raise_signal(signum)
+    self.received = True
+
+  def reached(self, step: int) -> bool:
+    if not self._multi:
+      return self.received
+    from jax.experimental import multihost_utils
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:   # the preemption service disabled (jax_enable_preemption_service)
+      return False
+
+  def close(self) -> None:
+    if self._old is not None:
+      self._signal.signal(self._signal.SIGTERM, self._old)
+      self._old = None
 
 
 # Dense bf16 peak FLOP/s per chip, by `device_kind`. TPUs report exact names ("TPU v5" is a v5p, "TPU v5 lite" a
@@ -394,55 +432,67 @@ def train(*,
     consumed = skip
     last_loss = float(resumed_meta.get("last_loss", "nan"))   # a finished run restarted reports its last loss
     tokens_per_s = 0.0
-    while step < train_steps:
-      state, metrics = step_fn(state, _global_batch(batch, batch_sh, batch_size), frozen, base_rng)
-      consumed += 1
-      step += 1
-      m = jax.device_get(metrics)
-      if not bool(m["finite"]):
-        ckpt.wait()
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step} (loss={float(m['loss'])}); the update was not applied and training "
-            f"stopped. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
-      if float(m["dropped_tokens"]) > 0:
-        ckpt.wait()
-        raise InputError(
-            f"step {step}: {int(m['dropped_tokens'])} target tokens fell outside the model's loss positions "
-            f"({getattr(model, 'loss_positions', '?')} per row): raise it to the longest target of a row (with "
-            "packing, the summed targets of a packed row) or set it to 0", key="models.DecoderOnlyModel.loss_positions")
-      last_loss = float(m["loss"])
-      losses.append(last_loss)
-      tokens_window += float(m["num_tokens"])
-      if step % log_every == 0 or step == train_steps:
-        dt = time.perf_counter() - t_window
-        tokens_per_s = tokens_window / max(dt, 1e-9)
-        scalars = {"loss": last_loss, "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
-                   "tokens_per_s": tokens_per_s,
-                   # optax evaluates the schedule at the update count before the update: step k applied k - 1.
-                   "learning_rate": optimizers.learning_rate_at(schedule, step - 1)}
-        if peak:
-          scalars["mfu"] = tokens_per_s * flops_per_token / peak
-        writer.write_scalars(step, scalars)
-        tokens_window, t_window = 0.0, time.perf_counter()
+    preemption = _PreemptionNotice()
+    preempted = False
+    try:
+      while step < train_steps:
+        state, metrics = step_fn(state, _global_batch(batch, batch_sh, batch_size), frozen, base_rng)
+        consumed += 1
+        step += 1
+        m = jax.device_get(metrics)
+        if not bool(m["finite"]):
+          ckpt.wait()
+          raise NonFiniteLossError(
+              f"non-finite loss at step {step} (loss={float(m['loss'])}); the update was not applied and training "
+              f"stopped. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+        if float(m["dropped_tokens"]) > 0:
+          ckpt.wait()
+          raise InputError(
+              f"step {step}: {int(m['dropped_tokens'])} target tokens fell outside the model's loss positions "
+              f"({getattr(model, 'loss_positions', '?')} per row): raise it to the longest target of a row (with "
+              "packing, the summed targets of a packed row) or set it to 0",
+              key="models.DecoderOnlyModel.loss_positions")
+        last_loss = float(m["loss"])
+        losses.append(last_loss)
+        tokens_window += float(m["num_tokens"])
+        if step % log_every == 0 or step == train_steps:
+          dt = time.perf_counter() - t_window
+          tokens_per_s = tokens_window / max(dt, 1e-9)
+          scalars = {"loss": last_loss, "accuracy": float(m["accuracy"]), "grad_norm": float(m["grad_norm"]),
+                     "tokens_per_s": tokens_per_s,
+                     # optax evaluates the schedule at the update count before the update: step k applied k - 1.
+                     "learning_rate": optimizers.learning_rate_at(schedule, step - 1)}
+          if peak:
+            scalars["mfu"] = tokens_per_s * flops_per_token / peak
+          writer.write_scalars(step, scalars)
+          tokens_window, t_window = 0.0, time.perf_counter()
+          if pbar is not None:
+            pbar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
         if pbar is not None:
-          pbar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-      if pbar is not None:
-        pbar.update(1)
-      if eval_every and eval_split and (step % eval_every == 0 or step == train_steps):
-        eval_loss = evaluate(eval_fn, state.params, frozen, mixture_or_task_name, task_feature_lengths, eval_split,
-                             batch_size, converter, seed, eval_batches, use_cached_tasks, batch_sh)
-        if eval_loss is not None:
-          writer.write_scalars(step, {"eval_loss": eval_loss})
-      if step % checkpoint_every == 0 or step == train_steps:
-        ckpt.save(step, state, {"batches_consumed": consumed, "step": step, "last_loss": last_loss, **run_identity},
-                  force=True)
-        if checkpoint_data_position and batches.save(data_dir(step)):
-          _prune_data_positions(os.path.dirname(os.path.dirname(data_dir(step))), os.path.basename(data_dir(step)),
-                                keep={step, *ckpt.all_steps()})
-      if stop_after_steps is not None and step - start_step >= stop_after_steps:
-        break
-      if step < train_steps:
-        batch = next(batches)
+          pbar.update(1)
+        if eval_every and eval_split and (step % eval_every == 0 or step == train_steps):
+          eval_loss = evaluate(eval_fn, state.params, frozen, mixture_or_task_name, task_feature_lengths, eval_split,
+                               batch_size, converter, seed, eval_batches, use_cached_tasks, batch_sh)
+          if eval_loss is not None:
+            writer.write_scalars(step, {"eval_loss": eval_loss})
+        preempted = preemption.reached(step)   # every step on every host: the sync protocol needs it
+        if step % checkpoint_every == 0 or step == train_steps or preempted:
+          ckpt.save(step, state, {"batches_consumed": consumed, "step": step, "last_loss": last_loss, **run_identity},
+                    force=True)
+          if checkpoint_data_position and batches.save(data_dir(step)):
+            _prune_data_positions(os.path.dirname(os.path.dirname(data_dir(step))), os.path.basename(data_dir(step)),
+                                  keep={step, *ckpt.all_steps()})
+        if preempted:
+          logging.warning("preemption notice: checkpoint saved at step %d; run the same command again to resume",
+                          step)
+          break
+        if stop_after_steps is not None and step - start_step >= stop_after_steps:
+          break
+        if step < train_steps:
+          batch = next(batches)
+    finally:
+      preemption.close()
+    preempted = preempted and step < train_steps   # a notice at the last step: the run is complete
     ckpt.wait()
     ckpt.close()
     writer.flush()
@@ -456,7 +506,8 @@ def train(*,
         params_io.save_vocabulary_record(model_dir, mixture_or_task_name, data_lib.get_task(
             mixture_or_task_name).output_features["targets"].vocabulary)
   return TrainResult(step=step, last_loss=last_loss, losses=losses, eval_loss=eval_loss, params=full,
-                     model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from)
+                     model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from,
+                     preempted=preempted)
 
 
 def _data_position_name(shard_index: int, num_shards: int) -> str:
