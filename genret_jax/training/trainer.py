@@ -175,8 +175,7 @@ class _PreemptionNotice:
   def __init__(self):
     import signal
     import threading
-    from jax._src import distributed as jax_distributed
-    self._multi = jax_distributed.global_state.client is not None
+    self._multi = jax.distributed.is_initialized()
     self._signal, self._old, self.received = signal, None, False
     if not self._multi and threading.current_thread() is threading.main_thread():
       self._old = signal.signal(signal.SIGTERM, self._on_sigterm)
