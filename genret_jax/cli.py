@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from genret_jax import host_malloc
-from genret_jax.errors import InputError
+from genret_jax.errors import InputError, Preempted
 from genret_jax.gin_utils import rewrite_gin_args
 
 # name -> (module, one-line help)
@@ -71,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except InputError as e:
     print(f"genret {name}: error: {e.text}", file=sys.stderr)
     return 2
+  except Preempted as e:
+    print(f"genret {name}: preempted: {e}", file=sys.stderr)
+    return Preempted.EXIT_CODE
   except RuntimeError as e:
     # gin's own check for a configurable's unbound gin.REQUIRED parameters (no run gin file given, say).
     if not str(e).startswith("Required bindings for"):

@@ -20,6 +20,14 @@ class InputError(ValueError):
     super().__init__(self.text)
 
 
+class Preempted(Exception):
+  """A job stopped by a preemption notice after saving what it needs to resume; the command exits with
+  `EXIT_CODE`."""
+  # 128 + SIGTERM, as if the signal had killed the process: a scheduler that restarts failed jobs restarts this
+  # one (exit 0 told it the job had finished).
+  EXIT_CODE = 143
+
+
 def check_int(value, key: str, low: int = 1) -> int:
   """`value` when it is an integer >= `low`, else an InputError naming the config key (a 0 or a string size
   otherwise fails far from the config, inside TF, XLA or numpy)."""

@@ -85,6 +85,27 @@ def test_report_from_sweep(tiny_sweep):
   assert "CGL" in text and os.path.exists(os.path.join(out, "plots"))
 
 
+def test_preempted_training_stops_the_sweep_before_evaluating(tiny_sweep, monkeypatch):
+  """A model whose training stopped on a preemption notice is not evaluated (its half-trained params were
+  evaluated and recorded as the cell's result): the sweep raises Preempted (`genret sweep` exits 143) and the
+  cell stays unfinished for the restart."""
+  from genret_jax.errors import Preempted
+  from genret_jax.training import trainer
+  cfg, out, _ = tiny_sweep
+  cell = pathlib.Path(out, results_lib.CELLS_DIR, "t5-d0-f060", sweep_lib.RESULT_JSON)
+  kept = cell.read_bytes()
+  cell.unlink()
+  stopped = trainer.TrainResult(step=3, last_loss=1.0, losses=[1.0], eval_loss=None, params=None, model_dir="",
+                                tokens_per_s=0.0, resumed_from=None, preempted=True)
+  monkeypatch.setattr(trainer, "train", lambda *a, **k: stopped)
+  try:
+    with pytest.raises(Preempted, match="t5-d0-f060: checkpoint saved at step 3 of 8"):
+      sweep_lib.run_sweep(cfg, out)
+    assert not cell.exists()
+  finally:
+    cell.write_bytes(kept)
+
+
 def test_plan_refuses_bad_beams_and_rungs_before_training():
   with pytest.raises(InputError, match="SweepConfig.beams"):
     sweep_lib.plan(sweep_lib.SweepConfig(rungs={"t5": ["models/t5_1_1/cpu_ladder/r0.gin"]}, beams=(0, 5)))

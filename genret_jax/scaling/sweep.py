@@ -28,7 +28,7 @@ import gin
 import numpy as np
 
 from genret_jax import atomic_files, filesystem, gin_utils
-from genret_jax.errors import InputError, check_float, check_int
+from genret_jax.errors import InputError, Preempted, check_float, check_int
 from genret_jax.scaling import results as results_lib
 
 RESULT_JSON = "result.json"
@@ -244,6 +244,9 @@ class Sweep:
     gin_utils.parse_gin([self.cfg.run_gin, cell["rung"]], self._bindings(cell, model_dir, steps))
     model = model_api.get_model()
     result = trainer.train()
+    if result.preempted:   # evaluating the half-trained model would record it as this cell's result
+      raise Preempted(f"model {cell['model_id']}: checkpoint saved at step {result.step} of {steps}; run the same "
+                      "sweep command again to resume")
     return model, result, d_retrieval, steps
 
   # ---- one model ------------------------------------------------------------------------------------------

@@ -8,12 +8,8 @@ import os
 
 
 from genret_jax import gin_utils
+from genret_jax.errors import Preempted
 from genret_jax.training import distributed
-
-
-# 128 + SIGTERM, as if the signal had killed the process: a scheduler that restarts failed jobs restarts this one
-# (exit 0 told it the run had finished).
-PREEMPTED_EXIT_CODE = 143
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +29,7 @@ def run(args) -> int:
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
   result = trainer.train()
   if result.preempted:
-    print(f"preempted: checkpoint saved at step {result.step}; run the same command again to resume", flush=True)
-    return PREEMPTED_EXIT_CODE
+    raise Preempted(f"checkpoint saved at step {result.step}; run the same command again to resume")
   print(f"trained to step {result.step}: loss {result.last_loss:.4f}"
         + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
         + f", {result.tokens_per_s:.0f} tokens/s; params in {os.path.join(result.model_dir, 'params')}")
