@@ -409,3 +409,22 @@ def test_preemption_notice_checkpoints_and_stops_then_resumes_bit_identical(tmp_
   a, b = params_io.restore_params(tmp_path / "whole"), params_io.restore_params(tmp_path / "cut")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_profile_window_is_traced_into_model_dir(tmp_path, caplog):
+  """train.profile_start_step / profile_steps: a JAX profiler trace of those steps in MODEL_DIR/profile (what
+  TensorBoard's profile plugin reads); a run resuming past the window says it profiles nothing."""
+  import gzip
+  import json
+  import logging
+  _train(t5(), tmp_path / "run", 4, optimizer=optax.sgd(0.5), profile_start_step=2, profile_steps=2)
+  traces = list((tmp_path / "run" / "profile" / "plugins" / "profile").glob("*/*.trace.json.gz"))
+  assert len(traces) == 1 and list(traces[0].parent.glob("*.xplane.pb"))
+  events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
+  assert any("step_fn" in str(e.get("name", "")) for e in events)   # the window holds training steps
+  with caplog.at_level(logging.WARNING):
+    _train(t5(), tmp_path / "run", 6, optimizer=optax.sgd(0.5), profile_start_step=2, profile_steps=2)
+  assert "the run resumes after it (step 4); nothing is profiled" in caplog.text
+  assert len(list((tmp_path / "run" / "profile" / "plugins" / "profile").iterdir())) == 1
+  with pytest.raises(InputError, match="train.profile_start_step"):
+    _train(t5(), tmp_path / "bad", 4, profile_start_step=0)

@@ -165,6 +165,35 @@ class TrainResult:
   preempted: bool = False   # stopped by a preemption notice (SIGTERM) after checkpointing; rerun to resume
 
 
+class _StepProfiler:
+  """A JAX profiler trace of steps [start, start + num_steps) (what MaxText's `profiler` options do): compile
+  time and the first steps' warm-up stay out of the window, which a whole-run trace buries them in."""
+
+  def __init__(self, model_dir: str, start: int | None, num_steps: int, all_processes: bool, first_step: int):
+    self.directory = os.path.join(model_dir, "profile")
+    self.start, self.end, self.active = start, (start or 0) + num_steps - 1, False
+    if start is not None and start <= first_step:
+      logging.warning("train.profile_start_step %d: the run resumes after it (step %d); nothing is profiled",
+                      start, first_step)
+    if start is not None and not (all_processes or jax.process_index() == 0):
+      self.start = None
+
+  def before(self, step: int) -> None:
+    if self.start is not None and step == self.start:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int) -> None:
+    if self.active and step >= self.end:
+      self.close()
+      logging.info("profile of steps %d-%d written to %s", self.start, step, self.directory)
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 class _PreemptionNotice:
   """Whether the job was told to stop (SIGTERM: Cloud TPU spot/preemptible VMs, SLURM, Kubernetes), checked once a
   step. On several processes JAX's preemption service catches the signal and agrees a step at which every host
@@ -285,13 +314,19 @@ def train(*,
           progress: bool = True,
           write_config: bool = True,
           checkpoint_data_position: bool = True,
+          profile_start_step: int | None = None,
+          profile_steps: int = 5,
+          profile_all_processes: bool = False,
           stop_after_steps: int | None = None) -> TrainResult:
   """Trains `model` on a seqio task/mixture; resumes from MODEL_DIR/checkpoints when present.
 
   `checkpoint_data_position` saves each process's tf.data iterator with every checkpoint
   (MODEL_DIR/checkpoints_data/<step>/shard_<k>-of-<n>.process_<i>), so a restart restores the input pipeline
   instead of re-running it over every consumed batch; without it (or when that save is missing) the restart skips
-  them, with the same result. `stop_after_steps` stops the process early (as if killed) — used by the resume tests.
+  them, with the same result. `profile_start_step` traces steps [start, start + profile_steps) with the JAX
+  profiler into MODEL_DIR/profile (TensorBoard's profile plugin; on process 0 unless `profile_all_processes`:
+  MaxText's profiler options). `stop_after_steps` stops the process early (as if killed) — used by the resume
+  tests.
   """
   gin_utils.check_required(MODEL=model, MODEL_DIR=model_dir, MIXTURE_OR_TASK_NAME=mixture_or_task_name,
                            TASK_FEATURE_LENGTHS=task_feature_lengths, TRAIN_STEPS=train_steps,
@@ -300,8 +335,10 @@ def train(*,
                             ("train.grad_accum_steps", grad_accum_steps, 1), ("train.eval_every", eval_every, 0),
                             ("train.eval_batches", eval_batches, 1), ("train.checkpoint_every", checkpoint_every, 1),
                             ("train.keep_checkpoints", keep_checkpoints, 1), ("train.log_every", log_every, 1),
-                            ("train.seed", seed, 0)):
+                            ("train.seed", seed, 0), ("train.profile_steps", profile_steps, 1)):
     check_int(value, macro, low)
+  if profile_start_step is not None:
+    check_int(profile_start_step, "train.profile_start_step")
   if not isinstance(task_feature_lengths, Mapping):
     raise InputError(f"must map feature names to lengths, got {task_feature_lengths!r}", key="TASK_FEATURE_LENGTHS")
   for feature, length in task_feature_lengths.items():
@@ -433,12 +470,15 @@ def train(*,
     tokens_per_s = 0.0
     preemption = _PreemptionNotice()
     preempted = False
+    profiler = _StepProfiler(model_dir, profile_start_step, profile_steps, profile_all_processes, start_step)
     try:
       while step < train_steps:
+        profiler.before(step + 1)
         state, metrics = step_fn(state, _global_batch(batch, batch_sh, batch_size), frozen, base_rng)
         consumed += 1
         step += 1
-        m = jax.device_get(metrics)
+        m = jax.device_get(metrics)   # waits for the step: the profile window ends on a finished step
+        profiler.after(step)
         if not bool(m["finite"]):
           ckpt.wait()
           raise NonFiniteLossError(
@@ -491,6 +531,7 @@ def train(*,
           batch = next(batches)
     finally:
       preemption.close()
+      profiler.close()
     preempted = preempted and step < train_steps   # a notice at the last step: the run is complete
     ckpt.wait()
     ckpt.close()
