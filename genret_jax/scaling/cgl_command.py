@@ -8,11 +8,17 @@ override it. The task (collection, identifier scheme, vocabulary, seed, splits) 
 MIXTURE_OR_TASK_NAME unless overridden. Output: one JSON file (OUTPUT, default `<CHECKPOINT_PATH>/cgl_<split>.json`)
 with mean CGL and contrastive entropy, 95% bootstrap CIs over queries and the per-query values; the negatives are
 saved next to it (or read from NEGATIVES_PATH when that file exists, so every model of a sweep shares them).
+
+On several hosts it takes `genret train`'s flags (--coordinator_address, --process_count, --process_index or
+--multiprocess): the scoring batches are sharded over the mesh of every host's devices, every process gets every
+pair's score back, and process 0 alone writes the output and the negatives (the others use its negatives).
+Processes given different jobs stop with one error instead of waiting for each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -22,7 +28,7 @@ from typing import Mapping
 import gin
 import jax
 
-from genret_jax import atomic_files, filesystem, gin_utils
+from genret_jax import atomic_files, filesystem, gin_utils, multihost
 from genret_jax.errors import InputError, check_int
 from genret_jax.scaling import cgl, cgl_eval, scoring
 
@@ -77,11 +83,20 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
                  bootstrap_resamples: int = 1000, bootstrap_seed: int = 0,
                  mesh_data: int = -1, mesh_fsdp: int = 1, mesh_model: int = 1,
                  progress: bool = True) -> dict:
-  """Loads the checkpoint, scores the split and writes the JSON; returns it."""
+  """Loads the checkpoint, scores the split and writes the JSON (process 0 of several); returns it."""
+  job = {name: value for name, value in locals().items() if name != "progress"}
   import tasks  # noqa: F401  (registers the tasks)
   from genret_jax.models import model_api, params_io, partitioning
 
   t0 = time.perf_counter()
+  # First, before anything that is a collective or can fail on one host alone: processes given different flags,
+  # gin files or checkpoints would otherwise score different batches and wait for each other forever.
+  multihost.agree(
+      lambda: None,
+      lambda _: json.dumps({"job": job, "gin": gin.config_str(),
+                            "params": params_io.params_fingerprint(checkpoint_path)}, sort_keys=True, default=str),
+      what="describing the job", differ="see another job than process 0 (configuration or checkpoint differ): give "
+      "every host the same flags, gin files and checkpoint")
   # Checked before any scoring (a bad averaging mode was found after every batch had been scored).
   # (a string NEGATIVES_SEED failed inside int() with a traceback; -1 is a mesh axis's "all remaining devices").
   for macro, value, low in (("NUM_NEGATIVES", num_negatives, 1), ("BATCH_SIZE", batch_size, 1),
@@ -98,20 +113,25 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   if averaging not in cgl.AVERAGING_MODES:
     raise InputError(f"unknown averaging {averaging!r}; choose from {sorted(cgl.AVERAGING_MODES)}",
                      key="genret.cgl_eval_run.averaging")
-  task = _retrieval_task(mixture_or_task_name)
-  artefacts = tasks.artefacts_for(task.name)
-  splits = artefacts.query_splits()
-  if split not in splits:
-    raise InputError(f"split {split!r} has no judged queries; available: {sorted(splits)}", key="SPLIT")
-  queries = list(splits[split])
-  if max_queries is not None:
-    queries = queries[:max_queries]
+  lengths = dict(task_feature_lengths or {})
+
+  def read_task():   # the task's artefacts, from this host's GENRET_CACHE
+    task = _retrieval_task(mixture_or_task_name)
+    artefacts = tasks.artefacts_for(task.name)
+    splits = artefacts.query_splits()
+    if split not in splits:
+      raise InputError(f"split {split!r} has no judged queries; available: {sorted(splits)}", key="SPLIT")
+    queries = list(splits[split])
+    if max_queries is not None:
+      queries = queries[:max_queries]
+    vocab = task.output_features["targets"].vocabulary
+    checked = _check_inputs_match_task(task, split, lengths, query_prefix, vocab,
+                                       {q.query_id: q for q in queries})
+    return task, artefacts, queries, vocab, checked
+
+  task, artefacts, queries, vocab, checked = multihost.agree(read_task, None, what="reading the task")
   collection = artefacts.collection()
   scheme = artefacts.identifier_scheme()
-  vocab = task.output_features["targets"].vocabulary
-  lengths = dict(task_feature_lengths or {})
-  checked = _check_inputs_match_task(task, split, lengths, query_prefix, vocab,
-                                     {q.query_id: q for q in queries})
 
   try:
     model = model_api.get_model()
@@ -127,7 +147,7 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
       os.path.dirname(filesystem.abspath(output_path)), f"negatives_{split}_n{num_negatives}_s{negatives_seed}.npz")
 
   def show(done, total):
-    if progress and (done == total or done % max(1, total // 20) == 0):
+    if progress and jax.process_index() == 0 and (done == total or done % max(1, total // 20) == 0):
       print(f"\rscoring batch {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
   ev = cgl_eval.evaluate_cgl(
@@ -143,15 +163,20 @@ def cgl_eval_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
              "collection": collection.name, "scheme": scheme.name, "split": split,
              "averaging": averaging, "task_feature_lengths": lengths, "inputs_checked_against_task": checked,
              "negatives_path": filesystem.abspath(negatives_path), "model_family": model.family,
-             "num_devices": jax.device_count(), "wall_seconds": None})
+             "num_devices": int(mesh.devices.size), "num_processes": jax.process_count(), "wall_seconds": None})
   out["wall_seconds"] = time.perf_counter() - t0
-  atomic_files.write_json(output_path, out, indent=1)
+  if jax.process_index() == 0:   # every process holds the same numbers; OUTPUT need be writable by process 0 only
+    atomic_files.write_json(output_path, out, indent=1)
+  else:
+    out["written_by_process"] = 0
   out["output_path"] = filesystem.abspath(output_path)
   return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from genret_jax.training import distributed
   gin_utils.add_gin_arguments(parser)
+  distributed.add_arguments(parser)
 
 
 def _model_gin_file(args) -> str:
@@ -175,6 +200,9 @@ def _model_gin_file(args) -> str:
 
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from genret_jax.training import distributed
+  # Before anything touches the backend: otherwise every host scored the whole split alone and wrote the output.
+  distributed.initialize_from_args(args)
   from genret_jax.models import model_api  # noqa: F401  (registers the model configurables)
   model_gin = _model_gin_file(args)
   gin_utils.parse_gin([model_gin, *args.gin_file], args.gin_bindings, args.gin_search_paths)
@@ -183,6 +211,10 @@ def run(args) -> int:
                      key="MIXTURE_OR_TASK_NAME")
   out = cgl_eval_run()
   s = out["summary"]
+  if "written_by_process" in out:
+    print(f"process {jax.process_index()} of {jax.process_count()}: scored {out['num_sequences']} sequences "
+          f"(CGL {s['cgl']:.6f}); process {out['written_by_process']} wrote {out['output_path']}")
+    return 0
   print(f"CGL {s['cgl']:.6f} [{s['cgl_ci'][0]:.6f}, {s['cgl_ci'][1]:.6f}]  CE {s['ce']:.4f} "
         f"[{s['ce_ci'][0]:.4f}, {s['ce_ci'][1]:.4f}]  (chance {s['chance_cgl']:.7f} / {s['chance_ce']:.4f}; "
         f"{s['num_queries']} queries x {s['num_negatives']} negatives, {out['num_sequences']} sequences); "

@@ -25,9 +25,10 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
-from genret_jax import atomic_files, filesystem
+from genret_jax import atomic_files, filesystem, multihost
 from genret_jax.corpora.types import Collection, Query
 from genret_jax.errors import InputError
 from genret_jax.identifiers.base import DocidScheme, IdentifierScheme
@@ -163,8 +164,11 @@ def pair_identifiers(scheme: IdentifierScheme, pairs: Sequence[tuple[str, int]],
     except (OSError, EOFError, ValueError) as e:
       logger.warning("cannot read %s (%s); sampling again", path, e)
   targets = scheme.retrieval_targets_many(pairs, seed, workers=workers)
-  with atomic_files.atomic_open(path, "wt", opener=gzip.open) as f:
-    json.dump(targets, f)
+  # On several processes every one samples the same spans (one generator per pair; `PairScorer.score` compares
+  # what they score), and process 0 alone saves them: hosts need not share GENRET_CACHE.
+  if jax.process_index() == 0:
+    with atomic_files.atomic_open(path, "wt", opener=gzip.open) as f:
+      json.dump(targets, f)
   return targets
 
 
@@ -174,16 +178,45 @@ def build_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary
                     target_length: int | None = None, query_prefix: str = "", min_grade: int = 1,
                     allow_fewer_negatives: bool = False, targets_cache_dir: str | None = None) -> CGLSequences:
   """Every (query, document, identifier) sequence of the evaluation, tokenised like the retrieval task.
-  `targets_cache_dir`: see `pair_identifiers`."""
-  kept, positives, skipped = query_positives(collection, queries, min_grade)
-  if not kept:
-    raise InputError(f"no query of the split has a judged-relevant document (grade >= {min_grade})",
-                     path=collection.source or None)
-  excluded = documents_without_identifiers(scheme)
+  `targets_cache_dir`: see `pair_identifiers`.
+
+  On several processes (jax.distributed) each step below either runs on every process, and a failure on one
+  stops them all, or (the negatives) on process 0 alone, which gives the others its result."""
+
+  def queries_and_positives():
+    kept, positives, skipped = query_positives(collection, queries, min_grade)
+    if not kept:
+      raise InputError(f"no query of the split has a judged-relevant document (grade >= {min_grade})",
+                       path=collection.source or None)
+    return kept, positives, skipped, documents_without_identifiers(scheme)
+
+  kept, positives, skipped, excluded = multihost.agree(
+      queries_and_positives,
+      lambda r: json.dumps([[q.query_id for q in r[0]], r[1], r[3], len(collection.documents)]),
+      what="finding the queries' positives", differ="see other queries, judgments or documents than process 0: "
+      "give every host the same flags, gin files and GENRET_CACHE")
   skipped["documents_without_identifiers"] = len(excluded)
   query_ids = tuple(q.query_id for q in kept)
-  negatives = load_or_sample_negatives(negatives_path, len(collection.documents), positives, query_ids,
-                                       num_negatives, negatives_seed, excluded, allow_fewer_negatives)
+  # Process 0 alone reads the negatives file, or samples and writes it; the others use its negatives, whether or
+  # not they see that file (a sweep's shared one, say, on process 0's disk only).
+  negatives = multihost.from_process_0(
+      lambda: load_or_sample_negatives(negatives_path, len(collection.documents), positives, query_ids,
+                                       num_negatives, negatives_seed, excluded, allow_fewer_negatives),
+      what="reading or sampling the negatives")
+  return multihost.agree(
+      lambda: _tokenised_sequences(collection, scheme, vocabulary, kept, positives, negatives, excluded, skipped,
+                                   target_seed=target_seed, input_length=input_length,
+                                   target_length=target_length, query_prefix=query_prefix,
+                                   targets_cache_dir=targets_cache_dir),
+      None, what="building the identifier sequences")
+
+
+def _tokenised_sequences(collection: Collection, scheme: IdentifierScheme, vocabulary, kept: Sequence[Query],
+                         positives: list[list[int]], negatives: cgl.NegativeSet, excluded: Sequence[int],
+                         skipped: dict[str, int], *, target_seed: int, input_length: int | None,
+                         target_length: int | None, query_prefix: str,
+                         targets_cache_dir: str | None) -> CGLSequences:
+  query_ids = tuple(q.query_id for q in kept)
   excluded_set = set(excluded)
   inputs = tokenize_batch(vocabulary, [query_prefix + q.text for q in kept], input_length)
   pairs, pair_slots = [], []

@@ -9,7 +9,10 @@ length bucket) over fixed-shape batches:
 * only target positions of real tokens carry loss weight, so padding (columns or whole rows) is never counted:
   a pair scored alone and inside a padded batch gives the same NLL;
 * batches are placed with `partitioning.batch_sharding`, i.e. split over the mesh's (data, fsdp) axes, and the
-  parameters keep their own shardings.
+  parameters keep their own shardings;
+* on several processes (jax.distributed, a mesh over every host's devices) each process builds every batch from
+  its own copy of the pairs, which are compared by hash first, hands over the rows of its devices, and gets every
+  pair's NLL back (all-gathered), so `score` returns the same on every process.
 
 Shared inputs (`share_inputs=True`, the default). CGL scores every query against ~257 documents x ~10 spans,
 so the same input recurs thousands of times. Rather than re-running the input through the model for each
@@ -26,6 +29,7 @@ available (`share_inputs=False`) and is what tests compare against.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import math
 import time
@@ -35,12 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genret_jax import multihost
 from genret_jax.errors import InputError
 from genret_jax.models import model_api, partitioning
 
 Array = jax.Array
 
 DEFAULT_BATCH_SIZE = 256
+_GATHER_GROUP = 64    # batch outputs fetched per all-gather on several processes
 
 
 def default_length_buckets(max_length: int) -> list[int]:
@@ -117,6 +123,17 @@ def shared_nll_fn(model: model_api.BaseModel) -> Callable:
 
 # ------------------------------------------------------------------------------------------------------------
 # Host-side batching
+
+
+def _pairs_digest(prepared: tuple[list[np.ndarray], list[np.ndarray], np.ndarray]) -> bytes:
+  ins, tgts, index = prepared
+  h = hashlib.sha256()
+  for arrays in (ins, tgts):
+    h.update(np.array([a.size for a in arrays], np.int64).tobytes())
+    if arrays:
+      h.update(np.concatenate(arrays).tobytes())
+  h.update(np.ascontiguousarray(index, np.int64).tobytes())
+  return h.digest()
 
 
 def _as_int_lists(seqs: Sequence[Sequence[int]], what: str) -> list[np.ndarray]:
@@ -233,31 +250,14 @@ class PairScorer:
 
     Token lists are EOS-terminated ids without padding (what the seqio task's tokenizer gives).
     """
-    tgts = _as_int_lists(targets, "targets")
-    if input_index is None:
-      if len(inputs) != len(tgts):
-        raise InputError(f"{len(inputs)} inputs for {len(tgts)} targets", key="inputs")
-      uniq: dict[tuple, int] = {}
-      index = np.empty(len(tgts), np.int64)
-      unique_inputs = []
-      for i, s in enumerate(inputs):
-        key = tuple(int(t) for t in s)
-        if key not in uniq:
-          uniq[key] = len(unique_inputs)
-          unique_inputs.append(s)
-        index[i] = uniq[key]
-      ins = _as_int_lists(unique_inputs, "inputs")
-    else:
-      ins = _as_int_lists(inputs, "inputs")
-      index = np.asarray(input_index, np.int64).reshape(-1)
-      if index.size != len(tgts) or (index.size and (index.min() < 0 or index.max() >= len(ins))):
-        raise InputError("input_index must give, per target, an index into inputs", key="input_index")
+    # Every process builds every global batch from its own copy of the pairs and hands over its devices' rows
+    # (`_place`), so a host whose pairs differ (another GENRET_CACHE, say) would silently mix two jobs' rows, or
+    # run another number of batches and leave the others waiting: the pairs are compared first.
+    ins, tgts, index = multihost.agree(
+        lambda: self._prepare(inputs, targets, input_index), _pairs_digest, what="preparing the pairs to score",
+        differ="hold other (input, target) pairs to score than process 0: give every host the same flags, gin "
+               "files and GENRET_CACHE")
     n = len(tgts)
-    if self.share_inputs and isinstance(self.model, model_api.DecoderOnlyModel):
-      for i, a in enumerate(ins):
-        if np.any(a == 0):
-          raise InputError(f"input {i} holds id 0 (padding) inside the prompt; the prefix cache needs "
-                           "contiguous prompts (use share_inputs=False)", key="inputs")
     num_tokens = np.array([np.count_nonzero(t) for t in tgts], np.int64)
     nll = np.zeros(n, np.float64)
     if n == 0:
@@ -280,9 +280,9 @@ class PairScorer:
         num_batches += 1
         if progress is not None:
           progress(num_batches, total_batches)
-      for rows, slots, out in pending:
-        values = np.asarray(jax.device_get(out), np.float64)
-        nll[rows] = values[slots]
+      fetched = self._fetch([out for _, _, out in pending])
+      for (rows, slots, _), values in zip(pending, fetched):
+        nll[rows] = np.asarray(values, np.float64)[slots]
     for _, _, args in batches:
       tgt_arr = args["targets"] if "targets" in args else args["decoder_target_tokens"]
       padded_tokens += tgt_arr.size
@@ -293,13 +293,56 @@ class PairScorer:
              "seconds": time.perf_counter() - t0, "share_inputs": self.share_inputs, "slot_rows": slot_rows}
     return ScoredPairs(nll, num_tokens, stats)
 
+  def _prepare(self, inputs, targets, input_index) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """(distinct inputs, targets, per target its input's index), checked."""
+    tgts = _as_int_lists(targets, "targets")
+    if input_index is None:
+      if len(inputs) != len(tgts):
+        raise InputError(f"{len(inputs)} inputs for {len(tgts)} targets", key="inputs")
+      uniq: dict[tuple, int] = {}
+      index = np.empty(len(tgts), np.int64)
+      unique_inputs = []
+      for i, s in enumerate(inputs):
+        key = tuple(int(t) for t in s)
+        if key not in uniq:
+          uniq[key] = len(unique_inputs)
+          unique_inputs.append(s)
+        index[i] = uniq[key]
+      ins = _as_int_lists(unique_inputs, "inputs")
+    else:
+      ins = _as_int_lists(inputs, "inputs")
+      index = np.asarray(input_index, np.int64).reshape(-1)
+      if index.size != len(tgts) or (index.size and (index.min() < 0 or index.max() >= len(ins))):
+        raise InputError("input_index must give, per target, an index into inputs", key="input_index")
+    if self.share_inputs and isinstance(self.model, model_api.DecoderOnlyModel):
+      for i, a in enumerate(ins):
+        if np.any(a == 0):
+          raise InputError(f"input {i} holds id 0 (padding) inside the prompt; the prefix cache needs "
+                           "contiguous prompts (use share_inputs=False)", key="inputs")
+    return ins, tgts, index
+
   # ---- internals --------------------------------------------------------------------------------------
 
   def _edges(self, max_len: int) -> list[int]:
     return self.length_buckets or default_length_buckets(max_len)
 
   def _place(self, arr: np.ndarray) -> Array:
-    return jax.device_put(arr, partitioning.batch_sharding(self.mesh, arr.ndim))
+    sharding = partitioning.batch_sharding(self.mesh, arr.ndim)
+    if jax.process_count() == 1:
+      return jax.device_put(arr, sharding)
+    # Each process holds the whole global batch (its pairs were compared in `score`) and gives its devices' rows.
+    # device_put would all-gather every batch from every host to check that they are equal.
+    return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
+
+  def _fetch(self, outs: list[Array]) -> list[np.ndarray]:
+    if jax.process_count() == 1:
+      return jax.device_get(outs)
+    # The rows of an output lie on every host's devices (device_get refuses them). Every batch's output is
+    # [batch_size]: one all-gather per group of batches, not per batch (a CGL split runs tens of thousands).
+    fetched = []
+    for s in range(0, len(outs), _GATHER_GROUP):
+      fetched.extend(multihost.host_array(jnp.stack(outs[s:s + _GATHER_GROUP])))
+    return fetched
 
   def _run(self, args: dict[str, np.ndarray]) -> Array:
     placed = {k: self._place(v) for k, v in args.items()}
