@@ -190,3 +190,19 @@ def test_resume_refuses_batches_of_other_queries(tmp_path, capsys, monkeypatch):
   assert cli.main(argv) == 2
   err = capsys.readouterr().err
   assert "results.jsonl: batch 0 holds queries" in err and "the split's queries changed" in err, err
+
+
+def test_ranking_workers_give_the_same_bytes_and_may_change_on_restart(tmp_path):
+  """`RetrievalConfig.ranking_workers=2` scores the n-gram queries in two spawned processes reading the cached
+  suffix array memory-mapped: the same results.jsonl and run file as in-process scoring, and a restart with
+  another worker count resumes (it does not change results, so it is not part of the job's identity)."""
+  ckpt = _checkpoint(tmp_path, "ngram")
+  common = ["--gin.BEAM_SIZE=3", "--gin.INFER_BATCH_SIZE=8", "--gin.genret.retrieve_run.max_queries=16"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  assert cli.main(_argv(ckpt, *common, f"--gin.OUTPUT_DIR=\"{one}\"")) == 0
+  assert cli.main(_argv(ckpt, *common, f"--gin.OUTPUT_DIR=\"{two}\"", "--gin.RetrievalConfig.ranking_workers=2")) == 0
+  for name in ("results.jsonl", "run.trec"):
+    assert (one / name).read_bytes() == (two / name).read_bytes()
+  assert cli.main(_argv(ckpt, *common, f"--gin.OUTPUT_DIR=\"{two}\"")) == 0   # resumed with 1 worker
+  assert cli.main(_argv(ckpt, "--gin.RetrievalConfig.ranking_workers=0", "--gin.genret.retrieve_run.max_queries=2")
+                  ) == 2

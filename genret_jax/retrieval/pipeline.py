@@ -25,6 +25,7 @@ from genret_jax.identifiers.vocab import encode_batch
 from genret_jax.models import partitioning
 from genret_jax.retrieval import run as run_lib
 from genret_jax.retrieval.ngram_scoring import NgramScoringConfig
+from genret_jax.retrieval.ranking_pool import RankingPool
 from genret_jax.retrieval.run_files import QueryResult
 from genret_jax.retrieval.scheme_index import EOS_ID, SchemeIndex, build_scheme_index
 
@@ -47,10 +48,14 @@ class RetrievalConfig:
   # n-gram identifiers: suffix-array shards on device (documents split into this many runs); with a mesh the
   # shards are placed over its `model` axis when its size divides them (docs/decoding.md, "Sharding").
   index_shards: int = 1
+  # n-gram identifiers: processes that score documents (`ranking_pool`); the host scoring, not the decoding,
+  # bounds a job on an accelerator. 1: in this process. Does not change the results.
+  ranking_workers: int = 1
 
   def __post_init__(self):
     for name, low in (("beam_size", 1), ("batch_size", 1), ("inputs_length", 1), ("hits", 1),
-                      ("max_decode_len", 0), ("ngram_max_decode_len", 1), ("index_shards", 1)):
+                      ("max_decode_len", 0), ("ngram_max_decode_len", 1), ("index_shards", 1),
+                      ("ranking_workers", 1)):
       check_int(getattr(self, name), f"RetrievalConfig.{name}", low)
 
 
@@ -95,6 +100,7 @@ class Retriever:
     self.mesh = mesh
     self.doc_ids = [d.doc_id for d in collection.documents]
     self._search = {}
+    self._pool = None
 
   def _compiled(self, beam: int):
     if beam not in self._search:
@@ -125,6 +131,12 @@ class Retriever:
       return jax.device_get(out)
     return jax.device_get(fn(self.params, self.index.constraint, jnp.asarray(inputs), jnp.asarray(query_mask)))
 
+  def close(self) -> None:
+    """Stops the ranking workers, if any."""
+    if self._pool is not None:
+      self._pool.close()
+      self._pool = None
+
   def too_long(self, queries: Sequence[Query]) -> list[str]:
     """Ids of the queries whose tokens (prefix included) do not fit `inputs_length` with their EOS: `batches`
     trims them as the seqio task trimmed the training inputs."""
@@ -153,8 +165,10 @@ class Retriever:
     rows = range(len(chunk)) if rows is None else rows
     ids = [chunk[r].query_id for r in rows]
     if self.is_ngram:
+      if self._pool is None and self.cfg.ranking_workers > 1:
+        self._pool = RankingPool(self.index.ngram_index, self.scoring, self.cfg.ranking_workers)
       return run_lib.retrieve_batch(out, ids, self.doc_ids, index=self.index.ngram_index, cfg=self.scoring,
-                                    k=self.cfg.hits, rows=rows)
+                                    k=self.cfg.hits, rows=rows, pool=self._pool)
     return run_lib.retrieve_batch(out, ids, self.doc_ids, lookup=self.index.lookup, k=self.cfg.hits, rows=rows)
 
   def retrieve(self, queries: Sequence[Query], beam: int | None = None, progress: bool = False) -> list[QueryResult]:

@@ -22,7 +22,8 @@ from genret_jax import filesystem
 from genret_jax.errors import InputError, check_int
 from genret_jax.retrieval import metrics as metrics_lib
 from genret_jax.retrieval.docids import DocidLookup
-from genret_jax.retrieval.ngram_scoring import NgramIndex, NgramScoringConfig, score_documents
+from genret_jax.retrieval.ngram_scoring import NgramIndex, NgramScoringConfig
+from genret_jax.retrieval.ranking_pool import score_query
 from genret_jax.retrieval.run_files import QueryResult, ResultsStore
 
 
@@ -58,7 +59,8 @@ def host_history(out: Any) -> list[tuple[list[tuple[int, ...]], list[float], lis
 def retrieve_batch(beam_outputs: Any, query_ids: Sequence[str], doc_ids: Sequence[str], *,
                    lookup: DocidLookup | None = None, index: NgramIndex | None = None,
                    cfg: NgramScoringConfig | None = None, k: int = 100,
-                   keep_identifiers: bool = True, rows: Sequence[int] | None = None) -> list[QueryResult]:
+                   keep_identifiers: bool = True, rows: Sequence[int] | None = None,
+                   pool=None) -> list[QueryResult]:
   """Turns one batch of beam-search outputs into ranked documents.
 
   Args:
@@ -72,6 +74,7 @@ def retrieve_batch(beam_outputs: Any, query_ids: Sequence[str], doc_ids: Sequenc
     k: documents kept per query (docid schemes).
     keep_identifiers: store the decoded identifiers (docid) or the scoring stats (n-gram) with each result.
     rows: the batch rows `query_ids` belong to (default 0, 1, ...): a multi-host job ranks a share on each host.
+    pool: a `ranking_pool.RankingPool` to score the n-gram scheme's queries on several cores (same results).
   """
   if (lookup is None) == (index is None):
     raise InputError("give exactly one of a docid lookup table or an n-gram index", key="scheme")
@@ -88,12 +91,13 @@ def retrieve_batch(beam_outputs: Any, query_ids: Sequence[str], doc_ids: Sequenc
     return results
   cfg = cfg or NgramScoringConfig()
   per_query = _rows(host_history(beam_outputs), query_ids, rows)
-  for qid, (keys, logprobs, counts) in zip(query_ids, per_query):
-    known = None if any(c < 0 for c in counts) else counts
-    scored = score_documents(keys, logprobs, index, cfg, counts=known)
-    extra = dict(stats=scored.stats) if keep_identifiers else {}
-    results.append(QueryResult(str(qid), [doc_ids[d] for d in scored.doc_indices.tolist()],
-                               scored.scores.tolist(), extra))
+  if pool is not None:
+    scored = pool.score(per_query)
+  else:
+    scored = [score_query(*q, index=index, cfg=cfg) for q in per_query]
+  for qid, (doc_indices, scores, stats) in zip(query_ids, scored):
+    extra = dict(stats=stats) if keep_identifiers else {}
+    results.append(QueryResult(str(qid), [doc_ids[d] for d in doc_indices.tolist()], scores.tolist(), extra))
   return results
 
 
@@ -217,7 +221,9 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   meta = {"checkpoint_path": filesystem.abspath(checkpoint_path), "task": task.name, "split": split,
           "beam_size": beam_size, "batch_size": batch_size, "num_queries": len(queries),
           "params": params_io.params_fingerprint(checkpoint_path), "task_feature_lengths": lengths,
-          "retrieval_config": dataclasses.asdict(cfg), "scoring_config": dataclasses.asdict(retriever.scoring)}
+          # ranking_workers only spreads the same computation over processes: a restart may change it.
+          "retrieval_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "ranking_workers"},
+          "scoring_config": dataclasses.asdict(retriever.scoring)}
   # Trimmed like the training inputs (seqio), but a researcher should know how many queries lost their tail.
   too_long = retriever.too_long(queries)
   if too_long:
@@ -245,8 +251,11 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
       return []
     return [mine[r % nproc][r // nproc] for r in range(len(chunk))]
 
-  counts = process_batches(store if store is not None else _DecodeOnly(done), range(len(batches)), compute,
-                           progress=progress and store is not None, desc=f"retrieve beam={beam_size}")
+  try:
+    counts = process_batches(store if store is not None else _DecodeOnly(done), range(len(batches)), compute,
+                             progress=progress and store is not None, desc=f"retrieve beam={beam_size}")
+  finally:
+    retriever.close()
   truncated = {"queries_truncated": len(too_long), "inputs_length": lengths["inputs"],
                "truncated_query_ids": too_long[:100]}
   if store is None:

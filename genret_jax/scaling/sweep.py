@@ -305,6 +305,7 @@ class Sweep:
                                 "recall@10": [float(m.per_query.get(q, {}).get("Recall@10", 0.0))
                                               for q in seqs.query_ids],
                                 "num_negatives": self.cfg.num_negatives}
+    retriever.close()   # its ranking workers (RetrievalConfig.ranking_workers), if any
     wall = time.time() - t0
     logging.info("%s stage seconds: %s", cell["model_id"], {k: round(v, 1) for k, v in stage_s.items()})
     for row in rows:
