@@ -9,7 +9,8 @@ exchange how it went, so that a failure or a disagreement stops every process wi
 * `agree(fn, digest)`: `fn`'s result, once every process's digest of it equals process 0's (or once
   `fn` has succeeded everywhere);
 * `from_process_0(fn)`: process 0's result on every process (what only one process may do: write a file);
-* `host_array(x)`: a global array as numpy on every process (`jax.device_get` refuses rows on another host).
+* `host_array(x)`: a global array as numpy on every process (`jax.device_get` refuses rows on another host);
+* `place_global(arr, sharding)`: a numpy array every process holds whole, as a global array.
 
 With one process each is `fn()` (or `jax.device_get`), with no collective and no pickling.
 """
@@ -57,8 +58,8 @@ def _allgather_bytes(payload: bytes) -> list[bytes]:
 
 def on_every_process(fn: Callable[[], Any], *, what: str = "its step") -> list[Any]:
   """Runs `fn` here and returns every process's result (picklable), by process index (two all-gathers: the sizes,
-  then the pickles padded to the longest). An exception on any process is raised on all of them: on the one it happened on as itself, on the
-  others as an InputError "process P failed WHAT: its first line"."""
+  then the pickles padded to the longest). An exception on any process is raised on all of them: on the one it
+  happened on as itself, on the others as an InputError "process P failed WHAT: its first line"."""
   if jax.process_count() == 1:
     return [fn()]
   error, outcome = _run(fn)
@@ -111,6 +112,15 @@ def from_process_0(fn: Callable[[], Any], *, what: str = "its step") -> Any:
   if not ok:
     raise InputError(f"process 0 failed {what}: {value}")
   return value
+
+
+def place_global(arr: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`arr`, which every process holds whole (the same values: compare them first), as a global array: each process
+  gives its own devices' rows. `jax.device_put` of a numpy array on a multi-host sharding all-gathers it from every
+  host to check that the copies are equal, on every call."""
+  if jax.process_count() == 1:
+    return jax.device_put(arr, sharding)
+  return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
 
 
 def host_array(x: Any) -> Any:

@@ -143,38 +143,3 @@ def test_fresh_process_takes_retrieval_config_bindings(tmp_path, env):
   assert json.loads((out / "meta.json").read_text())["retrieval_config"]["hits"] == 2
   assert max(len(json.loads(line)["doc_ids"]) for line in (out / "results.jsonl").read_text().splitlines()) <= 2
 
-
-_SHARE = """
-import sys
-from genret_jax.training import distributed
-distributed.initialize("localhost:%s", 2, int(sys.argv[1]))
-import jax
-from genret_jax.retrieval.run import _on_every_process
-print("gathered", _on_every_process(lambda: [jax.process_index()] * (3 + jax.process_index())))
-def fail():
-  if jax.process_index() == 1:
-    raise ValueError("bad row")
-  return "fine"
-_on_every_process(fail)
-"""
-
-
-def test_a_share_that_fails_on_one_process_stops_every_process(env):
-  """Results of different sizes come back in process order; an error on one host is raised on all of them (the
-  others waited in the all-gather forever)."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  procs = [subprocess.Popen([sys.executable, "-c", _SHARE % port, str(i)], cwd=_REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=60)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, o) in enumerate(zip(procs, outs)):
-    assert "gathered [[0, 0, 0], [1, 1, 1, 1]]" in o, o[-2000:]
-    assert p.returncode != 0
-    assert ("ValueError: bad row" if i == 1 else "process 1 failed ranking its share of the batch: bad row") in o, \
-        o[-2000:]

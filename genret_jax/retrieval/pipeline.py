@@ -15,8 +15,8 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
+from genret_jax import multihost
 from genret_jax.corpora.types import Collection, Query
 from genret_jax.decoding.beam_search import beam_search
 from genret_jax.decoding.sharded_substring import ShardedSubstringConstraint
@@ -120,15 +120,12 @@ class Retriever:
     fn = self._compiled(beam)
     if self.mesh is not None:
       with jax.set_mesh(self.mesh):
-        sh = partitioning.batch_sharding(self.mesh, 2)
-        inputs = jax.device_put(inputs, sh)
-        query_mask = jax.device_put(query_mask, partitioning.batch_sharding(self.mesh, 1))
+        # Every process holds the whole batch (the job's queries were compared across processes).
+        inputs = multihost.place_global(inputs, partitioning.batch_sharding(self.mesh, 2))
+        query_mask = multihost.place_global(query_mask, partitioning.batch_sharding(self.mesh, 1))
         out = fn(self.params, self.index.constraint, inputs, query_mask)
-      if jax.process_count() > 1:
-        # On a multi-host mesh each process holds only its own hosts' rows, and device_get refuses the others:
-        # every process gets every row (one small all-gather; the search itself stays sharded).
-        return multihost_utils.process_allgather(out, tiled=True)
-      return jax.device_get(out)
+      # Every process gets every row (one small all-gather on several hosts; the search itself stays sharded).
+      return multihost.host_array(out)
     return jax.device_get(fn(self.params, self.index.constraint, jnp.asarray(inputs), jnp.asarray(query_mask)))
 
   def close(self) -> None:

@@ -14,11 +14,11 @@ The model half (checkpoint, seqio inputs, `decoding.beam_search` under the mesh)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from genret_jax import filesystem
+from genret_jax import filesystem, multihost
 from genret_jax.errors import InputError, check_int
 from genret_jax.retrieval import metrics as metrics_lib
 from genret_jax.retrieval.docids import DocidLookup
@@ -245,7 +245,8 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
     # Every process holds every decoded row: each ranks every nproc-th query (the n-gram scoring is host time,
     # ~0.1-0.3 s a query, which on process 0 alone grew with the pod), and process 0 collects them in order.
     rows = range(me, len(chunk), nproc)
-    mine = _on_every_process(lambda: retriever.rank(out, chunk, rows))
+    mine = multihost.on_every_process(lambda: retriever.rank(out, chunk, rows),
+                                      what="ranking its share of the batch")
     ranked_here[0] += len(rows)
     if store is None:   # not process 0: process 0 writes the rows
       return []
@@ -275,32 +276,6 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   return out
 
 
-def _on_every_process(fn: Callable[[], Any]) -> list[Any]:
-  """Runs `fn` here and returns every process's result, by process index (pickled, padded to the longest, one
-  all-gather). An exception on any process is raised on all of them: one raising alone left the others waiting in
-  the all-gather forever."""
-  import pickle
-
-  import jax
-  from jax.experimental import multihost_utils
-  error = None
-  try:
-    payload = pickle.dumps((True, fn()))
-  except Exception as e:   # pylint: disable=broad-except
-    error, payload = e, pickle.dumps((False, str(e).splitlines()[0] if str(e) else type(e).__name__))
-  size = np.asarray(multihost_utils.process_allgather(np.array([len(payload)], np.int64))).reshape(-1)
-  buf = np.zeros(int(size.max()), np.uint8)
-  buf[:len(payload)] = np.frombuffer(payload, np.uint8)
-  every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(size), -1)
-  results = [pickle.loads(every[p, :size[p]].tobytes()) for p in range(len(size))]
-  if error is not None:
-    raise error
-  failed = [(p, value) for p, (ok, value) in enumerate(results) if not ok]
-  if failed:
-    raise InputError(f"process {failed[0][0]} failed ranking its share of the batch: {failed[0][1]}")
-  return [value for _, value in results]
-
-
 class _DecodeOnly:
   """What processes other than 0 hold in place of the `ResultsStore`: process 0's finished batches, so that they
   decode exactly the batches it decodes (each decode is a collective), and no writes."""
@@ -316,22 +291,14 @@ def _check_processes_agree(meta: Mapping[str, Any], queries) -> None:
   """Refuses, on every process at once, a multi-host job whose processes see different jobs (another config, or
   a host whose GENRET_CACHE artefacts split the queries differently): they would decode different numbers of
   batches and wait for each other forever, or write rows of queries that process 0 does not hold."""
-  import hashlib
   import json
 
-  import jax
-  if jax.process_count() == 1:
-    return
-  from jax.experimental import multihost_utils
-  h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-  for q in queries:
-    h.update(f"{q.query_id}\t{q.text}\n".encode())
-  mine = np.frombuffer(h.digest()[:16], np.int32)
-  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
-  differ = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
-  if differ:
-    raise InputError(f"processes {differ} see another job than process 0 (configuration, checkpoint or the "
-                     "split's queries differ): give every host the same flags, gin files and GENRET_CACHE")
+  def job() -> str:
+    return json.dumps(meta, sort_keys=True) + "".join(f"\n{q.query_id}\t{q.text}" for q in queries)
+
+  multihost.agree(lambda: None, lambda _: job(), what="describing the job",
+                  differ="see another job than process 0 (configuration, checkpoint or the split's queries "
+                         "differ): give every host the same flags, gin files and GENRET_CACHE")
 
 
 def _open_output(output_dir: str, meta: Mapping[str, Any], overwrite: bool,

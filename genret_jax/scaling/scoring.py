@@ -327,12 +327,8 @@ class PairScorer:
     return self.length_buckets or default_length_buckets(max_len)
 
   def _place(self, arr: np.ndarray) -> Array:
-    sharding = partitioning.batch_sharding(self.mesh, arr.ndim)
-    if jax.process_count() == 1:
-      return jax.device_put(arr, sharding)
-    # Each process holds the whole global batch (its pairs were compared in `score`) and gives its devices' rows.
-    # device_put would all-gather every batch from every host to check that they are equal.
-    return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
+    # Each process holds the whole global batch (its pairs were compared in `score`).
+    return multihost.place_global(arr, partitioning.batch_sharding(self.mesh, arr.ndim))
 
   def _fetch(self, outs: list[Array]) -> list[np.ndarray]:
     if jax.process_count() == 1:
