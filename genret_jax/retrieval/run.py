@@ -239,18 +239,10 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
 
   def compute(b: int):
     _, chunk, inputs, mask = batches[b]
-    out = retriever.decode(inputs, mask, beam_size)
-    if nproc == 1:
-      return retriever.rank(out, chunk)
-    # Every process holds every decoded row: each ranks every nproc-th query (the n-gram scoring is host time,
-    # ~0.1-0.3 s a query, which on process 0 alone grew with the pod), and process 0 collects them in order.
-    rows = range(me, len(chunk), nproc)
-    mine = multihost.on_every_process(lambda: retriever.rank(out, chunk, rows),
-                                      what="ranking its share of the batch")
-    ranked_here[0] += len(rows)
-    if store is None:   # not process 0: process 0 writes the rows
-      return []
-    return [mine[r % nproc][r // nproc] for r in range(len(chunk))]
+    # Every process holds every decoded row and ranks every nproc-th query (`Retriever.rank_shared`).
+    results = retriever.rank_shared(retriever.decode(inputs, mask, beam_size), chunk)
+    ranked_here[0] += len(range(me, len(chunk), nproc))
+    return results if store is not None else []   # not process 0: process 0 writes the rows
 
   try:
     counts = process_batches(store if store is not None else _DecodeOnly(done), range(len(batches)), compute,

@@ -10,6 +10,13 @@ Layout of a sweep directory (the results format of docs/scaling.md):
 
 A restarted sweep skips models whose result.json exists. A model killed half way has no result.json, so it is
 redone (its trainer resumes from its last checkpoint) and never read as done.
+
+On several hosts (`genret train`'s flags) every process runs every step: each model trains on the mesh of every
+host's devices (models/ must be a directory every host sees, as MODEL_DIR is for `genret train`), and CGL and
+retrieval run on that mesh too. Process 0 alone reads and writes the rest of the sweep directory (sweep.gin,
+negatives.json, cells/, results.csv, the report) and gives the others what it read (which models are done, their
+rows), so the other hosts need not see those files. A step that fails on one process stops every process
+(`genret_jax.multihost`), and processes given different sweeps stop before anything runs.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import time
 from typing import Mapping, Sequence
 
 import gin
+import jax
 import numpy as np
 
-from genret_jax import atomic_files, filesystem, gin_utils
+from genret_jax import atomic_files, filesystem, gin_utils, multihost
 from genret_jax.errors import InputError, Preempted, check_float, check_int
 from genret_jax.scaling import results as results_lib
 
@@ -168,16 +176,24 @@ class Sweep:
     self.cfg, self.config_path, self.progress = cfg, config_path, progress
     self.out_dir = filesystem.local_abspath(out_dir, key="--output_dir", why="the sweep appends to results.csv and its cells in place; run it on a local or mounted directory")
     self.stale_flops: list[str] = []   # finished models whose FLOP columns use an older count (done_rows)
-    os.makedirs(os.path.join(self.out_dir, results_lib.CELLS_DIR), exist_ok=True)
-    os.makedirs(os.path.join(self.out_dir, "models"), exist_ok=True)
+
+    def make_dirs():
+      os.makedirs(os.path.join(self.out_dir, results_lib.CELLS_DIR), exist_ok=True)
+      os.makedirs(os.path.join(self.out_dir, "models"), exist_ok=True)
+
+    multihost.from_process_0(make_dirs, what="creating the sweep directory")
     import tasks  # noqa: F401  (registers the seqio tasks)
     path = cfg.collection_path
     if path.startswith("shared:"):   # portable configs: a collection under ../shared/data or $GENRET_SHARED_DATA
       path = os.path.join(tasks.shared_data_dir(), path.split(":", 1)[1])
-    self.names = tasks.register_collection_tasks(
-        cfg.collection_name, path, cfg.scheme, seed=cfg.seed, vocab_size=cfg.vocab_size,
-        scheme_config=cfg.scheme_config,
-        data_fractions=tuple(sorted(set(cfg.data_fractions) | {1.0})))
+
+    def register():   # reads (or builds) the task's artefacts from this host's GENRET_CACHE
+      return tasks.register_collection_tasks(
+          cfg.collection_name, path, cfg.scheme, seed=cfg.seed, vocab_size=cfg.vocab_size,
+          scheme_config=cfg.scheme_config,
+          data_fractions=tuple(sorted(set(cfg.data_fractions) | {1.0})))
+
+    self.names = multihost.agree(register, None, what="registering the sweep's tasks")
     self.artefacts = tasks.artefacts_for(self.names["mixture"])
 
   # ---- pieces ---------------------------------------------------------------------------------------------
@@ -199,7 +215,8 @@ class Sweep:
 
   def cgl_sequences(self):
     """Every (query, document, identifier) sequence of the CGL evaluation, built once per sweep: the negatives
-    (saved as negatives.json) and the query-biased spans are identical for every model."""
+    (saved as negatives.json, by process 0: `build_sequences` samples and saves them there, or reads them) and the
+    query-biased spans are identical for every model."""
     if getattr(self, "_cgl_seqs", None) is None:
       from genret_jax.scaling import cgl_eval
       lengths = self.cfg.task_feature_lengths
@@ -210,9 +227,6 @@ class Sweep:
           input_length=lengths["inputs"], target_length=lengths["targets"], min_grade=self.artefacts.min_grade,
           query_prefix=self.artefacts.query_prefix,
           targets_cache_dir=self.artefacts.directory())
-      path = os.path.join(self.out_dir, "negatives.json")
-      if not os.path.exists(path):
-        self._cgl_seqs.negatives.save(path)
     return self._cgl_seqs
 
   def _bindings(self, cell: dict, model_dir: str, steps: int) -> list[str]:
@@ -241,8 +255,16 @@ class Sweep:
     steps = int(np.clip(math.ceil(self.cfg.train_epochs * (d_retrieval + d_index) / self.cfg.batch_size),
                         self.cfg.min_train_steps, self.cfg.max_train_steps))
     model_dir = os.path.join(self.out_dir, "models", cell["model_id"])
-    gin_utils.parse_gin([self.cfg.run_gin, cell["rung"]], self._bindings(cell, model_dir, steps))
-    model = model_api.get_model()
+
+    def configure():
+      gin_utils.parse_gin([self.cfg.run_gin, cell["rung"]], self._bindings(cell, model_dir, steps))
+      return model_api.get_model()
+
+    # Hosts whose run or rung gin files differ would train different models in one collective program. The sweep
+    # directory's path may differ between hosts (their mount points).
+    model = multihost.agree(configure, lambda _: gin.config_str().replace(self.out_dir, "<output_dir>"),
+                            what=f"configuring {cell['model_id']}", differ=f"see another config for "
+                            f"{cell['model_id']} than process 0 (its run or rung gin files differ)")
     result = trainer.train()
     if result.preempted:   # evaluating the half-trained model would record it as this cell's result
       raise Preempted(f"model {cell['model_id']}: checkpoint saved at step {result.step} of {steps}; run the same "
@@ -267,20 +289,29 @@ class Sweep:
     queries = self.eval_queries()
     vocab = self.artefacts_vocab()
     seqs = self.cgl_sequences()
-    scored = scoring.PairScorer(model, train_result.params).score(seqs.inputs, seqs.targets,
-                                                                   input_index=seqs.row_query)
+    # The training mesh (every host's devices), where the params already lie.
+    mesh = train_result.mesh
+    scored = scoring.PairScorer(model, train_result.params, mesh=mesh).score(seqs.inputs, seqs.targets,
+                                                                             input_index=seqs.row_query)
     cgl_res = cgl_eval.reduce_scores(seqs, scored.nll, scored.num_tokens)
     stage_s["cgl"] = time.time() - t0 - sum(stage_s.values())
     queries = [q for q in queries if q.query_id in set(seqs.query_ids)]
+    retrieval_cfg = RetrievalConfig(inputs_length=lin, query_prefix=self.artefacts.query_prefix)
+    rows_per_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    if retrieval_cfg.batch_size % rows_per_batch:
+      # Batches split over the mesh's data x fsdp devices: the default 32 does not split over 64 chips, say. Padded
+      # rows are masked, so the results do not depend on it.
+      retrieval_cfg = dataclasses.replace(
+          retrieval_cfg, batch_size=-(-retrieval_cfg.batch_size // rows_per_batch) * rows_per_batch)
     retriever = Retriever(model, train_result.params, self.artefacts.identifier_scheme(), vocab, collection,
-                          RetrievalConfig(inputs_length=lin, query_prefix=self.artefacts.query_prefix),
+                          retrieval_cfg, mesh=mesh,
                           scheme_index=cached_scheme_index(self.artefacts, vocab, model.config.vocab_size))
     qrels = {q.query_id: collection.qrels.get(q.query_id, {}) for q in queries}
     rows, per_query_rows = [], {}
     cgl_pq = cgl_res.per_query(list(seqs.query_ids))
     for beam in cell["beams"]:
       t_beam = time.time()
-      res = retriever.retrieve(queries, beam=beam, progress=self.progress)
+      res = retriever.retrieve(queries, beam=beam, progress=self.progress and jax.process_index() == 0)
       stage_s[f"beam{beam}"] = time.time() - t_beam
       run = {r.query_id: list(r.doc_ids) for r in res}
       m = metrics_lib.evaluate_run(run, qrels, query_ids=[q.query_id for q in queries],
@@ -311,14 +342,18 @@ class Sweep:
     for row in rows:
       row["wall_s"] = wall
       row["stage_s"] = json.dumps({k: round(v, 1) for k, v in stage_s.items()})
-    for row_id, pq in per_query_rows.items():
-      results_lib.write_per_query(self.out_dir, row_id, pq)
-    cell_dir = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"])
-    os.makedirs(cell_dir, exist_ok=True)
-    atomic_files.write_json(os.path.join(cell_dir, RESULT_JSON),
-                            {"cell": cell, "rows": rows, "flops_version": accounting.FLOPS_VERSION,
-                             "settings": self.cell_settings()})
-    return rows
+
+    def write():   # every process holds the same numbers; the rows returned everywhere carry process 0's times
+      for row_id, pq in per_query_rows.items():
+        results_lib.write_per_query(self.out_dir, row_id, pq)
+      cell_dir = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"])
+      os.makedirs(cell_dir, exist_ok=True)
+      atomic_files.write_json(os.path.join(cell_dir, RESULT_JSON),
+                              {"cell": cell, "rows": rows, "flops_version": accounting.FLOPS_VERSION,
+                               "settings": self.cell_settings()})
+      return rows
+
+    return multihost.from_process_0(write, what=f"writing the results of {cell['model_id']}")
 
   def artefacts_vocab(self):
     import seqio
@@ -353,11 +388,19 @@ class Sweep:
     return stored["rows"]
 
   def run(self) -> list[dict]:
-    cells = plan(self.cfg)
-    self.eval_queries()   # a typo in eval_split was found after the first model had trained
+    # plan checks the gin files on this host; a failure on one host alone would leave the others waiting.
+    cells = multihost.agree(lambda: plan(self.cfg), json.dumps, what="planning the sweep")
+    # A typo in eval_split was found after the first model had trained. Hosts whose GENRET_CACHE holds other
+    # queries would score other pairs after training.
+    multihost.agree(self.eval_queries, lambda qs: json.dumps([[q.query_id, q.text] for q in qs]),
+                    what="reading the evaluation queries", differ="see other evaluation queries than process 0: "
+                    "give every host the same flags, gin files and GENRET_CACHE")
     all_rows = []
     for i, cell in enumerate(cells):
-      rows = self.done_rows(cell)
+      # Process 0 decides (the others may not see the sweep directory): a process that trained a model the others
+      # skip would wait for them forever.
+      rows, self.stale_flops = multihost.from_process_0(lambda: (self.done_rows(cell), self.stale_flops),
+                                                        what=f"reading the result of {cell['model_id']}")
       if rows is not None:
         logging.info("[%d/%d] %s: done, skipped", i + 1, len(cells), cell["model_id"])
         print(f"[{i + 1}/{len(cells)}] {cell['model_id']}: already done", flush=True)
@@ -368,7 +411,9 @@ class Sweep:
         print(f"[{i + 1}/{len(cells)}] {cell['model_id']}: N={best['n_nonembed']:.3g} D={best['D']} "
               f"CGL={best['cgl']:.6f} Recall@10={best['recall@10']:.3f} ({best['wall_s']:.0f}s)", flush=True)
       all_rows.extend(rows)
-      results_lib.write_results(os.path.join(self.out_dir, results_lib.RESULTS_CSV), all_rows)
+      multihost.from_process_0(
+          lambda: results_lib.write_results(os.path.join(self.out_dir, results_lib.RESULTS_CSV), all_rows),
+          what="writing results.csv")
     if self.stale_flops:
       msg = (f"{len(self.stale_flops)} finished model(s) keep train_flops / decode_flops_per_query from an older "
              f"FLOP accounting (T5 counts were low; docs/scaling.md), so the compute axes mix two counts: "
@@ -388,24 +433,60 @@ def _decode_flops_per_query(accounting, config, inputs_length: int, max_len: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from genret_jax.training import distributed
   gin_utils.add_gin_arguments(parser)
+  distributed.add_arguments(parser)
   parser.add_argument("--output_dir", required=True, help="Sweep directory (created; a rerun resumes).")
   parser.add_argument("--report", action="store_true", help="Run `genret report` on the sweep at the end.")
   parser.add_argument("--bootstrap", type=int, default=200, help="Bootstrap resamples for the report.")
 
 
+def read_config(args, gin_files: Sequence[str], flags: Mapping) -> tuple[SweepConfig, str]:
+  """(the sweep config, the absolute output directory) from the command's gin files and flags, on every process
+  of a multi-host job: all of them, or none, are given the same sweep (`flags`: the command's other flags that
+  change what it does). Call `distributed.initialize_from_args` first."""
+
+  def parse():
+    gin_utils.parse_gin(gin_files, args.gin_bindings, args.gin_search_paths)
+    return SweepConfig()
+
+  # First, before any step that is a collective: processes given different sweeps would train different models,
+  # or skip different ones, and wait for each other forever.
+  cfg = multihost.agree(
+      parse, lambda c: json.dumps({"sweep": dataclasses.asdict(c), "gin": gin.config_str(),
+                                   "output_dir": args.output_dir, **flags}, sort_keys=True, default=str),
+      what="reading the sweep config", differ="see another sweep than process 0 (flags or gin files differ): give "
+      "every host the same command")
+  out = filesystem.local_abspath(args.output_dir, key="--output_dir", why="the sweep appends to results.csv and its "
+                                 "cells in place; run it on a local or mounted directory")
+  return cfg, out
+
+
+def report_on_process_0(out_dir: str, bootstrap: int) -> str:
+  """`genret report` on the sweep directory, by process 0 (the others may not see it); its path, on every
+  process."""
+  from genret_jax.scaling import report
+  return multihost.from_process_0(
+      lambda: str(report.make_report(out_dir, report.ReportConfig(bootstrap_resamples=bootstrap))),
+      what="writing the report")
+
+
 def run(args) -> int:
   logging.basicConfig(level=logging.WARNING)
-  gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
-  cfg = SweepConfig()
-  out = filesystem.local_abspath(args.output_dir, key="--output_dir", why="the sweep appends to results.csv and its cells in place; run it on a local or mounted directory")
-  os.makedirs(out, exist_ok=True)
-  atomic_files.write_text(os.path.join(out, "sweep.gin"), gin.config_str())
+  check_int(args.bootstrap, "--bootstrap", low=0)   # before the sweep, not after it
+  from genret_jax.training import distributed
+  # Before anything touches the backend: otherwise every host ran the whole sweep alone, as process 0 of 1.
+  distributed.initialize_from_args(args)
+  cfg, out = read_config(args, args.gin_file, {"report": args.report, "bootstrap": args.bootstrap})
+
+  def write_gin():
+    os.makedirs(out, exist_ok=True)
+    atomic_files.write_text(os.path.join(out, "sweep.gin"), gin.config_str())
+
+  multihost.from_process_0(write_gin, what="writing sweep.gin")
   run_sweep(cfg, out, config_path=",".join(args.gin_file))
   if args.report:
-    from genret_jax.scaling import report
-    path = report.make_report(out, report.ReportConfig(bootstrap_resamples=args.bootstrap))
-    print(f"report: {path}")
+    print(f"report: {report_on_process_0(out, args.bootstrap)}")
   return 0
 
 

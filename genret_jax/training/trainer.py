@@ -163,6 +163,7 @@ class TrainResult:
   tokens_per_s: float
   resumed_from: int | None
   preempted: bool = False   # stopped by a preemption notice (SIGTERM) after checkpointing; rerun to resume
+  mesh: jax.sharding.Mesh | None = None   # the mesh `params` lie on (a sweep evaluates the model on it)
 
 
 class _StepProfiler:
@@ -547,7 +548,7 @@ def train(*,
             mixture_or_task_name).output_features["targets"].vocabulary)
   return TrainResult(step=step, last_loss=last_loss, losses=losses, eval_loss=eval_loss, params=full,
                      model_dir=model_dir, tokens_per_s=tokens_per_s, resumed_from=resumed_from,
-                     preempted=preempted)
+                     preempted=preempted, mesh=mesh)
 
 
 def _data_position_name(shard_index: int, num_shards: int) -> str:
