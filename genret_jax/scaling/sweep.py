@@ -170,11 +170,14 @@ def plan(cfg: SweepConfig) -> list[dict]:
   return cells
 
 
+_LOCAL_WHY = "the sweep appends to results.csv and its cells in place; run it on a local or mounted directory"
+
+
 class Sweep:
 
   def __init__(self, cfg: SweepConfig, out_dir: str, config_path: str = "", progress: bool = True):
     self.cfg, self.config_path, self.progress = cfg, config_path, progress
-    self.out_dir = filesystem.local_abspath(out_dir, key="--output_dir", why="the sweep appends to results.csv and its cells in place; run it on a local or mounted directory")
+    self.out_dir = filesystem.local_abspath(out_dir, key="--output_dir", why=_LOCAL_WHY)
     self.stale_flops: list[str] = []   # finished models whose FLOP columns use an older count (done_rows)
 
     def make_dirs():
@@ -457,8 +460,7 @@ def read_config(args, gin_files: Sequence[str], flags: Mapping) -> tuple[SweepCo
                                    "output_dir": args.output_dir, **flags}, sort_keys=True, default=str),
       what="reading the sweep config", differ="see another sweep than process 0 (flags or gin files differ): give "
       "every host the same command")
-  out = filesystem.local_abspath(args.output_dir, key="--output_dir", why="the sweep appends to results.csv and its "
-                                 "cells in place; run it on a local or mounted directory")
+  out = filesystem.local_abspath(args.output_dir, key="--output_dir", why=_LOCAL_WHY)
   return cfg, out
 
 
