@@ -14,7 +14,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -67,15 +66,7 @@ def _checkpoint(tmp_path):
   model = model_api.EncoderDecoderModel(T5Config(vocab_size=vocab_size, d_model=32, num_heads=2, head_dim=16,
                                                  d_ff=64, num_encoder_layers=1, num_decoder_layers=1,
                                                  dtype="float32"))
-  gin = "import tasks\n" + toy_tasks.tiny_t5_model_gin(vocab_size) + """models.get_model.model = %MODEL
-MIXTURE_OR_TASK_NAME = @tasks.collection_task()
-tasks.collection_task.collection_name = "mhcgl"
-tasks.collection_task.collection_path = "default"
-tasks.collection_task.scheme = "ngram"
-tasks.collection_task.role = "retrieval"
-tasks.collection_task.vocab_size = 300
-TASK_FEATURE_LENGTHS = {"inputs": 32, "targets": 16}
-"""
+  gin = toy_tasks.collection_model_gin("mhcgl", "ngram", vocab_size)
   ckpt = tmp_path / "run"
   params_io.save_params(str(ckpt), model.init(jax.random.key(0)), model_gin=gin)
   return ckpt, artefacts.directory()
@@ -86,33 +77,14 @@ def _argv(ckpt, *extra) -> list[str]:
           f"--gin.CHECKPOINT_PATH=\"{ckpt}\"", "--gin.OUTPUT=\"out/cgl.json\"", *_ARGS, *extra]
 
 
-def _port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _two_hosts(tmp_path, env, argvs, timeout=120) -> tuple[list[str], list[int]]:
   """Runs argvs[i] as process i of 2, in its own directory tmp_path/host<i> with its own GENRET_CACHE
   tmp_path/cache<i>: the hosts share no files."""
-  port = _port()
-  procs = []
-  for i, argv in enumerate(argvs):
+  for i in range(len(argvs)):
     (tmp_path / f"host{i}").mkdir(exist_ok=True)
-    procs.append(subprocess.Popen(
-        [*argv, f"--coordinator_address=localhost:{port}", "--process_count=2", f"--process_index={i}"],
-        cwd=tmp_path / f"host{i}", env=dict(env, GENRET_CACHE=str(tmp_path / f"cache{i}")), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True))
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:   # a hang: leave no process behind
-        p.kill()
-        p.communicate()
-  return outs, [p.returncode for p in procs]
+  return toy_tasks.run_processes(argvs, [tmp_path / f"host{i}" for i in range(len(argvs))],
+                                 [dict(env, GENRET_CACHE=str(tmp_path / f"cache{i}")) for i in range(len(argvs))],
+                                 timeout)
 
 
 def _targets_caches(directory) -> list[str]:
@@ -195,7 +167,7 @@ print("done")
 
 
 def test_a_step_that_fails_or_differs_on_one_process_stops_every_process(tmp_path, env):
-  port = _port()
+  port = toy_tasks.free_port()
   procs = [subprocess.Popen([sys.executable, "-c", _HELPERS % port, str(i)], cwd=_REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:

@@ -16,7 +16,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -54,15 +53,7 @@ def _checkpoint(tmp_path, scheme="naive"):
   model = model_api.EncoderDecoderModel(T5Config(vocab_size=vocab_size, d_model=32, num_heads=2, head_dim=16,
                                                  d_ff=64, num_encoder_layers=1, num_decoder_layers=1,
                                                  dtype="float32"))
-  gin = "import tasks\n" + toy_tasks.tiny_t5_model_gin(vocab_size) + """models.get_model.model = %MODEL
-MIXTURE_OR_TASK_NAME = @tasks.collection_task()
-tasks.collection_task.collection_name = "mhretrieve"
-tasks.collection_task.collection_path = "default"
-tasks.collection_task.scheme = "SCHEME"
-tasks.collection_task.role = "retrieval"
-tasks.collection_task.vocab_size = 300
-TASK_FEATURE_LENGTHS = {"inputs": 32, "targets": 16}
-""".replace("SCHEME", scheme)
+  gin = toy_tasks.collection_model_gin("mhretrieve", scheme, vocab_size)
   ckpt = tmp_path / "run"
   params_io.save_params(str(ckpt), model.init(jax.random.key(0)), model_gin=gin)
   test_ids = [q.query_id for q in tasks.artefacts_for(names["retrieval"]).query_splits()["test"][:10]]
@@ -75,23 +66,8 @@ def _argv(ckpt, out, *extra) -> list[str]:
 
 
 def _two_processes(env, ckpt, out, extra=((), ()), timeout=120) -> list[str]:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  procs = [subprocess.Popen(_argv(ckpt, out, f"--coordinator_address=localhost:{port}", "--process_count=2",
-                                  f"--process_index={i}", *extra[i]),
-                            cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:   # a hang: leave no process behind
-        p.kill()
-        p.communicate()
-  return outs
+  return toy_tasks.run_processes([_argv(ckpt, out, *extra[i]) for i in range(2)], [_REPO] * 2, [env] * 2,
+                                 timeout)[0]
 
 
 @pytest.mark.parametrize("scheme", ["naive", "ngram"])

@@ -20,13 +20,15 @@ tests/test_cgl_multihost.py does for `genret cgl`. One model (T5 demo_ladder d0,
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from genret_jax.scaling import results as results_lib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import toy_tasks  # noqa: E402
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_TESTS)
@@ -67,31 +69,12 @@ def env():
   return _env(1)
 
 
-def _port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _two_hosts(tmp_path, env, argvs, timeout=240) -> tuple[list[str], list[int]]:
   """Runs argvs[i] as process i of 2 in its own directory tmp_path/host<i>."""
-  port = _port()
-  procs = []
-  for i, argv in enumerate(argvs):
+  for i in range(len(argvs)):
     (tmp_path / f"host{i}").mkdir(exist_ok=True)
-    procs.append(subprocess.Popen(
-        [*argv, f"--coordinator_address=localhost:{port}", "--process_count=2", f"--process_index={i}"],
-        cwd=tmp_path / f"host{i}", env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=timeout)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:   # a hang: leave no process behind
-        p.kill()
-        p.communicate()
-  return outs, [p.returncode for p in procs]
+  return toy_tasks.run_processes(argvs, [tmp_path / f"host{i}" for i in range(len(argvs))], [env] * len(argvs),
+                                 timeout)
 
 
 def _per_query(sweep_dir) -> dict:

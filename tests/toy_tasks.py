@@ -71,3 +71,45 @@ train.progress = False
 train.mesh_config = @MeshConfig()
 MeshConfig.data = {mesh_data}
 """
+
+
+def collection_model_gin(collection: str, scheme: str, vocab_size: int) -> str:
+  """model.gin of the tests' tiny T5 on the default corpus's `scheme` task, registering that task itself (so
+  `genret` child processes need no import of the test's)."""
+  return "import tasks\n" + tiny_t5_model_gin(vocab_size) + f"""models.get_model.model = %MODEL
+MIXTURE_OR_TASK_NAME = @tasks.collection_task()
+tasks.collection_task.collection_name = "{collection}"
+tasks.collection_task.collection_path = "default"
+tasks.collection_task.scheme = "{scheme}"
+tasks.collection_task.role = "retrieval"
+tasks.collection_task.vocab_size = 300
+TASK_FEATURE_LENGTHS = {{"inputs": 32, "targets": 16}}
+"""
+
+
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(argvs, cwds, envs, timeout: float) -> tuple[list[str], list[int]]:
+  """Runs argvs[i] as process i of len(argvs) (jax.distributed on a free localhost port) in cwds[i] with envs[i];
+  (outputs, exit codes). A process still running at the timeout (a hang) is killed, with the others."""
+  import subprocess
+  port = free_port()
+  n = len(argvs)
+  procs = [subprocess.Popen([*argv, f"--coordinator_address=localhost:{port}", f"--process_count={n}",
+                             f"--process_index={i}"], cwd=cwds[i], env=envs[i], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i, argv in enumerate(argvs)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
+  return outs, [p.returncode for p in procs]
