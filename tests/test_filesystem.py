@@ -134,14 +134,97 @@ def test_input_position_saved_and_restored_on_remote(remote):
 
 
 def test_directories_appended_in_place_must_be_local():
-  from genret_jax.retrieval.run import retrieve_run
   from genret_jax.scaling.sweep import Sweep, SweepConfig
-  with pytest.raises(InputError, match="OUTPUT_DIR"):
-    retrieve_run(checkpoint_path="gs://bucket/run", mixture_or_task_name="any")   # default output: inside it
-  with pytest.raises(InputError, match="OUTPUT_DIR"):
-    retrieve_run(checkpoint_path="/local/run", mixture_or_task_name="any", output_dir="gs://bucket/out")
   with pytest.raises(InputError, match="--output_dir.*must be a local path"):
     Sweep(SweepConfig(), "gs://bucket/sweep")
+
+
+def _batch(b, n=3):
+  from genret_jax.retrieval.run_files import QueryResult
+  return [QueryResult(f"q{b}-{i}", [f"d{b}{i}", f"d{i}x"], [-0.5 * i, -1.0 - i], {"stats": {"n": i}})
+          for i in range(n)]
+
+
+def test_results_store_on_remote_writes_parts_and_merges_them(remote, tmp_path):
+  """On an object store each batch is its own object until the job ends; a restart resumes from them; the merged
+  directory holds the bytes a local job writes."""
+  from genret_jax.retrieval import run_files as rf
+  calls = []
+
+  def compute(b):
+    calls.append(b)
+    if len(calls) == 3:
+      raise KeyboardInterrupt   # preempted in batch 2
+    return _batch(b)
+
+  out = f"{remote}/retrieve"
+  with pytest.raises(KeyboardInterrupt):
+    rf.process_batches(rf.ResultsStore(out, meta={"beam": 5}), range(4), compute, progress=False)
+  assert filesystem.listdir(f"{out}/{rf.PARTS_DIR}") == ["batch-00000000.jsonl", "batch-00000001.jsonl"]
+  assert not filesystem.exists(f"{out}/{rf.RESULTS_FILE}")
+  with pytest.raises(InputError, match="beam"):
+    rf.ResultsStore(out, meta={"beam": 20})
+  store = rf.ResultsStore(out, meta={"beam": 5})
+  assert store.completed_batches == {0, 1}
+  calls.clear()
+  assert rf.process_batches(store, range(4), compute, progress=False)["batches_computed"] == 2 and calls == [2, 3]
+  store.consolidate()
+  store.write_run("t")
+  local = rf.ResultsStore(str(tmp_path / "local"), meta={"beam": 5})
+  rf.process_batches(local, range(4), _batch, progress=False)
+  local.write_run("t")
+  for name in (rf.RESULTS_FILE, rf.RUN_FILE, rf.META_FILE):
+    with filesystem.open(f"{out}/{name}", "rb") as f:
+      assert f.read() == (tmp_path / "local" / name).read_bytes(), name
+  assert sorted(filesystem.listdir(out)) == [rf.META_FILE, rf.RESULTS_FILE, rf.RUN_FILE]
+  again = rf.ResultsStore(out, meta={"beam": 5})   # a finished job reopened: everything done, from results.jsonl
+  assert again.completed_batches == {0, 1, 2, 3} and again.results() == local.results()
+
+
+def test_results_store_on_remote_after_an_interrupted_merge(remote):
+  """Killed after results.jsonl was uploaded but before the parts were removed: the parts count as merged (and are
+  removed by the next merge); a part that disagrees with results.jsonl, or a cut one, is an error naming it."""
+  from genret_jax.retrieval import run_files as rf
+  out = f"{remote}/retrieve"
+  store = rf.ResultsStore(out)
+  for b in range(2):
+    store.write_batch(b, _batch(b))
+  parts = {n: filesystem.open(f"{out}/{rf.PARTS_DIR}/{n}", "rb").read() for n in filesystem.listdir(
+      f"{out}/{rf.PARTS_DIR}")}
+  store.consolidate()
+  for n, data in parts.items():   # as if the removal never ran
+    _replace(f"{out}/{rf.PARTS_DIR}/{n}", data)
+  store = rf.ResultsStore(out)
+  assert store.completed_batches == {0, 1} and len(store.results()) == 6
+  store.consolidate()
+  assert not filesystem.exists(f"{out}/{rf.PARTS_DIR}") and len(rf.ResultsStore(out).results()) == 6
+  bad = f"{out}/{rf.PARTS_DIR}/batch-00000001.jsonl"
+  _replace(bad, parts["batch-00000000.jsonl"])
+  with pytest.raises(InputError, match="another batch"):
+    rf.ResultsStore(out)
+  _replace(bad, parts["batch-00000001.jsonl"].replace(b'"q1-0"', b'"other"'))
+  with pytest.raises(InputError, match="batch-00000001.jsonl.*differs"):
+    rf.ResultsStore(out)
+  cut = f"{out}/{rf.PARTS_DIR}/batch-00000002.jsonl"
+  filesystem.remove(bad)
+  _replace(cut, b"\n".join(_lines(2)[:2]))
+  with pytest.raises(InputError, match="batch-00000002.jsonl"):
+    rf.ResultsStore(out)
+  assert rf.ResultsStore(out, overwrite=True).completed_batches == set()
+  assert filesystem.listdir(out) == [rf.META_FILE]
+
+
+def _replace(path, data):
+  """ram:// appends to an object written again (GCS replaces it): the tests remove it first."""
+  if filesystem.exists(path):
+    filesystem.remove(path)
+  atomic_files.write_bytes(path, data)
+
+
+def _lines(b):
+  import json as json_
+  return [json_.dumps(dict(batch=b, pos=i, of=3, query_id=r.query_id, doc_ids=r.doc_ids, scores=r.scores)).encode()
+          for i, r in enumerate(_batch(b))]
 
 
 def _orbax_on_local_disk(monkeypatch, local_root):

@@ -116,6 +116,43 @@ def test_interrupted_job_resumes_to_the_same_bytes(tmp_path, monkeypatch):
   assert a["metrics"] == b["metrics"] and b["store"]["partial_lines_dropped"] == 1
 
 
+def test_output_dir_on_an_object_store_resumes_to_the_bytes_of_a_local_run(tmp_path, monkeypatch):
+  """OUTPUT_DIR on an object store (ram:// standing in for gs://): preempted after two batches, the restart
+  finds them as part objects and redoes only the rest; the finished directory holds the bytes a local job
+  writes, and nothing went to a local `ram:` directory."""
+  import uuid
+
+  from genret_jax import filesystem
+  from genret_jax.retrieval import pipeline
+  monkeypatch.chdir(tmp_path)
+  ckpt = _checkpoint(tmp_path, "naive")
+  argv = _argv(ckpt, "--gin.BEAM_SIZE=3", "--gin.INFER_BATCH_SIZE=8", "--gin.genret.retrieve_run.max_queries=30")
+  local, remote = tmp_path / "local", f"ram://genret-{uuid.uuid4().hex}/retrieve"
+  assert cli.main([*argv, f"--gin.OUTPUT_DIR=\"{local}\""]) == 0
+  real, calls = pipeline.Retriever.decode, []
+
+  def preempted(self, *args):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(self, *args)
+
+  monkeypatch.setattr(pipeline.Retriever, "decode", preempted)
+  with pytest.raises(KeyboardInterrupt):
+    cli.main([*argv, f"--gin.OUTPUT_DIR=\"{remote}\""])
+  assert len(filesystem.listdir(f"{remote}/results.parts")) == 2
+  monkeypatch.setattr(pipeline.Retriever, "decode", real)
+  assert cli.main([*argv, f"--gin.OUTPUT_DIR=\"{remote}\""]) == 0
+  for name in ("results.jsonl", "run.trec", "meta.json"):
+    with filesystem.open(f"{remote}/{name}", "rb") as f:
+      assert f.read() == (local / name).read_bytes(), name
+  with filesystem.open(f"{remote}/metrics.json") as f:
+    got = json.load(f)
+  assert got["metrics"] == json.loads((local / "metrics.json").read_text())["metrics"]
+  assert got["store"]["parts_merged"] == 4 and "results.parts" not in filesystem.listdir(remote)
+  assert not (tmp_path / "ram:").exists()
+
+
 def test_bad_settings_are_one_line_naming_the_key(tmp_path, capsys):
   """BEAM_SIZE and INFER_BATCH_SIZE are named as set and refused before the checkpoint is read (minutes for a
   large model; here the params are missing); max_queries 0 ran every query and -1 all but the last one."""

@@ -143,8 +143,9 @@ def compute_metrics(results: Sequence[QueryResult], qrels: Mapping[str, Mapping[
 
 def finalize(store: ResultsStore, tag: str = "genret", report: Mapping[str, Any] | None = None,
              **metric_kwargs) -> dict[str, Any]:
-  """Writes `run.trec` and `metrics.json` from a job's stored results; returns the metrics JSON. `report`
-  entries join the metrics JSON's report."""
+  """Writes `run.trec` and `metrics.json` from a job's stored results (merging an object store's per-batch parts
+  first); returns the metrics JSON. `report` entries join the metrics JSON's report."""
+  store.consolidate()
   results = store.results()
   store.write_run(tag)
   out = compute_metrics(results, **metric_kwargs)
@@ -189,10 +190,6 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   check_int(batch_size, "INFER_BATCH_SIZE")
   if max_queries is not None:   # 0 ran every query and -1 all but the last one
     check_int(max_queries, "genret.retrieve_run.max_queries")
-  filesystem.local_abspath(output_dir or os.path.join(checkpoint_path, "retrieve"), key="OUTPUT_DIR",
-                           why="results.jsonl grows batch by batch so that a restarted job resumes, which an "
-                           "object store cannot append to; set OUTPUT_DIR to a local directory (and copy it up "
-                           "when the job ends)")
   task = _retrieval_task(mixture_or_task_name)
   artefacts = tasks.artefacts_for(task.name)
   splits = artefacts.query_splits()
@@ -252,7 +249,7 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   truncated = {"queries_truncated": len(too_long), "inputs_length": lengths["inputs"],
                "truncated_query_ids": too_long[:100]}
   if store is None:
-    return {"metrics": {}, "report": {"inputs": truncated, **counts}, "output_dir": os.path.abspath(output_dir),
+    return {"metrics": {}, "report": {"inputs": truncated, **counts}, "output_dir": filesystem.abspath(output_dir),
             "written_by_process": 0, "queries_ranked_here": ranked_here[0]}
   qrels = {q.query_id: collection.qrels.get(q.query_id, {}) for q in queries}
   answers = {q.query_id: list(q.answers) for q in queries if q.answers} or None
@@ -264,7 +261,7 @@ def retrieve_run(*, checkpoint_path: str = gin.REQUIRED, mixture_or_task_name: s
   out = finalize(store, tag=f"genret-{task.name}-beam{beam_size}", qrels=qrels if any(qrels.values()) else None,
                  answers=answers, doc_text=doc_text if answers else None, query_ids=[q.query_id for q in queries],
                  report={"inputs": truncated})
-  out["output_dir"] = os.path.abspath(output_dir)
+  out["output_dir"] = filesystem.abspath(output_dir)
   return out
 
 

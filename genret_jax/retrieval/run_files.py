@@ -10,6 +10,13 @@ A retrieval job writes into one output directory:
   refused rather than mixing two configurations in one file.
 * `run.trec` and `metrics.json` -- derived from `results.jsonl` at the end, each written to a temporary file and
   renamed into place, so readers never see half a file.
+
+On an object store (gs://, `filesystem.is_remote`), which cannot append to or truncate an object, each batch is
+written whole as its own object, `results.parts/batch-<b>.jsonl` (an object appears only when its upload ends, so
+a part is never half there), and `consolidate` merges the parts into one `results.jsonl` at the end of the job and
+removes them. A job killed between the merge and the removal leaves parts that `results.jsonl` already holds: the
+next start checks that they hold the same queries and counts them as merged. The directory's contents after a job
+are the same either way.
 """
 
 from __future__ import annotations
@@ -17,16 +24,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from genret_jax import atomic_files
+from genret_jax import atomic_files, filesystem
 from genret_jax.errors import InputError
 
 RESULTS_FILE = "results.jsonl"
 META_FILE = "meta.json"
 RUN_FILE = "run.trec"
 METRICS_FILE = "metrics.json"
+PARTS_DIR = "results.parts"   # object stores only: one object per batch until `consolidate`
+_PART = re.compile(r"^batch-(\d+)\.jsonl$")
 _RESERVED = ("batch", "pos", "of", "query_id", "doc_ids", "scores")
 
 
@@ -70,10 +79,9 @@ def write_trec_run(path: str, run: Mapping[str, Sequence[tuple[str, float]]], ta
 def read_trec_run(path: str) -> dict[str, list[tuple[str, float]]]:
   """Reads a TREC run file into query id -> [(docid, score)] in rank order."""
   rows: dict[str, list[tuple[int, str, float]]] = {}
-  try:
-    f = open(path, encoding="utf-8")
-  except OSError as e:
-    raise InputError(f"cannot read run file: {e.strerror}", path=path) from e
+  if not filesystem.exists(path):
+    raise InputError("cannot read run file: no such file", path=path)
+  f = filesystem.open(path, encoding="utf-8")
   with f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
@@ -97,25 +105,27 @@ class ResultsStore:
     """Opens (creating or resuming) an output directory.
 
     Args:
-      out_dir: the directory.
+      out_dir: the directory (local, or a URL such as gs://bucket/run).
       meta: JSON-serialisable description of the job; must equal the stored one when resuming.
       overwrite: start from scratch, deleting earlier results in `out_dir`.
     """
-    self.out_dir = out_dir
-    self.results_path = os.path.join(out_dir, RESULTS_FILE)
+    self.out_dir = filesystem.abspath(out_dir)
+    self.remote = filesystem.is_remote(self.out_dir)
+    self.results_path = os.path.join(self.out_dir, RESULTS_FILE)
+    self.parts_dir = os.path.join(self.out_dir, PARTS_DIR)
     self.meta = json.loads(json.dumps(dict(meta or {}), sort_keys=True))
     if overwrite:
-      for name in (RESULTS_FILE, META_FILE, RUN_FILE, METRICS_FILE):
-        p = os.path.join(out_dir, name)
-        if os.path.isdir(p):
-          shutil.rmtree(p)
-        elif os.path.exists(p):
-          os.remove(p)
-    os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, META_FILE)
-    if os.path.exists(meta_path):
+      for name in (RESULTS_FILE, META_FILE, RUN_FILE, METRICS_FILE, PARTS_DIR):
+        p = os.path.join(self.out_dir, name)
+        if filesystem.isdir(p):
+          filesystem.rmtree(p)
+        elif filesystem.exists(p):
+          filesystem.remove(p)
+    filesystem.makedirs(self.out_dir)
+    meta_path = os.path.join(self.out_dir, META_FILE)
+    if filesystem.exists(meta_path):
       try:
-        with open(meta_path, encoding="utf-8") as f:
+        with filesystem.open(meta_path) as f:
           stored = json.load(f)
       except ValueError as e:
         raise InputError(f"unreadable job description ({e}); delete the directory or start over with "
@@ -124,19 +134,22 @@ class ResultsStore:
         changed = sorted(k for k in set(stored) | set(self.meta) if stored.get(k) != self.meta.get(k))
         raise InputError(f"holds results of a different job (differs in {changed}); pass a new output "
                          "directory or overwrite=True (genret retrieve: --gin.genret.retrieve_run.overwrite=True)",
-                         path=out_dir)
+                         path=self.out_dir)
     else:
       _write_json(meta_path, self.meta)
     self.report = dict(partial_lines_dropped=0)
     self._completed: dict[int, int] = {}  # batch -> number of queries
     self._query_ids: dict[int, list[str]] = {}  # batch -> its query ids, in order
+    self._parts: dict[int, str] = {}  # batch -> its part object, not yet in results.jsonl (object stores)
+    self._merged_parts: list[str] = []  # parts results.jsonl already holds (a merge interrupted before cleanup)
     self._recover()
+    self._recover_parts()
 
   def _recover(self) -> None:
     """Finds the complete batches and cuts off a partial last batch left by an interrupted job."""
-    if not os.path.exists(self.results_path):
+    if not filesystem.exists(self.results_path):
       return
-    with open(self.results_path, "rb") as f:
+    with filesystem.open(self.results_path, "rb") as f:
       data = f.read()
     good_end = offset = 0
     group: list[dict] = []
@@ -160,9 +173,53 @@ class ResultsStore:
         good_end = offset
         group = []
     if good_end < len(data):
+      if self.remote:   # written whole by `consolidate`: a partial batch here is not ours to cut off
+        raise InputError(f"ends in an incomplete batch after byte {good_end}; the file is corrupt (it is written "
+                         "whole on object stores)", path=self.results_path)
       self.report["partial_lines_dropped"] = data[good_end:].count(b"\n") + (0 if data.endswith(b"\n") else 1)
       with open(self.results_path, "r+b") as f:
         f.truncate(good_end)
+
+  def _recover_parts(self) -> None:
+    """Adds the batches written as part objects (object stores; a local directory never has any)."""
+    if not filesystem.isdir(self.parts_dir):
+      return
+    for name in sorted(filesystem.listdir(self.parts_dir)):
+      m = _PART.match(name)
+      path = os.path.join(self.parts_dir, name)
+      if not m:
+        raise InputError(f"unexpected entry {name!r}: only batch-<n>.jsonl parts belong here", path=self.parts_dir)
+      recs = self._read_part(path)
+      batch = int(m.group(1))
+      ids = [str(r.get("query_id")) for r in recs]
+      if any(int(r["batch"]) != batch for r in recs):
+        raise InputError(f"holds rows of another batch than {batch}", path=path)
+      if batch in self._completed:
+        if self._query_ids[batch] != ids:
+          raise InputError(f"batch {batch} differs from the one {RESULTS_FILE} holds", path=path)
+        self._merged_parts.append(path)
+        continue
+      self._completed[batch] = len(recs)
+      self._query_ids[batch] = ids
+      self._parts[batch] = path
+
+  @staticmethod
+  def _read_part(path: str) -> list[dict]:
+    with filesystem.open(path) as f:
+      lines = f.read().split("\n")
+    recs = []
+    for lineno, raw in enumerate(lines[:-1], start=1):
+      try:
+        rec = json.loads(raw)
+        pos, of = int(rec["pos"]), int(rec["of"])
+      except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"unreadable result line ({e}); the part is corrupt", path=path, line=lineno) from e
+      if pos != len(recs) or of != len(lines) - 1:
+        raise InputError(f"row {pos} of {of} at line {lineno}; the part is corrupt", path=path, line=lineno)
+      recs.append(rec)
+    if lines[-1] or not recs:
+      raise InputError("incomplete part; the part is corrupt", path=path)
+    return recs
 
   @property
   def completed_batches(self) -> set[int]:
@@ -173,7 +230,8 @@ class ResultsStore:
     return sum(self._completed.values())
 
   def write_batch(self, batch: int, results: Sequence[QueryResult]) -> None:
-    """Appends one batch's results durably (one write, flush, fsync)."""
+    """Stores one batch's results durably: appended (one write, flush, fsync), or on an object store uploaded
+    whole as its own part."""
     if batch in self._completed:
       raise InputError(f"batch {batch} is already written", path=self.results_path)
     if not results:
@@ -189,10 +247,15 @@ class ResultsStore:
       rec = dict(batch=int(batch), pos=pos, of=len(results), query_id=str(r.query_id),
                  doc_ids=[str(d) for d in r.doc_ids], scores=[float(s) for s in r.scores], **r.extra)
       lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-    with open(self.results_path, "a", encoding="utf-8") as f:
-      f.write("".join(lines))
-      f.flush()
-      os.fsync(f.fileno())
+    if self.remote:
+      path = os.path.join(self.parts_dir, f"batch-{int(batch):08d}.jsonl")
+      atomic_files.write_text(path, "".join(lines))
+      self._parts[int(batch)] = path
+    else:
+      with open(self.results_path, "a", encoding="utf-8") as f:
+        f.write("".join(lines))
+        f.flush()
+        os.fsync(f.fileno())
     self._completed[int(batch)] = len(results)
     self._query_ids[int(batch)] = [str(r.query_id) for r in results]
 
@@ -207,19 +270,34 @@ class ResultsStore:
                          "there (the split's queries changed); pass a new output directory or overwrite=True "
                          "(genret retrieve: --gin.genret.retrieve_run.overwrite=True)", path=self.results_path)
 
+  def _records(self) -> list[dict]:
+    recs = []
+    if filesystem.exists(self.results_path):
+      with filesystem.open(self.results_path) as f:
+        recs.extend(json.loads(line) for line in f)
+    for path in self._parts.values():
+      recs.extend(self._read_part(path))
+    recs.sort(key=lambda r: (r["batch"], r["pos"]))
+    return recs
+
   def results(self) -> list[QueryResult]:
     """All stored results, in batch order."""
-    out: list[tuple[int, int, QueryResult]] = []
-    if not os.path.exists(self.results_path):
-      return []
-    with open(self.results_path, encoding="utf-8") as f:
-      for line in f:
-        rec = json.loads(line)
-        extra = {k: v for k, v in rec.items() if k not in _RESERVED}
-        out.append((rec["batch"], rec["pos"],
-                    QueryResult(rec["query_id"], rec["doc_ids"], rec["scores"], extra)))
-    out.sort(key=lambda x: (x[0], x[1]))
-    return [r for _, _, r in out]
+    return [QueryResult(r["query_id"], r["doc_ids"], r["scores"], {k: v for k, v in r.items() if k not in _RESERVED})
+            for r in self._records()]
+
+  def consolidate(self) -> None:
+    """Object stores: merges the part objects into one `results.jsonl` (written whole) and removes them, so that
+    a finished job's directory looks as a local one does. Nothing to do locally or when there are no parts."""
+    if not self._parts and not self._merged_parts:
+      return
+    if self._parts:
+      atomic_files.write_text(self.results_path,
+                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self._records()))
+    for path in list(self._parts.values()) + self._merged_parts:
+      filesystem.remove(path)
+    self.report["parts_merged"] = len(self._parts)
+    self._parts, self._merged_parts = {}, []
+    filesystem.rmtree(self.parts_dir, ignore_errors=True)
 
   def write_run(self, tag: str = "genret") -> str:
     """Writes `run.trec` from the stored results; returns its path."""
