@@ -28,15 +28,6 @@ def _local(path: str | os.PathLike) -> str:
   return path[len("file://"):] if path.lower().startswith("file://") else path
 
 
-def local_abspath(path: str | os.PathLike, why: str, key: str) -> str:
-  """os.path.abspath of a path that must be local (a directory appended to or renamed within in place); a URL is
-  refused naming the config key, where os.path.abspath made a local `<cwd>/gs:/...` of it."""
-  if is_remote(path):
-    from genret_jax.errors import InputError
-    raise InputError(f"{os.fspath(path)} must be a local path: {why}", key=key)
-  return os.path.abspath(_local(path))
-
-
 def _gfile():
   try:
     import tensorflow as tf

@@ -133,12 +133,6 @@ def test_input_position_saved_and_restored_on_remote(remote):
   assert not data_lib.ResumableBatches(ds).restore(f"{remote}/checkpoints_data/9/shard_0-of-1.process_0")
 
 
-def test_directories_appended_in_place_must_be_local():
-  from genret_jax.scaling.sweep import Sweep, SweepConfig
-  with pytest.raises(InputError, match="--output_dir.*must be a local path"):
-    Sweep(SweepConfig(), "gs://bucket/sweep")
-
-
 def _batch(b, n=3):
   from genret_jax.retrieval.run_files import QueryResult
   return [QueryResult(f"q{b}-{i}", [f"d{b}{i}", f"d{i}x"], [-0.5 * i, -1.0 - i], {"stats": {"n": i}})

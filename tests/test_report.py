@@ -1,6 +1,7 @@
 """`genret report` on a synthetic sweep drawn from a known power law plus seeded per-query noise."""
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -222,9 +223,9 @@ def test_every_size_with_a_data_axis_is_plotted(tmp_path, monkeypatch):
   assert series["t5"]["cgl_vs_D"].fixed["N"] == 1e6 and list(series["t5"]["cgl_vs_D_other_n"]) == [1e5]
   shown = {}
   real_law_plot = plots.law_plot
-  monkeypatch.setattr(plots, "law_plot", lambda path, s, *a, **k: shown.update({path.name: sorted(s)}) or
+  monkeypatch.setattr(plots, "law_plot", lambda path, s, *a, **k: shown.update({os.path.basename(path): sorted(s)}) or
                       real_law_plot(path, s, *a, **k))
-  md = report.make_report(tmp_path, report.ReportConfig(restarts=2, bootstrap_resamples=20)).read_text()
+  md = open(report.make_report(tmp_path, report.ReportConfig(restarts=2, bootstrap_resamples=20))).read()
   assert shown["cgl_vs_d.png"] == ["t5 N=1e+05", "t5 N=1e+06"] and shown["cgl_vs_n.png"] == ["t5"]
   assert "CGL vs D at N = 1e+06 (fitted; plotted also at N = 1e+05)" in md
 
@@ -255,7 +256,7 @@ def test_axis_steps_pair_the_queries(tmp_path):
   for docs/results.md with an ad-hoc script)."""
   cells = _small_paired_run(tmp_path)
   cfg = report.ReportConfig(restarts=2, bootstrap_resamples=200)
-  md = report.make_report(tmp_path, cfg).read_text()
+  md = open(report.make_report(tmp_path, cfg)).read()
   steps = json.loads((tmp_path / "fits.json").read_text())["axis_steps"]
   key = {(s["axis"], s["from"], s["to"]): s for s in steps}
   # N at the largest D: 1e5 -> 4e5 -> 1.6e6 and first -> last; D at N = 4e5 likewise; no D axis at one fraction.
@@ -288,7 +289,7 @@ def test_plots_carry_the_tables_verdict(tmp_path, monkeypatch):
   _small_paired_run(tmp_path)
   seen = {}
   real = plots.law_plot
-  monkeypatch.setattr(plots, "law_plot", lambda path, *a, **k: seen.update({path.name: k["remarks"]})
+  monkeypatch.setattr(plots, "law_plot", lambda path, *a, **k: seen.update({os.path.basename(path): k["remarks"]})
                       or real(path, *a, **k))
   report.make_report(tmp_path, report.ReportConfig(restarts=2, bootstrap_resamples=20))
   assert seen["cgl_vs_n.png"] == {"t5": "unreliable"}
@@ -316,8 +317,8 @@ def test_refused_fit_note_reads_as_a_fit_problem():
 def test_tables_print_the_configured_confidence(tmp_path):
   """The fits table's header said "95% CI" whatever `confidence` was, and int(confidence * 100) truncates."""
   _small_paired_run(tmp_path)
-  md = report.make_report(tmp_path, report.ReportConfig(restarts=2, bootstrap_resamples=20, confidence=0.9,
-                                                        plots=False)).read_text()
+  md = open(report.make_report(tmp_path, report.ReportConfig(restarts=2, bootstrap_resamples=20, confidence=0.9,
+                                                             plots=False))).read()
   assert "parameters (90% CI)" in md and "change (paired 90% CI)" in md and "90% CIs from" in md
   assert "95%" not in md
   assert report._percent(report.ReportConfig(confidence=0.57)) == "57%"

@@ -2,6 +2,7 @@
 the config key, raised before anything trains or scores; no traceback, nothing silently dropped."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_results_csv_bad_byte_names_file_and_line(tmp_path, capsys):
   assert len(err) == 2 and all("results.csv:3: not valid UTF-8" in e for e in err)
   # per_query.json and fits.json too.
   _table(tmp_path)
-  path = results_lib.per_query_path(tmp_path, "a")
+  path = pathlib.Path(results_lib.per_query_path(tmp_path, "a"))
   path.parent.mkdir(parents=True)
   path.write_bytes(b'{"cgl":\n [0.1], "x": "\xe9"}')
   with pytest.raises(InputError, match=r"per_query.json:2: not valid UTF-8"):

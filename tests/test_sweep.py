@@ -85,6 +85,42 @@ def test_report_from_sweep(tiny_sweep):
   assert "CGL" in text and os.path.exists(os.path.join(out, "plots"))
 
 
+def test_sweep_directory_on_an_object_store(tiny_sweep, tmp_path, monkeypatch, capsys):
+  """--output_dir on an object store (ram:// standing in for gs://; orbax, which knows no ram://, mapped to local
+  disk): the model's rows equal the local sweep's, results.csv, cells/, negatives.json, sweep files and the report
+  with its plots land on the store, a rerun skips the finished model, and nothing goes to a local `ram:` path."""
+  import dataclasses
+  import uuid
+
+  from test_filesystem import _orbax_on_local_disk
+
+  from genret_jax import filesystem
+  from genret_jax.scaling import report
+  cfg, _, local_rows = tiny_sweep
+  monkeypatch.chdir(tmp_path)
+  _orbax_on_local_disk(monkeypatch, str(tmp_path / "orbax"))
+  one = dataclasses.replace(cfg, rungs={"t5": cfg.rungs["t5"]}, data_fractions=(1.0,))
+  remote = f"ram://genret-{uuid.uuid4().hex}/sweep"
+  try:
+    rows = sweep_lib.run_sweep(one, remote, config_path="sweeps/demo.gin")
+    want = [r for r in local_rows if r["cell_id"].startswith("t5-d0-f100")]
+    timing = ("wall_s", "stage_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in want]
+    assert [r["cgl"] for r in results_lib.load_results(remote)] == [r["cgl"] for r in want]
+    assert {"results.csv", "cells", "models", "negatives.json"} <= set(filesystem.listdir(remote))
+    assert results_lib.load_per_query(remote, want[0]["cell_id"])["query_ids"]
+    md = report.make_report(remote, report.ReportConfig(bootstrap_resamples=0, restarts=2))
+    assert md == f"{remote}/report.md" and filesystem.exists(f"{remote}/fits.json")
+    assert filesystem.listdir(f"{remote}/plots")
+    capsys.readouterr()
+    assert len(sweep_lib.run_sweep(one, remote)) == len(rows)
+    assert "already done" in capsys.readouterr().out
+    assert not (tmp_path / "ram:").exists()
+  finally:
+    filesystem.rmtree(remote, ignore_errors=True)
+
+
 def test_preempted_training_stops_the_sweep_before_evaluating(tiny_sweep, monkeypatch):
   """A model whose training stopped on a preemption notice is not evaluated (its half-trained params were
   evaluated and recorded as the cell's result): the sweep raises Preempted (`genret sweep` exits 143) and the

@@ -6,12 +6,14 @@ user needs to fix a 21M-line passage file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import os
 import zlib
 from typing import Iterator, Sequence
 
+from genret_jax import filesystem
 from genret_jax.errors import InputError
 
 PathLike = str | os.PathLike
@@ -22,11 +24,20 @@ def is_gzip(path: PathLike) -> bool:
 
 
 def _open_binary(path: PathLike):
-  if not os.path.exists(path):
+  """Local or a URL (gs://, through `filesystem`)."""
+  if not filesystem.exists(path):
     raise InputError("file not found", path=str(path))
-  if os.path.isdir(path):
+  if filesystem.isdir(path):
     raise InputError("expected a file, found a directory", path=str(path))
-  return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+  if not filesystem.is_remote(path):
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+  return _remote_binary(path)
+
+
+@contextlib.contextmanager
+def _remote_binary(path: PathLike):
+  with filesystem.open(path, "rb") as f:   # GzipFile does not close a file object it was given
+    yield gzip.GzipFile(fileobj=f, mode="rb") if is_gzip(path) else f
 
 
 def iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:

@@ -27,13 +27,13 @@ import argparse
 import dataclasses
 import json
 import math
-import pathlib
+import os
 from typing import Callable, Sequence
 
 import numpy as np
 from scipy import optimize
 
-from genret_jax import atomic_files
+from genret_jax import atomic_files, filesystem
 from genret_jax.errors import InputError, check_int
 from genret_jax.scaling import fits as fits_lib
 from genret_jax.scaling import results as results_lib
@@ -156,18 +156,18 @@ def advise(joint: fits_lib.FitResult, budget: float, compute: ComputeModel, *, b
 
 def _load_fits(args) -> dict:
   if args.fit:
-    path = pathlib.Path(args.fit)
-    if path.is_dir():
-      path = path / "fits.json"
-    if not path.exists():
-      raise InputError("fits file not found", path=str(path))
+    path = args.fit
+    if filesystem.isdir(path):
+      path = os.path.join(path, "fits.json")
+    if not filesystem.exists(path):
+      raise InputError("fits file not found", path=path)
     if args.beam_metric is not None:   # it was ignored: fits.json holds the beam law `genret report` fitted
       raise InputError("applies only with --results (the beam law in fits.json is the one `genret report "
                        "--beam_metric` fitted)", key="beam_metric")
     return results_lib.read_json(path)
   from genret_jax.scaling import report  # fit on the fly, without bootstrap or plots.
-  path = pathlib.Path(args.results)
-  run_dir = path if path.is_dir() else path.parent
+  path = args.results
+  run_dir = path if filesystem.isdir(path) else os.path.dirname(filesystem.abspath(path))
   rows = results_lib.load_results(path)
   beam_metric = args.beam_metric or "recall@10"
   # As in `genret report`: an unknown metric silently gave "no beam law" advice.

@@ -1,11 +1,13 @@
 """Matplotlib (Agg) figures of a sweep: laws over N and D, beam / decode-FLOPs curves, family comparison.
 
-Each function takes already-selected series (see `report.select_series`) and writes one PNG.
+Each function takes already-selected series (see `report.select_series`) and writes one PNG, whole or not at all
+(`atomic_files`), to a local path or a URL (gs://).
 """
 
 from __future__ import annotations
 
-import pathlib
+import io
+import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -14,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from genret_jax import atomic_files  # noqa: E402
 from genret_jax.scaling import fits as fits_lib  # noqa: E402
 
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -23,12 +26,13 @@ def _color(i: int) -> str:
   return _COLORS[i % len(_COLORS)]
 
 
-def _save(fig, path: pathlib.Path) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
+def _save(fig, path: str | os.PathLike) -> str:
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
   plt.close(fig)
-  return path
+  atomic_files.write_bytes(path, png.getvalue())
+  return os.fspath(path)
 
 
 def _limit_y(ax, values) -> None:
@@ -42,11 +46,11 @@ def _limit_y(ax, values) -> None:
   ax.set_ylim(lo - pad, hi + pad)
 
 
-def law_plot(path: pathlib.Path, series_by_family: Mapping[str, "object"],
+def law_plot(path: str | os.PathLike, series_by_family: Mapping[str, "object"],
              fits_by_family: Mapping[str, fits_lib.FitResult | None], *, x_label: str, y_label: str = "CGL",
              title: str, chance: float | None = None,
              bands: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
-             remarks: Mapping[str, str] | None = None) -> pathlib.Path:
+             remarks: Mapping[str, str] | None = None) -> str:
   """Points per family on a log-x axis with the fitted curve (solid), its asymptote c (dashed) and an
   optional bootstrap band (x grid, lo, hi). A family's `remarks` entry (the report's "unreliable" or "trend only")
   is added to its curve's label, and an unreliable curve is drawn dotted: the plot is read apart from the table."""
@@ -82,9 +86,9 @@ def law_plot(path: pathlib.Path, series_by_family: Mapping[str, "object"],
   return _save(fig, path)
 
 
-def beam_plot(path: pathlib.Path, beam_rows_by_family: Mapping[str, Sequence[dict]],
+def beam_plot(path: str | os.PathLike, beam_rows_by_family: Mapping[str, Sequence[dict]],
               recall_keys: Sequence[str], error_fits: Mapping[str, fits_lib.FitResult | None],
-              error_key: str, remarks: Mapping[str, str] | None = None) -> pathlib.Path:
+              error_key: str, remarks: Mapping[str, str] | None = None) -> str:
   """2x2: Recall@k vs beam and vs decode FLOPs (top), CGL vs beam and vs decode FLOPs (bottom); `remarks` as in
   `law_plot`."""
   fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
@@ -128,8 +132,8 @@ def beam_plot(path: pathlib.Path, beam_rows_by_family: Mapping[str, Sequence[dic
   return _save(fig, path)
 
 
-def family_plot(path: pathlib.Path, series_by_family: Mapping[str, "object"],
-                pairs: Sequence[dict]) -> pathlib.Path:
+def family_plot(path: str | os.PathLike, series_by_family: Mapping[str, "object"],
+                pairs: Sequence[dict]) -> str:
   """CGL vs N of every family on one axis, matched-N pairs joined by grey lines."""
   fig, ax = plt.subplots(figsize=(6.4, 4.4))
   for i, (family, s) in enumerate(sorted(series_by_family.items())):

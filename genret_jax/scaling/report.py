@@ -18,12 +18,12 @@ import dataclasses
 import datetime
 import json
 import math
-import pathlib
+import os
 from typing import Any, Sequence
 
 import numpy as np
 
-from genret_jax import atomic_files
+from genret_jax import atomic_files, filesystem
 from genret_jax.errors import InputError, check_int
 from genret_jax.scaling import bootstrap
 from genret_jax.scaling import cgl as cgl_lib
@@ -79,7 +79,7 @@ def _models(rows: Sequence[dict]) -> dict[tuple[float, float], dict]:
   return out
 
 
-def _per_query(run_dir: pathlib.Path, rows: Sequence[dict], metric: str,
+def _per_query(run_dir: str, rows: Sequence[dict], metric: str,
                transform=None) -> list[np.ndarray] | None:
   cells = []
   for r in rows:
@@ -100,7 +100,7 @@ def _series(run_dir, family, name, rows, x_key, metric, transform=None, fixed=No
   return Series(family, name, x, y, [r["cell_id"] for r in rows], cells, fixed=fixed or {})
 
 
-def select_series(rows: Sequence[dict], run_dir: pathlib.Path, beam_metric: str = "recall@10") -> dict:
+def select_series(rows: Sequence[dict], run_dir: str, beam_metric: str = "recall@10") -> dict:
   """family -> {"cgl_vs_N", "cgl_vs_D", "joint", "beam_rows", "error_vs_beam", "error_vs_flops"}."""
   out: dict[str, dict[str, Any]] = {}
   for family in sorted({r["family"] for r in rows}):
@@ -394,7 +394,7 @@ def _remark(verdict: tuple[str, str] | None) -> str:
   return "unreliable" if problem else ("trend only" if caveat else "")
 
 
-def _chance(rows: Sequence[dict], run_dir: pathlib.Path) -> float:
+def _chance(rows: Sequence[dict], run_dir: str) -> float:
   for r in rows:
     pq = results_lib.load_per_query(run_dir, r["cell_id"])
     if pq and "num_negatives" in pq:
@@ -402,12 +402,13 @@ def _chance(rows: Sequence[dict], run_dir: pathlib.Path) -> float:
   return cgl_lib.chance_cgl()
 
 
-def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) -> pathlib.Path:
-  """Reads RUN_DIR/results.csv, fits, writes report.md, fits.json and plots/*.png; returns report.md."""
+def make_report(run_dir: str | os.PathLike, cfg: ReportConfig | None = None) -> str:
+  """Reads RUN_DIR/results.csv, fits, writes report.md, fits.json and plots/*.png; returns report.md's path.
+  RUN_DIR may be a URL (gs://)."""
   cfg = cfg or ReportConfig()
-  run_dir = pathlib.Path(run_dir)
-  if run_dir.is_file() and run_dir.name == results_lib.RESULTS_CSV:   # the table itself given: its directory
-    run_dir = run_dir.parent
+  run_dir = filesystem.abspath(run_dir)
+  if os.path.basename(run_dir) == results_lib.RESULTS_CSV and filesystem.isfile(run_dir):   # the table: its dir
+    run_dir = os.path.dirname(run_dir)
   rows = results_lib.load_results(run_dir)
   if cfg.beam_metric not in rows[0]:   # an unknown metric made the beam fits vanish without a note
     have = sorted(k for k in rows[0] if k in results_lib.METRIC_COLUMNS or "@" in k)
@@ -433,12 +434,12 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
                                 "fit_caveats": {k: c for k, (_, c) in verdicts.get(fam, {}).items() if c}}
                           for fam, fam_fits in fitted.items()},
              "matched_pairs": pairs, "axis_steps": steps, "notes": notes}
-  atomic_files.write_json(run_dir / FITS_JSON, payload, indent=2)
+  atomic_files.write_json(os.path.join(run_dir, FITS_JSON), payload, indent=2)
 
   pngs: list[tuple[str, str]] = []
   if cfg.plots:
     from genret_jax.scaling import plots  # matplotlib only when plotting.
-    pdir = run_dir / PLOTS_DIR
+    pdir = os.path.join(run_dir, PLOTS_DIR)
     for name, xl, fname in (("cgl_vs_N", "non-embedding parameters N", "cgl_vs_n.png"),
                             ("cgl_vs_D", "training examples D", "cgl_vs_d.png")):
       shown = {f: series[f][name] for f in series}
@@ -453,19 +454,19 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
             if other.cells is not None and cfg.bootstrap_resamples > 0:
               _set_point_cis(other, cfg)
             shown[f"{f} N={_fmt(n)}"] = other
-      plots.law_plot(pdir / fname, shown, laws, x_label=xl, title=_TITLES[name], chance=chance, remarks=remarks)
+      plots.law_plot(os.path.join(pdir, fname), shown, laws, x_label=xl, title=_TITLES[name], chance=chance, remarks=remarks)
       pngs.append((_TITLES[name], f"{PLOTS_DIR}/{fname}"))
     recall_keys = [k for k in ("recall@1", "recall@10", "recall@100")
                    if any(not math.isnan(r.get(k, math.nan)) for r in rows)]
-    plots.beam_plot(pdir / "beam.png", {f: series[f]["beam_rows"] for f in series}, recall_keys,
+    plots.beam_plot(os.path.join(pdir, "beam.png"), {f: series[f]["beam_rows"] for f in series}, recall_keys,
                     {f: fitted[f].get("error_vs_beam") for f in series}, cfg.beam_metric,
                     remarks={f: _remark(verdicts.get(f, {}).get("error_vs_beam")) for f in series})
     pngs.append(("Recall@k and CGL vs beam size and decode FLOPs", f"{PLOTS_DIR}/beam.png"))
     if len(series) > 1:
-      plots.family_plot(pdir / "families.png", {f: series[f]["cgl_vs_N"] for f in series}, pairs)
+      plots.family_plot(os.path.join(pdir, "families.png"), {f: series[f]["cgl_vs_N"] for f in series}, pairs)
       pngs.append(("Families at matched N", f"{PLOTS_DIR}/families.png"))
 
-  md = [f"# Scaling report: `{run_dir.name}`", "",
+  md = [f"# Scaling report: `{os.path.basename(run_dir)}`", "",
         f"{len(rows)} result rows, families: {', '.join(sorted(series))}. Chance CGL = {chance:.7f}. "
         f"Fits: `scipy.optimize.least_squares` ({cfg.loss} loss), {cfg.restarts} seeded restarts (seed "
         f"{cfg.seed}), best kept; " + (f"{_percent(cfg)} CIs from {cfg.bootstrap_resamples} query bootstrap "
@@ -505,7 +506,7 @@ def make_report(run_dir: str | pathlib.Path, cfg: ReportConfig | None = None) ->
     md.append("")
   md += ["## Results", "", *_results_table(rows), ""]
   md += ["## Notes", ""] + ([f"- {n}" for n in notes] or ["- none"]) + [""]
-  out = run_dir / REPORT_MD
+  out = os.path.join(run_dir, REPORT_MD)
   atomic_files.write_text(out, "\n".join(md))
   return out
 
@@ -540,5 +541,5 @@ def run(args: argparse.Namespace) -> int:
                      bootstrap_resamples=args.bootstrap, resample_restarts=args.resample_restarts,
                      resample_max_nfev=args.resample_max_nfev, beam_metric=args.beam_metric, plots=not args.no_plots)
   out = make_report(args.run_dir, cfg)
-  print(json.dumps({"report": str(out), "fits": str(out.parent / FITS_JSON)}))
+  print(json.dumps({"report": out, "fits": os.path.join(os.path.dirname(out), FITS_JSON)}))
   return 0

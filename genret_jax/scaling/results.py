@@ -1,7 +1,8 @@
 """The sweep results format (docs/scaling.md): RUN_DIR/results.csv + RUN_DIR/cells/<cell_id>/per_query.json.
 
 The sweep writes it, `genret report` and `genret advise` read it. One CSV row per (model, beam) cell.
-Reading validates every row and names file:line for the first bad value.
+Reading validates every row and names file:line for the first bad value. RUN_DIR may be a URL (gs://): paths are
+strings joined with os.path.join and read through `filesystem` (pathlib makes gs://b a local gs:/b).
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import csv
 import json
 import math
 import os
-import pathlib
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from genret_jax import atomic_files
+from genret_jax import atomic_files, filesystem
 from genret_jax.corpora.lines import iter_lines
 from genret_jax.errors import InputError
 
@@ -60,11 +60,11 @@ def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
 
   Unknown extra columns are kept as strings; missing optional columns read as NaN / None / "".
   """
-  path = pathlib.Path(path)
-  if path.is_dir():
-    path = path / RESULTS_CSV
-  if not path.exists():
-    raise InputError("results table not found", path=str(path))
+  path = os.fspath(path)
+  if filesystem.isdir(path):
+    path = os.path.join(path, RESULTS_CSV)
+  if not filesystem.exists(path):
+    raise InputError("results table not found", path=path)
   # Strict UTF-8 per line, so a bad byte is an InputError at its line (csv over a text file raised a bare
   # UnicodeDecodeError); csv consumes one of these lines per `next`, so line_num is the physical line number.
   reader = csv.DictReader(line + "\n" for _, line in iter_lines(path))
@@ -122,7 +122,8 @@ def require_column(rows: list[dict[str, Any]], column: str, key: str) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
   """A JSON file's value; a bad byte or bad JSON is an InputError naming the file (and line)."""
-  data = pathlib.Path(path).read_bytes()
+  with filesystem.open(path, "rb") as f:
+    data = f.read()
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -136,7 +137,6 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def write_results(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
   """Writes results.csv atomically (temp file + rename) with the standard columns first."""
-  path = pathlib.Path(path)
   rows = list(rows)
   extra = sorted({k for r in rows for k in r} - set(COLUMNS))
   with atomic_files.atomic_open(path, newline="") as f:
@@ -147,8 +147,8 @@ def write_results(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) ->
                       (repr(v) if isinstance(v, float) else v)) for k, v in r.items()})
 
 
-def per_query_path(run_dir: str | os.PathLike, cell_id: str) -> pathlib.Path:
-  return pathlib.Path(run_dir) / CELLS_DIR / cell_id / PER_QUERY_JSON
+def per_query_path(run_dir: str | os.PathLike, cell_id: str) -> str:
+  return os.path.join(os.fspath(run_dir), CELLS_DIR, cell_id, PER_QUERY_JSON)
 
 
 def write_per_query(run_dir: str | os.PathLike, cell_id: str, values: Mapping[str, Any]) -> None:
@@ -160,7 +160,7 @@ def write_per_query(run_dir: str | os.PathLike, cell_id: str, values: Mapping[st
 def load_per_query(run_dir: str | os.PathLike, cell_id: str) -> dict[str, Any] | None:
   """The cell's per-query values, or None if the cell has no per-query file."""
   path = per_query_path(run_dir, cell_id)
-  if not path.exists():
+  if not filesystem.exists(path):
     return None
   data = read_json(path)
   if not isinstance(data, dict):

@@ -11,8 +11,12 @@ Layout of a sweep directory (the results format of docs/scaling.md):
 A restarted sweep skips models whose result.json exists. A model killed half way has no result.json, so it is
 redone (its trainer resumes from its last checkpoint) and never read as done.
 
+The directory may be a URL (gs://), as MODEL_DIR may: every file goes through `genret_jax.filesystem` and
+`atomic_files` (nothing is appended to or renamed within in place).
+
 On several hosts (`genret train`'s flags) every process runs every step: each model trains on the mesh of every
-host's devices (models/ must be a directory every host sees, as MODEL_DIR is for `genret train`), and CGL and
+host's devices (models/ must be a directory every host sees, as MODEL_DIR is for `genret train`: a gs:// sweep
+directory is), and CGL and
 retrieval run on that mesh too. Process 0 alone reads and writes the rest of the sweep directory (sweep.gin,
 negatives.json, cells/, results.csv, the report) and gives the others what it read (which models are done, their
 rows), so the other hosts need not see those files. A step that fails on one process stops every process
@@ -170,19 +174,16 @@ def plan(cfg: SweepConfig) -> list[dict]:
   return cells
 
 
-_LOCAL_WHY = "the sweep appends to results.csv and its cells in place; run it on a local or mounted directory"
-
-
 class Sweep:
 
   def __init__(self, cfg: SweepConfig, out_dir: str, config_path: str = "", progress: bool = True):
     self.cfg, self.config_path, self.progress = cfg, config_path, progress
-    self.out_dir = filesystem.local_abspath(out_dir, key="--output_dir", why=_LOCAL_WHY)
+    self.out_dir = filesystem.abspath(out_dir)
     self.stale_flops: list[str] = []   # finished models whose FLOP columns use an older count (done_rows)
 
     def make_dirs():
-      os.makedirs(os.path.join(self.out_dir, results_lib.CELLS_DIR), exist_ok=True)
-      os.makedirs(os.path.join(self.out_dir, "models"), exist_ok=True)
+      filesystem.makedirs(os.path.join(self.out_dir, results_lib.CELLS_DIR))
+      filesystem.makedirs(os.path.join(self.out_dir, "models"))
 
     multihost.from_process_0(make_dirs, what="creating the sweep directory")
     import tasks  # noqa: F401  (registers the seqio tasks)
@@ -350,7 +351,7 @@ class Sweep:
       for row_id, pq in per_query_rows.items():
         results_lib.write_per_query(self.out_dir, row_id, pq)
       cell_dir = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"])
-      os.makedirs(cell_dir, exist_ok=True)
+      filesystem.makedirs(cell_dir)
       atomic_files.write_json(os.path.join(cell_dir, RESULT_JSON),
                               {"cell": cell, "rows": rows, "flops_version": accounting.FLOPS_VERSION,
                                "settings": self.cell_settings()})
@@ -374,10 +375,9 @@ class Sweep:
     under other settings (or other beams) is refused: its rows would enter the table as this sweep's."""
     from genret_jax.models import accounting
     path = os.path.join(self.out_dir, results_lib.CELLS_DIR, cell["model_id"], RESULT_JSON)
-    if not os.path.exists(path):
+    if not filesystem.exists(path):
       return None
-    with open(path) as f:
-      stored = json.load(f)
+    stored = results_lib.read_json(path)
     settings = self.cell_settings()
     recorded = stored.get("settings", settings)   # result.json files before session 16 recorded none
     differs = sorted(k for k in set(settings) | set(recorded) if recorded.get(k) != settings.get(k))
@@ -460,8 +460,7 @@ def read_config(args, gin_files: Sequence[str], flags: Mapping) -> tuple[SweepCo
                                    "output_dir": args.output_dir, **flags}, sort_keys=True, default=str),
       what="reading the sweep config", differ="see another sweep than process 0 (flags or gin files differ): give "
       "every host the same command")
-  out = filesystem.local_abspath(args.output_dir, key="--output_dir", why=_LOCAL_WHY)
-  return cfg, out
+  return cfg, filesystem.abspath(args.output_dir)
 
 
 def report_on_process_0(out_dir: str, bootstrap: int) -> str:
@@ -469,7 +468,7 @@ def report_on_process_0(out_dir: str, bootstrap: int) -> str:
   process."""
   from genret_jax.scaling import report
   return multihost.from_process_0(
-      lambda: str(report.make_report(out_dir, report.ReportConfig(bootstrap_resamples=bootstrap))),
+      lambda: report.make_report(out_dir, report.ReportConfig(bootstrap_resamples=bootstrap)),
       what="writing the report")
 
 
@@ -482,7 +481,7 @@ def run(args) -> int:
   cfg, out = read_config(args, args.gin_file, {"report": args.report, "bootstrap": args.bootstrap})
 
   def write_gin():
-    os.makedirs(out, exist_ok=True)
+    filesystem.makedirs(out)
     atomic_files.write_text(os.path.join(out, "sweep.gin"), gin.config_str())
 
   multihost.from_process_0(write_gin, what="writing sweep.gin")
