@@ -10,7 +10,6 @@ global mesh; the result is a normal checkpoint.
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -26,12 +25,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import toy_tasks  # noqa: E402
 
 STEPS = 30
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _losses(out: str) -> tuple[float, float]:
@@ -51,7 +44,7 @@ def test_two_process_training(tmp_path, mesh):
   model_dir = tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
              JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  port = _free_port()
+  port = toy_tasks.free_port()
   procs = [subprocess.Popen([sys.executable, "-m", "genret_jax.cli", "train", f"--gin_file={gin_path}",
                              f"--gin.train.model_dir=\"{model_dir}\"", f"--coordinator_address=localhost:{port}",
                              "--process_count=2", f"--process_index={i}"],
@@ -82,6 +75,23 @@ def test_two_process_training(tmp_path, mesh):
     np.testing.assert_allclose(_losses(outs[0]), (one.last_loss, one.eval_loss), atol=2e-4)
 
 
+def test_processes_given_another_config_stop_before_training(tmp_path):
+  """A host given another binding (here a batch size) stops every process with one line before anything trains:
+  with other shapes the processes waited for each other forever; with the same shapes they trained on a mix."""
+  gin_path = tmp_path / "toy.gin"
+  gin_path.write_text(toy_tasks.train_gin(steps=STEPS, mesh_data=-1))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+             JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  argv = [sys.executable, "-m", "genret_jax.cli", "train", f"--gin_file={gin_path}",
+          f"--gin.train.model_dir=\"{tmp_path / 'run'}\""]
+  outs, codes = toy_tasks.run_processes([argv, [*argv, "--gin.train.batch_size=4"]], [None, None], [env, env],
+                                        timeout=200)
+  assert codes == [2, 2], outs
+  for out in outs:
+    assert "processes [1] see another training job than process 0" in out, out[-2000:]
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_preemption_notice_on_one_host_checkpoints_every_host_at_one_step(tmp_path):
   """SIGTERM to one process only (hosts get their notices at different times): JAX's preemption service agrees a
   step, both processes checkpoint at it and exit 143, and the restart resumes from it on both."""
@@ -95,7 +105,7 @@ def test_preemption_notice_on_one_host_checkpoints_every_host_at_one_step(tmp_pa
              JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
   def start():
-    port = _free_port()
+    port = toy_tasks.free_port()
     return [subprocess.Popen([sys.executable, "-m", "genret_jax.cli", "train", f"--gin_file={gin_path}",
                               f"--gin.train.model_dir=\"{model_dir}\"", f"--coordinator_address=localhost:{port}",
                               "--process_count=2", f"--process_index={i}"],

@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 
+import gin
 
-from genret_jax import gin_utils
+from genret_jax import gin_utils, multihost
 from genret_jax.errors import Preempted
 from genret_jax.training import distributed
 
@@ -26,7 +27,12 @@ def run(args) -> int:
   # Importing the trainer registers its configurables before the gin files are parsed.
   from genret_jax.training import trainer  # noqa: F401
   from genret_jax.models import model_api  # noqa: F401
-  gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths)
+  # Before the first collective: processes given other gin files or bindings would build other models or input
+  # streams and wait for each other forever (or, with matching shapes, train on a silent mix of two jobs).
+  multihost.agree(lambda: gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_paths),
+                  lambda _: gin.config_str(), what="reading the gin config",
+                  differ="see another training job than process 0 (gin files or bindings differ): give every host "
+                  "the same command")
   result = trainer.train()
   if result.preempted:
     raise Preempted(f"checkpoint saved at step {result.step}; run the same command again to resume")
