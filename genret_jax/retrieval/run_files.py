@@ -21,6 +21,7 @@ are the same either way.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -184,13 +185,13 @@ class ResultsStore:
     """Adds the batches written as part objects (object stores; a local directory never has any)."""
     if not filesystem.isdir(self.parts_dir):
       return
-    for name in sorted(filesystem.listdir(self.parts_dir)):
-      m = _PART.match(name)
-      path = os.path.join(self.parts_dir, name)
-      if not m:
+    names = sorted(filesystem.listdir(self.parts_dir))
+    for name in names:
+      if not _PART.match(name):
         raise InputError(f"unexpected entry {name!r}: only batch-<n>.jsonl parts belong here", path=self.parts_dir)
-      recs = self._read_part(path)
-      batch = int(m.group(1))
+    paths = [os.path.join(self.parts_dir, name) for name in names]
+    for name, path, recs in zip(names, paths, _read_parts(paths)):
+      batch = int(_PART.match(name).group(1))
       ids = [str(r.get("query_id")) for r in recs]
       if any(int(r["batch"]) != batch for r in recs):
         raise InputError(f"holds rows of another batch than {batch}", path=path)
@@ -202,24 +203,6 @@ class ResultsStore:
       self._completed[batch] = len(recs)
       self._query_ids[batch] = ids
       self._parts[batch] = path
-
-  @staticmethod
-  def _read_part(path: str) -> list[dict]:
-    with filesystem.open(path) as f:
-      lines = f.read().split("\n")
-    recs = []
-    for lineno, raw in enumerate(lines[:-1], start=1):
-      try:
-        rec = json.loads(raw)
-        pos, of = int(rec["pos"]), int(rec["of"])
-      except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"unreadable result line ({e}); the part is corrupt", path=path, line=lineno) from e
-      if pos != len(recs) or of != len(lines) - 1:
-        raise InputError(f"row {pos} of {of} at line {lineno}; the part is corrupt", path=path, line=lineno)
-      recs.append(rec)
-    if lines[-1] or not recs:
-      raise InputError("incomplete part; the part is corrupt", path=path)
-    return recs
 
   @property
   def completed_batches(self) -> set[int]:
@@ -275,8 +258,8 @@ class ResultsStore:
     if filesystem.exists(self.results_path):
       with filesystem.open(self.results_path) as f:
         recs.extend(json.loads(line) for line in f)
-    for path in self._parts.values():
-      recs.extend(self._read_part(path))
+    for part in _read_parts(list(self._parts.values())):
+      recs.extend(part)
     recs.sort(key=lambda r: (r["batch"], r["pos"]))
     return recs
 
@@ -314,6 +297,33 @@ class ResultsStore:
     path = os.path.join(self.out_dir, METRICS_FILE)
     _write_json(path, dict(metrics))
     return path
+
+
+def _read_part(path: str) -> list[dict]:
+  with filesystem.open(path) as f:
+    lines = f.read().split("\n")
+  recs = []
+  for lineno, raw in enumerate(lines[:-1], start=1):
+    try:
+      rec = json.loads(raw)
+      pos, of = int(rec["pos"]), int(rec["of"])
+    except (ValueError, KeyError, TypeError) as e:
+      raise InputError(f"unreadable result line ({e}); the part is corrupt", path=path, line=lineno) from e
+    if pos != len(recs) or of != len(lines) - 1:
+      raise InputError(f"row {pos} of {of} at line {lineno}; the part is corrupt", path=path, line=lineno)
+    recs.append(rec)
+  if lines[-1] or not recs:
+    raise InputError("incomplete part; the part is corrupt", path=path)
+  return recs
+
+
+def _read_parts(paths: Sequence[str]) -> list[list[dict]]:
+  """Every part's rows, in order. An object store answers each read after tens of milliseconds, so a resumed or
+  finished job of thousands of batches reads them 16 at a time."""
+  if len(paths) < 2:
+    return [_read_part(p) for p in paths]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+    return list(pool.map(_read_part, paths))
 
 
 def process_batches(store: ResultsStore, batches: Iterable[int],
