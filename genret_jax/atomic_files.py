@@ -103,6 +103,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     f.write(data)
 
 
+def write_with(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+  """Whole or not at all, for a library that writes a file by name (safetensors' `save_file`): `write` gets the
+  temporary file's path."""
+  with atomic_open(path, "wb", opener=lambda tmp, mode: contextlib.nullcontext(tmp)) as tmp:
+    write(tmp)
+
+
 def write_json(path: str | os.PathLike, obj: Any, **dump_kwargs) -> None:
   with atomic_open(path) as f:
     json.dump(obj, f, **dump_kwargs)

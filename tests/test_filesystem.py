@@ -257,3 +257,24 @@ def test_training_with_a_remote_model_dir_writes_its_own_files_there(remote, tmp
   assert filesystem.listdir(f"{remote}/checkpoints_data") == ["4"]   # step 2's position pruned on the store
   assert {"model.gin", "vocabulary.json"} <= set(filesystem.listdir(remote))
   assert os.path.isdir(tmp_path / "orbax" / remote.split("://")[1] / "checkpoints" / "4")
+
+
+def test_hf_export_to_remote(remote, tmp_path):
+  """`convert-hf --to_hf --out gs://...`: the exported config.json and model.safetensors on the store are the bytes
+  of a local export (both were written with pathlib, so a URL became a local `gs:` directory)."""
+  import jax
+
+  from genret_jax import cli
+  from genret_jax.models import model_api
+  from genret_jax.models.t5 import T5Config
+  model = model_api.EncoderDecoderModel(T5Config(vocab_size=128, d_model=32, num_heads=2, head_dim=16, d_ff=64,
+                                                 num_encoder_layers=1, num_decoder_layers=1, dtype="float32"))
+  ckpt = str(tmp_path / "ckpt")
+  params_io.save_params(ckpt, model.init(jax.random.key(0)), model_gin=toy_tasks.tiny_t5_model_gin(128)
+                        + "models.get_model.model = %MODEL\n")
+  for out in (str(tmp_path / "hf"), f"{remote}/hf"):
+    assert cli.main(["convert-hf", "--to_hf", "--checkpoint", ckpt, "--out", out]) == 0
+  for name in ("config.json", "model.safetensors"):
+    with filesystem.open(f"{remote}/hf/{name}", "rb") as f:
+      assert f.read() == (tmp_path / "hf" / name).read_bytes(), name
+  assert sorted(filesystem.listdir(f"{remote}/hf")) == ["config.json", "model.safetensors"]

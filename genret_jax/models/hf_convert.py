@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from genret_jax import filesystem
+from genret_jax import atomic_files, filesystem
 from genret_jax.errors import InputError
 from genret_jax.models.llama import LlamaConfig
 from genret_jax.models.t5 import T5Config
@@ -457,15 +457,17 @@ def load_hf(hf_dir: str | os.PathLike, **config_overrides) -> tuple[Any, dict]:
 
 
 def save_hf(params: dict, config, out_dir: str | os.PathLike) -> None:
-  """config.json + model.safetensors loadable by `AutoModel*.from_pretrained(out_dir)`."""
+  """config.json + model.safetensors loadable by `AutoModel*.from_pretrained(out_dir)`; `out_dir` may be a URL
+  (gs://: a pod's model exported next to it), each file written whole (`atomic_files`)."""
   from safetensors.numpy import save_file
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = filesystem.abspath(out_dir)
+  filesystem.makedirs(out)
   sd = params_to_hf(params, config)
   if config.tie_word_embeddings and isinstance(config, LlamaConfig):
     sd.pop("lm_head.weight", None)
-  (out / "config.json").write_text(json.dumps(hf_config_from(config), indent=2))
-  save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+  atomic_files.write_text(os.path.join(out, "config.json"), json.dumps(hf_config_from(config), indent=2))
+  atomic_files.write_with(os.path.join(out, "model.safetensors"),
+                          lambda path: save_file(sd, path, metadata={"format": "pt"}))
 
 
 # ---- gin + orbax -----------------------------------------------------------------------------------------------
