@@ -98,6 +98,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Output paths that are files, directories or unwritable: the OS's reason and the path, one line.
     print(f"genret {name}: error: {e.filename}: {e.strerror}", file=sys.stderr)
     return 2
+  except Exception as e:   # pylint: disable=broad-except
+    # A gs:// path (tf.io.gfile) that cannot be reached: no such bucket, no permission, a scheme TensorFlow does
+    # not know. TensorFlow's errors are not OSErrors; their message names the path.
+    if not _is_tensorflow_op_error(e):
+      raise
+    print(f"genret {name}: error: {e.message.splitlines()[0]}", file=sys.stderr)
+    return 2
+
+
+def _is_tensorflow_op_error(e: BaseException) -> bool:
+  """isinstance(e, tf.errors.OpError) without importing TensorFlow (commands that never touched it)."""
+  return any(c.__name__ == "OpError" and c.__module__.startswith("tensorflow.") for c in type(e).__mro__) and \
+      isinstance(getattr(e, "message", None), str)
 
 
 if __name__ == "__main__":

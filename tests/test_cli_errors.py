@@ -95,3 +95,13 @@ def test_unknown_task_is_named_before_model_dir_is_made(tmp_path, capsys, caplog
   assert "config key MIXTURE_OR_TASK_NAME: no seqio task or mixture named 'nope_task'" in err
   assert not model_dir.exists()
   assert not [r for r in caplog.records if "Available mixture" in r.getMessage()]
+
+
+def test_unreachable_object_store_paths_are_one_line(capsys):
+  """A URL tf.io.gfile cannot reach (here a scheme TensorFlow does not implement; on a pod: no such bucket, no
+  permission) was a traceback from inside TensorFlow: its errors are not OSErrors."""
+  assert _error(capsys, "report", "s3://bucket/run") == \
+      "genret report: error: File system scheme 's3' not implemented (file: 's3://bucket/run')"
+  err = _error(capsys, "retrieve", "--gin_file=runs/infer.gin", '--gin.CHECKPOINT_PATH="s3://bucket/run"',
+               '--gin.MIXTURE_OR_TASK_NAME="any"')
+  assert err.startswith("genret retrieve: error: ") and "s3://bucket/run" in err, err
