@@ -259,9 +259,10 @@ def test_training_with_a_remote_model_dir_writes_its_own_files_there(remote, tmp
   assert os.path.isdir(tmp_path / "orbax" / remote.split("://")[1] / "checkpoints" / "4")
 
 
-def test_hf_export_to_remote(remote, tmp_path):
+def test_hf_export_to_and_import_from_remote(remote, tmp_path):
   """`convert-hf --to_hf --out gs://...`: the exported config.json and model.safetensors on the store are the bytes
-  of a local export (both were written with pathlib, so a URL became a local `gs:` directory)."""
+  of a local export (both were written with pathlib, so a URL became a local `gs:` directory); `--hf_dir gs://...`
+  imports them back."""
   import jax
 
   from genret_jax import cli
@@ -278,3 +279,22 @@ def test_hf_export_to_remote(remote, tmp_path):
     with filesystem.open(f"{remote}/hf/{name}", "rb") as f:
       assert f.read() == (tmp_path / "hf" / name).read_bytes(), name
   assert sorted(filesystem.listdir(f"{remote}/hf")) == ["config.json", "model.safetensors"]
+  # And back from the store (`--hf_dir gs://...`): the same params; a bad file there is named by its URL.
+  assert cli.main(["convert-hf", "--hf_dir", f"{remote}/hf", "--out", str(tmp_path / "back"), "--dtype",
+                   "float32"]) == 0
+  jax.tree.map(np.testing.assert_array_equal, params_io.restore_params(str(tmp_path / "back")),
+               params_io.restore_params(ckpt))
+  atomic_files.write_text(f"{remote}/bad/config.json", "{not json")
+  with pytest.raises(InputError, match=f"^{remote}/bad/config.json:1: invalid JSON"):
+    hf_convert_run(["--hf_dir", f"{remote}/bad", "--out", str(tmp_path / "x")])
+  with pytest.raises(InputError, match=f"^{remote}/none: no such directory"):
+    hf_convert_run(["--hf_dir", f"{remote}/none", "--out", str(tmp_path / "x")])
+
+
+def hf_convert_run(argv):
+  import argparse
+
+  from genret_jax.models import hf_convert
+  parser = argparse.ArgumentParser()
+  hf_convert.add_arguments(parser)
+  return hf_convert.run(parser.parse_args(argv))

@@ -13,11 +13,14 @@ the head axes split/merged. HF LLaMA's rotate-half RoPE is implemented as is, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, NoReturn
+import shutil
+import tempfile
+from typing import Any, Iterator, NoReturn
 
 import numpy as np
 
@@ -43,6 +46,29 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise InputError(f"invalid JSON: {e.msg}", path=str(path), line=e.lineno) from e
+
+
+@contextlib.contextmanager
+def _local_copy(hf_dir: str | os.PathLike) -> Iterator[str]:
+  """`hf_dir` itself, or for a URL (gs://) its config, index and weight files copied to a local temporary directory:
+  safetensors and torch read local files. Errors about those files name the URL."""
+  if not filesystem.is_remote(hf_dir):
+    yield os.fspath(hf_dir)
+    return
+  url = filesystem.abspath(hf_dir)
+  if not filesystem.isdir(url):
+    raise InputError("no such directory", path=url)
+  with tempfile.TemporaryDirectory(prefix="genret-hf-") as tmp:
+    for name in filesystem.listdir(url):
+      if name.endswith((".json", ".safetensors", ".bin")):
+        with filesystem.open(os.path.join(url, name), "rb") as src, open(os.path.join(tmp, name), "wb") as dst:
+          shutil.copyfileobj(src, dst, 16 << 20)
+    try:
+      yield tmp
+    except InputError as e:
+      if e.path is None or not e.path.startswith(tmp):
+        raise
+      raise InputError(e.message, path=url + e.path[len(tmp):], line=e.line, key=e.key) from None
 
 
 def read_hf_weights(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -518,7 +544,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
   if not args.hf_dir:
     raise InputError("--hf_dir is required (or --to_hf)", key="--hf_dir")
-  config, params = load_hf(args.hf_dir, dtype=args.dtype, scan_layers=args.scan_layers)
+  with _local_copy(args.hf_dir) as hf_dir:
+    config, params = load_hf(hf_dir, dtype=args.dtype, scan_layers=args.scan_layers)
   # The one params format (params_io): `genret train --gin.INITIAL_CHECKPOINT_PATH`, retrieve and cgl read it.
   params_io.save_params(args.out, params, model_gin=gin_for_config(config))
   print(f"wrote {args.out}/params (orbax) and {args.out}/model.gin ({config.family})")
