@@ -298,3 +298,15 @@ def hf_convert_run(argv):
   parser = argparse.ArgumentParser()
   hf_convert.add_arguments(parser)
   return hf_convert.run(parser.parse_args(argv))
+
+
+def test_lines_from_remote_plain_and_gzip(remote):
+  """The line reader under every corpus, results.csv and id file reads URLs, gzip included, with line numbers."""
+  from genret_jax.corpora.lines import iter_lines
+  atomic_files.write_bytes(f"{remote}/a.tsv", "x\tñ\r\ny\n".encode())
+  atomic_files.write_bytes(f"{remote}/a.tsv.gz", gzip.compress(b"one\ntwo\n\xff\n"))
+  assert list(iter_lines(f"{remote}/a.tsv")) == [(1, "x\tñ"), (2, "y")]
+  with pytest.raises(InputError, match=r"a.tsv.gz:3: not valid UTF-8"):
+    list(iter_lines(f"{remote}/a.tsv.gz"))
+  with pytest.raises(InputError, match="file not found"):
+    list(iter_lines(f"{remote}/none.tsv"))

@@ -306,7 +306,7 @@ def _read_part(path: str) -> list[dict]:
   for lineno, raw in enumerate(lines[:-1], start=1):
     try:
       rec = json.loads(raw)
-      pos, of = int(rec["pos"]), int(rec["of"])
+      pos, of, _ = int(rec["pos"]), int(rec["of"]), int(rec["batch"])
     except (ValueError, KeyError, TypeError) as e:
       raise InputError(f"unreadable result line ({e}); the part is corrupt", path=path, line=lineno) from e
     if pos != len(recs) or of != len(lines) - 1:
