@@ -23,19 +23,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--output", required=True, help="Directory to save the scheme in.")
 
 
-def run(args: argparse.Namespace) -> int:
-  from genret_jax import corpora, identifiers
-  from genret_jax.corpora import default as default_corpus
-  check_seed(args.seed, "--seed")
+def parse_scheme_config(text: str) -> dict:
+  """The --scheme_config flag's JSON object (`build-ids`, `build-vocab`)."""
   try:
-    cfg = json.loads(args.scheme_config)
+    cfg = json.loads(text)
   except json.JSONDecodeError as e:
     raise InputError(f"--scheme_config is not JSON: {e.msg}", key="scheme_config") from e
   if not isinstance(cfg, dict):
     raise InputError("--scheme_config must be a JSON object", key="scheme_config")
+  return cfg
+
+
+def load_collection(args: argparse.Namespace):
+  """The --corpus flag's collection: `default` (the embedded corpus) or a path read as --format."""
+  from genret_jax import corpora
+  from genret_jax.corpora import default as default_corpus
+  return default_corpus.load_default() if args.corpus == "default" else corpora.load(args.corpus, format=args.format)
+
+
+def run(args: argparse.Namespace) -> int:
+  from genret_jax import identifiers
+  check_seed(args.seed, "--seed")
+  cfg = parse_scheme_config(args.scheme_config)
   identifiers.scheme_class(args.scheme).make_config(**cfg)   # before the corpus is read
-  collection = (default_corpus.load_default() if args.corpus == "default"
-                else corpora.load(args.corpus, format=args.format))
+  collection = load_collection(args)
   scheme = identifiers.build(args.scheme, collection, seed=args.seed, **cfg)
   path = scheme.save(args.output)
   print(json.dumps({

@@ -174,17 +174,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from genret_jax import corpora, identifiers
-  from genret_jax.corpora import default as default_corpus
+  from genret_jax import identifiers
+  from genret_jax.identifiers.build_ids import load_collection, parse_scheme_config
   check_seed(args.seed, "--seed")
-  try:
-    cfg = json.loads(args.scheme_config)
-  except json.JSONDecodeError as e:
-    raise InputError(f"--scheme_config is not JSON: {e.msg}", key="scheme_config") from e
-  if not isinstance(cfg, dict):
-    raise InputError("--scheme_config must be a JSON object", key="scheme_config")
-  collection = (default_corpus.load_default() if args.corpus == "default"
-                else corpora.load(args.corpus, format=args.format))
+  cfg = parse_scheme_config(args.scheme_config)
+  collection = load_collection(args)
   if args.scheme and os.path.isdir(args.scheme):
     scheme = identifiers.load(args.scheme, collection)
   elif args.scheme:
