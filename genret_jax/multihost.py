@@ -10,7 +10,8 @@ exchange how it went, so that a failure or a disagreement stops every process wi
   `fn` has succeeded everywhere);
 * `from_process_0(fn)`: process 0's result on every process (what only one process may do: write a file);
 * `host_array(x)`: a global array as numpy on every process (`jax.device_get` refuses rows on another host);
-* `place_global(arr, sharding)`: a numpy array every process holds whole, as a global array.
+* `place_global(arr, sharding)`: a numpy array every process holds whole, as a global array;
+* `check_shared_directory(path)`: that every process sees the directory process 0 writes.
 
 With one process each is `fn()` (or `jax.device_get`), with no collective and no pickling.
 """
@@ -112,6 +113,48 @@ def from_process_0(fn: Callable[[], Any], *, what: str = "its step") -> Any:
   if not ok:
     raise InputError(f"process 0 failed {what}: {value}")
   return value
+
+
+def check_shared_directory(path: str, *, key: str, tries: int = 5) -> None:
+  """Stops every process with one line, naming the config key, when some process does not see the directory that
+  process 0 writes: a marker file process 0 writes there must be readable everywhere. Checkpoints of several hosts
+  (orbax) and the files one process writes for the others need one directory every host sees, a gs:// URL or a
+  shared mount; a path local to each host otherwise failed deep inside orbax or hung. A shared filesystem may show
+  a new file a moment late (NFS attribute caches), so a miss is retried for about `tries` seconds."""
+  if jax.process_count() == 1:
+    return
+  import os
+  import time
+  import uuid
+
+  from genret_jax import atomic_files, filesystem
+
+  def write() -> str:
+    token = uuid.uuid4().hex
+    atomic_files.write_text(os.path.join(path, f".genret_shared_{token}"), token)
+    return token
+
+  # Process 0's token, looked for in each process's own `path` (a relative path names another directory on each
+  # host).
+  token = from_process_0(write, what=f"writing a marker file into {path}")
+  marker = os.path.join(path, f".genret_shared_{token}")
+
+  def sees() -> bool:
+    for attempt in range(tries):
+      if filesystem.exists(marker):
+        with filesystem.open(marker) as f:
+          if f.read() == token:
+            return True
+      if attempt + 1 < tries:
+        time.sleep(1.0)
+    return False
+
+  seen = on_every_process(sees, what=f"looking for process 0's marker file in {path}")
+  from_process_0(lambda: filesystem.remove(marker), what=f"removing the marker file from {path}")
+  blind = [p for p, ok in enumerate(seen) if not ok]
+  if blind:
+    raise InputError(f"processes {blind} do not see the directory process 0 writes ({path}): every host must see "
+                     "one directory, a gs:// URL or a shared filesystem", key=key)
 
 
 def place_global(arr: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

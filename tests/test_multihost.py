@@ -92,6 +92,26 @@ def test_processes_given_another_config_stop_before_training(tmp_path):
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_model_dir_one_host_cannot_see_stops_every_process(tmp_path):
+  """The same relative MODEL_DIR in two working directories (a path local to each host, as on a pod without a
+  shared mount): both processes stop with one line naming MODEL_DIR before training, where orbax's multi-host
+  save failed deep inside or hung."""
+  gin_path = tmp_path / "toy.gin"
+  gin_path.write_text(toy_tasks.train_gin(steps=STEPS, mesh_data=-1))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+             JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  argv = [sys.executable, "-m", "genret_jax.cli", "train", f"--gin_file={gin_path}", '--gin.train.model_dir="run"']
+  cwds = [tmp_path / "host0", tmp_path / "host1"]
+  for d in cwds:
+    d.mkdir()
+  outs, codes = toy_tasks.run_processes([argv, argv], cwds, [env, env], timeout=200)
+  assert codes == [2, 2], outs
+  for out in outs:
+    assert "config key MODEL_DIR: processes [1] do not see the directory process 0 writes" in out, out[-2000:]
+  for d in cwds:
+    assert os.listdir(d / "run") == []   # the marker is gone again, nothing trained
+
+
 def test_preemption_notice_on_one_host_checkpoints_every_host_at_one_step(tmp_path):
   """SIGTERM to one process only (hosts get their notices at different times): JAX's preemption service agrees a
   step, both processes checkpoint at it and exit 143, and the restart resumes from it on both."""

@@ -120,6 +120,16 @@ def test_two_process_sweep_equals_one_process_and_only_process_0_writes(tmp_path
   assert os.listdir(tmp_path / "host1" / "sweep") == ["models"]
 
 
+def test_a_models_directory_one_host_cannot_see_stops_every_process(tmp_path, env):
+  """Host 1 without the link to host 0's `sweep/models`: both stop with one line before any model trains."""
+  outs, codes = _two_hosts(tmp_path, env, [_argv(), _argv()], timeout=120)
+  assert codes == [2, 2], outs
+  for o in outs:
+    assert "processes [1] do not see the directory process 0 writes" in o, o[-3000:]
+    assert "training + evaluation" not in o
+  assert os.listdir(tmp_path / "host0" / "sweep" / "models") == []
+
+
 def test_processes_given_different_sweeps_stop(tmp_path, env):
   outs, codes = _two_hosts(tmp_path, env, [_argv(), _argv("--gin.SweepConfig.num_negatives=8")], timeout=120)
   assert codes == [2, 2], outs

@@ -186,6 +186,8 @@ class Sweep:
       filesystem.makedirs(os.path.join(self.out_dir, "models"))
 
     multihost.from_process_0(make_dirs, what="creating the sweep directory")
+    # Each model's MODEL_DIR: checked here, before the task artefacts are built, not at the first model's training.
+    multihost.check_shared_directory(os.path.join(self.out_dir, "models"), key="--output_dir (its models/)")
     import tasks  # noqa: F401  (registers the seqio tasks)
     path = cfg.collection_path
     if path.startswith("shared:"):   # portable configs: a collection under ../shared/data or $GENRET_SHARED_DATA

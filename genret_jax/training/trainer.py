@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from genret_jax import atomic_files, filesystem, gin_utils
+from genret_jax import atomic_files, filesystem, gin_utils, multihost
 from genret_jax.errors import InputError, check_int
 from genret_jax.models import params_io, partitioning
 from genret_jax.training import checkpoints as ckpt_lib
@@ -366,6 +366,7 @@ def train(*,
   tx = optimizer if optimizer is not None else optimizers.make_optimizer(learning_rate=schedule)
   model_dir = filesystem.abspath(model_dir)   # gs://... stays a URL (os.makedirs made a local ./gs:/... of it)
   filesystem.makedirs(model_dir)
+  multihost.check_shared_directory(model_dir, key="MODEL_DIR")
   converter = data_lib.feature_converter_for(model.family, pack=pack)
   # Dropout keys fold the step into their own stream: folded into key(seed) itself, step 1's key was the one
   # `initial_rngs` splits for the init keys.
