@@ -176,20 +176,29 @@ def test_sharded_batch_equals_unsharded():
     np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)))
 
 
-def test_t5_per_query_encoder_cache_equals_cache_repeated_per_beam():
-  """T5 keeps the projected encoder keys/values once per query (`cache["per_query"]`); folding the beams
-  into cross-attention's query axis must give the search it gives with those leaves repeated per beam."""
+@pytest.mark.parametrize("family", ["t5", "llama"])
+def test_per_query_cache_equals_cache_repeated_per_beam(family):
+  """T5 keeps the projected encoder keys/values and LLaMA its prefilled prompt once per query
+  (`cache["per_query"]`); folding the beams into attention's query axis for them must give the search it gives
+  with those leaves repeated per beam (and reordered with the beams)."""
   import flax.traverse_util as tu
   import jax.numpy as jnp
-  from genret_jax.models.model_api import EncoderDecoderModel
+  from genret_jax.models.llama import LlamaConfig
+  from genret_jax.models.model_api import DecoderOnlyModel, EncoderDecoderModel
   from genret_jax.models.t5 import T5Config
 
-  cfg = T5Config(vocab_size=40, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_encoder_layers=1,
-                 num_decoder_layers=2, dtype="float32", param_dtype="float32")
-  model = EncoderDecoderModel(cfg)
-  params = model.init(jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 6), "decoder_input_tokens": (1, 4)})
+  if family == "t5":
+    model = EncoderDecoderModel(T5Config(vocab_size=40, d_model=16, num_heads=2, head_dim=8, d_ff=32,
+                                         num_encoder_layers=1, num_decoder_layers=2, dtype="float32",
+                                         param_dtype="float32"))
+    params = model.init(jax.random.PRNGKey(0), {"encoder_input_tokens": (1, 6), "decoder_input_tokens": (1, 4)})
+  else:   # grouped-query heads: the fold must keep each query head on its kv head
+    model = DecoderOnlyModel(LlamaConfig(vocab_size=40, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2,
+                                         head_dim=8, d_ff=32, dtype="float32"))
+    params = model.init(jax.random.PRNGKey(0), {"decoder_input_tokens": (1, 10)})
   inputs = np.array(jax.random.randint(jax.random.PRNGKey(1), (3, 6), 2, 40), np.int32)
-  inputs[:, 4:] = 0   # padding the cross-attention mask must hide in both layouts
+  inputs[:, 4:] = 0   # padding (T5's cross-attention mask, LLaMA's left-padded prompt) must hide in both layouts
+  inputs[1, 2:] = 0
   inputs[:, 3] = EOS
 
   @functools.partial(jax.jit, static_argnames=("shared",))

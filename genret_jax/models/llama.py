@@ -79,7 +79,7 @@ class DecoderLayer(nn.Module):
     h = L.RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="attention_norm")(x)
     h = L.Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dtype,
                     param_dtype=pdtype, dropout_rate=cfg.dropout_rate, scale_logits=True,
-                    decode=self.decode, cache_length=self.cache_length,
+                    decode=self.decode, cache_length=self.cache_length, decode_prefix=True,
                     name="attention")(h, h, mask, None, rotary, token_mask, deterministic=det)
     x = x + drop(h, deterministic=det)
     h = L.RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)

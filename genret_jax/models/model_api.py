@@ -9,9 +9,9 @@
 * `decode_init(params, inputs, max_decode_len) -> (cache, first_tokens [B])` and
   `tokens_to_logits(params, cache, tokens [N], step) -> (logits [N, V] float32, cache)`: every cache leaf has the
   flattened batch as leading axis; per-row positions live in the cache (`step` is informational). Leaves under
-  `cache["per_query"]` (T5's projected encoder keys/values) keep one row per query even when the search runs
-  N = B * K rows: they are the same for every beam of a query, so the beam search neither repeats nor gathers
-  them, and cross-attention folds the K beams into its query axis;
+  `cache["per_query"]` (T5's projected encoder keys/values, LLaMA's prefilled prompt) keep one row per query
+  even when the search runs N = B * K rows: they are the same for every beam of a query, so the beam search
+  neither repeats nor gathers them, and attention folds the K beams into its query axis for them;
 * `continuation_stats(params, cache, tokens [N, T], targets [N, T]) -> layers.TokenStats`: teacher-forced scoring
   of T tokens at once after a `decode_init` cache (CGL scores thousands of targets per query this way, the query
   run once);
@@ -179,8 +179,8 @@ def _cache_length(cache: Mapping[str, Any]) -> int:
   raise ValueError("cache has no key_mask leaf")
 
 
-# Cache leaves that depend only on the encoder output, hence are the same for every beam of a query.
-_PER_QUERY_LEAVES = ("cross_key", "cross_value", "cross_mask")
+# Cache leaves that are the same for every beam of a query: T5's projected encoder output, LLaMA's prompt.
+_PER_QUERY_LEAVES = ("cross_key", "cross_value", "cross_mask", "prefix_key", "prefix_value", "prefix_mask")
 
 
 def _split_per_query(cache: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -189,6 +189,19 @@ def _split_per_query(cache: Mapping[str, Any]) -> tuple[dict, dict]:
   rows = {k: v for k, v in flat.items() if k[-1] not in _PER_QUERY_LEAVES}
   shared = {k: v for k, v in flat.items() if k[-1] in _PER_QUERY_LEAVES}
   return flax.traverse_util.unflatten_dict(rows), flax.traverse_util.unflatten_dict(shared)
+
+
+def _merge_per_query(cache: Mapping[str, Any]) -> dict:
+  """The flax `cache` collection of a split cache (per-row leaves and `cache["per_query"]` together)."""
+  return flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(cache["cache"]),
+                                            **flax.traverse_util.flatten_dict(cache.get("per_query", {}))})
+
+
+def _rows_of(new_cache: Mapping[str, Any], cache: Mapping[str, Any]) -> dict:
+  """The per-row leaves of an updated flax cache, in the caller's split (the per-query leaves never change)."""
+  new = flax.traverse_util.flatten_dict(new_cache)
+  return flax.traverse_util.unflatten_dict({key: new[key] for key in flax.traverse_util.flatten_dict(
+      cache["cache"])})
 
 
 @gin.configurable(module="models")
@@ -234,25 +247,18 @@ class EncoderDecoderModel(BaseModel):
 
   def tokens_to_logits(self, params, cache, tokens, step):
     del step  # per-row positions are in the cache
-    rows = flax.traverse_util.flatten_dict(cache["cache"])
-    full = {**rows, **flax.traverse_util.flatten_dict(cache.get("per_query", {}))}
     with nn.logical_axis_rules(self.rules):
       logits, variables = self.module.apply(
-          {"params": params, "cache": flax.traverse_util.unflatten_dict(full)}, None, None, tokens[:, None],
+          {"params": params, "cache": _merge_per_query(cache)}, None, None, tokens[:, None],
           decoder_positions=cache["position"][:, None], decode=True, cache_length=_cache_length(cache),
           method=T5Transformer.decode, mutable=["cache"])
-    # The returned cache keeps the caller's split (the per-query leaves never change).
-    new = flax.traverse_util.flatten_dict(variables["cache"])
-    new_rows = flax.traverse_util.unflatten_dict({key: new[key] for key in rows})
-    return logits[:, 0], {**cache, "cache": new_rows, "position": cache["position"] + 1}
+    return logits[:, 0], {**cache, "cache": _rows_of(variables["cache"], cache), "position": cache["position"] + 1}
 
   def continuation_stats(self, params, cache, tokens, targets):
-    full = {**flax.traverse_util.flatten_dict(cache["cache"]),
-            **flax.traverse_util.flatten_dict(cache.get("per_query", {}))}
     positions = cache["position"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     with nn.logical_axis_rules(self.rules):
       stats, _ = self.module.apply(
-          {"params": params, "cache": flax.traverse_util.unflatten_dict(full)}, None, None, tokens,
+          {"params": params, "cache": _merge_per_query(cache)}, None, None, tokens,
           decoder_positions=positions, decode=True, cache_length=_cache_length(cache), targets=targets,
           method=T5Transformer.decode, mutable=["cache"])
     return stats
@@ -306,8 +312,10 @@ class DecoderOnlyModel(BaseModel):
     """Prefills the prompt `[0] + inputs[b, :n_b]` (0 = the shift-right start token of the feature converter).
 
     Prompts are left-padded to a common length Lin + 1, so every row's last prompt token sits in the same column:
-    the first Lin columns are prefilled (padding masked out of the cache), the last prompt token is returned as
-    `first_tokens`, and rotary positions count from each row's real start.
+    the first Lin columns are prefilled into the per-query prefix cache (`cache["per_query"]`, padding masked
+    out; never repeated per beam nor reordered, see layers.py), the last prompt token is returned as
+    `first_tokens`, and rotary positions count from each row's real start. The per-row cache holds
+    `max_decode_len` generated tokens.
     """
     inputs = jnp.asarray(inputs, jnp.int32)
     batch, lin = inputs.shape
@@ -318,28 +326,28 @@ class DecoderOnlyModel(BaseModel):
     valid = cols >= pad
     prompt = jnp.where(valid, jnp.take_along_axis(full, jnp.maximum(cols - pad, 0), axis=1), 0)
     positions = jnp.maximum(cols - pad, 0)
-    cache_length = lin + max_decode_len
     with nn.logical_axis_rules(self.rules):
-      _, variables = self.module.apply({"params": params}, prompt[:, :1], positions[:, :1], decode=True,
-                                       cache_length=cache_length, mutable=["cache"])
-      _, variables = self.module.apply({"params": params, "cache": variables["cache"]}, prompt[:, :lin],
-                                       positions[:, :lin], token_mask=valid[:, :lin], decode=True,
-                                       cache_length=cache_length, mutable=["cache"])
-    return {"cache": variables["cache"], "position": n}, prompt[:, lin]
+      _, variables = self.module.apply({"params": params}, prompt[:, :lin], positions[:, :lin],
+                                       token_mask=valid[:, :lin], decode=True, cache_length=max_decode_len,
+                                       mutable=["cache"])
+    rows, per_query = _split_per_query(variables["cache"])
+    return {"cache": rows, "per_query": per_query, "position": n}, prompt[:, lin]
 
   def tokens_to_logits(self, params, cache, tokens, step):
     del step  # per-row positions are in the cache
     with nn.logical_axis_rules(self.rules):
       logits, variables = self.module.apply(
-          {"params": params, "cache": cache["cache"]}, tokens[:, None], cache["position"][:, None], decode=True,
-          cache_length=_cache_length(cache), mutable=["cache"])
-    return logits[:, 0], {"cache": variables["cache"], "position": cache["position"] + 1}
+          {"params": params, "cache": _merge_per_query(cache)}, tokens[:, None], cache["position"][:, None],
+          decode=True, cache_length=_cache_length(cache), mutable=["cache"])
+    return logits[:, 0], {**cache, "cache": _rows_of(variables["cache"], cache),
+                          "position": cache["position"] + 1}
 
   def continuation_stats(self, params, cache, tokens, targets):
     positions = cache["position"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     with nn.logical_axis_rules(self.rules):
-      stats, _ = self.module.apply({"params": params, "cache": cache["cache"]}, tokens, positions, decode=True,
-                                   cache_length=_cache_length(cache), targets=targets, mutable=["cache"])
+      stats, _ = self.module.apply({"params": params, "cache": _merge_per_query(cache)}, tokens, positions,
+                                   decode=True, cache_length=_cache_length(cache), targets=targets,
+                                   mutable=["cache"])
     return stats
 
 

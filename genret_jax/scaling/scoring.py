@@ -18,10 +18,11 @@ Shared inputs (`share_inputs=True`, the default). CGL scores every query against
 so the same input recurs thousands of times. Rather than re-running the input through the model for each
 target, a batch holds `inputs_per_batch` slots of R = batch_size / inputs_per_batch target rows each; a slot's
 rows all continue one input (an input with more than R targets takes several slots). Each slot's input runs once
-through `decode_init` (T5: encoded, cross-attention keys/values projected; LLaMA: the prompt prefilled into the KV
-cache), the per-row cache is repeated R times, and `continuation_stats` scores all of a row's target tokens in one
-multi-token step. T5's projected encoder keys/values stay one row per slot: cross-attention folds the slot's R
-rows into its query axis (as beam search folds beams), so they are neither repeated nor gathered.
+through `decode_init` (T5: encoded, cross-attention keys/values projected; LLaMA: the prompt prefilled into the
+per-query prefix cache), the per-row cache is repeated R times, and `continuation_stats` scores all of a row's target
+tokens in one multi-token step. T5's projected encoder keys/values and LLaMA's prompt keys/values stay one row per
+slot: attention folds the slot's R rows into its query axis (as beam search folds beams), so they are neither
+repeated nor gathered.
 Both give the same numbers as the plain path (feature-converter batches through `score_batch`), which remains
 available (`share_inputs=False`) and is what tests compare against.
 """
