@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py --family both --rungs r0,r2
 	$(BIN)/python benchmarks/cgl_throughput.py --rungs r0,r5
 	$(BIN)/python benchmarks/decode_throughput.py --repeats 2 --write_docs
+	$(BIN)/python benchmarks/decode_throughput.py --parts peak trie --sizes llama42m --repeats 2 --write_docs
 	$(BIN)/python benchmarks/index_build.py --write_docs
 	$(BIN)/python benchmarks/bench_ngram_scoring.py
 	$(BIN)/python benchmarks/span_sampling.py --write_docs

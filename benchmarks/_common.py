@@ -30,6 +30,13 @@ T5_BENCH_SIZES = {
 }
 
 
+# A LLaMA-like prefix-LM the size of `base45m` (40.5M params, untied embeddings) for the decode benchmark's
+# decoder-only rows; fp32.
+LLAMA_BENCH_SIZES = {
+    "llama42m": dict(vocab_size=8192, d_model=512, num_layers=10, num_heads=8, num_kv_heads=8, d_ff=1408),
+}
+
+
 def python_command() -> str:
   """The interpreter as a doc's command line should name it: `.venv/bin/python` for the repository's venv, else the
   executable's name (e.g. `python3` on a lent GPU machine's bare image), so a recorded command says what ran."""
@@ -42,6 +49,15 @@ def bench_t5_config(size: str):
   """The `T5_BENCH_SIZES[size]` T5Config (tied embeddings, fp32 compute and params)."""
   from genret_jax.models.t5 import T5Config
   return T5Config(**T5_BENCH_SIZES[size], tie_word_embeddings=True, dtype="float32", param_dtype="float32")
+
+
+def bench_config(size: str):
+  """The config of a benchmark size: `bench_t5_config` for `T5_BENCH_SIZES`, a fp32 LlamaConfig for
+  `LLAMA_BENCH_SIZES`."""
+  if size in LLAMA_BENCH_SIZES:
+    from genret_jax.models.llama import LlamaConfig
+    return LlamaConfig(**LLAMA_BENCH_SIZES[size], dtype="float32", param_dtype="float32")
+  return bench_t5_config(size)
 
 
 def configure_host_malloc() -> str:

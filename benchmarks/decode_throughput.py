@@ -10,6 +10,9 @@
    8 new tokens, beams 1/5/20/50: ours (TrieConstraint / unconstrained) vs HF
    `generate(num_beams=k, prefix_allowed_tokens_fn=<dict trie>)` / unconstrained, timed interleaved.
    Top-k outputs are compared query by query (length penalty off on both sides).
+   `--sizes llama42m`: the same for a LLaMA-like prefix-LM (d_model 512, 10 layers, vocab 8,192, 40.5M params)
+   against `LlamaForCausalLM`, prompt [0] + the 32 input tokens; its tables go to their own section,
+   "## Decoding: decoder-only (LLaMA)", so a run of either family leaves the other's tables alone.
 3. n-gram decoding: tiny T5 with vocab 8,192 over SciFact (SentencePiece 8,192 trained on the corpus,
    cached), batch 32 SciFact queries, 10 new tokens, beams 1/5/20: ours SubstringConstraint (with
    `keep_history`, as retrieval runs it) vs ours unconstrained vs HF unconstrained; with the random
@@ -18,7 +21,7 @@
 
 Model FLOPs come from `genret_jax.models.accounting` (`decode_init_flops` per query + `decode_step_flops`
 per beam and step actually run). With --write_docs the tables replace the "## Decoding" section of
-docs/benchmarks.md (other sections are kept).
+docs/benchmarks.md (the LLaMA sizes' tables: "## Decoding: decoder-only (LLaMA)"; other sections are kept).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def parse_args(argv=None):
   p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
   p.add_argument("--beams", type=int, nargs="*", default=None, help="trie beams (default 1 5 20 50)")
   p.add_argument("--ngram_beams", type=int, nargs="*", default=None, help="n-gram beams (default 1 5 20)")
-  p.add_argument("--sizes", nargs="*", default=None, help="trie model sizes: tiny base45m")
+  p.add_argument("--sizes", nargs="*", default=None, help="trie model sizes: tiny base45m llama42m")
   p.add_argument("--parts", nargs="*", default=("peak", "trie", "ngram"))
   p.add_argument("--repeats", type=int, default=None, help="timed blocks per method (default 3; 1 with --quick)")
   p.add_argument("--block_seconds", type=float, default=0.5,
@@ -83,12 +86,14 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from _common import (MAX_BLOCK_CALLS, WARMUP_ROUNDS, bench_t5_config, cpu_model, demote_headings, interleaved,  # pylint: disable=g-import-not-at-top,wrong-import-position
-                     jax_matmul, jax_matmul_peak, python_command, round_ratio, torch_matmul_peak, write_section)
+from _common import (LLAMA_BENCH_SIZES, MAX_BLOCK_CALLS, WARMUP_ROUNDS, bench_config, cpu_model, demote_headings,  # pylint: disable=g-import-not-at-top,wrong-import-position
+                     interleaved, jax_matmul, jax_matmul_peak, python_command, round_ratio, torch_matmul_peak,
+                     write_section)
 from genret_jax.decoding import (SubstringConstraint, SuffixArrayIndex, TrieConstraint,  # pylint: disable=g-import-not-at-top,wrong-import-position
                                  beam_search, hypotheses)
 from genret_jax.models import accounting  # pylint: disable=g-import-not-at-top,wrong-import-position
-from genret_jax.models.model_api import EncoderDecoderModel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from genret_jax.models.llama import LlamaConfig  # pylint: disable=g-import-not-at-top,wrong-import-position
+from genret_jax.models.model_api import EncoderDecoderModel, model_for_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 # --- environment ------------------------------------------------------------------------------------
@@ -133,14 +138,30 @@ def matmul_peak(dev, n: int) -> dict:
 
 # --- models -------------------------------------------------------------------------------------------
 
+def is_llama(size: str) -> bool:
+  return size in LLAMA_BENCH_SIZES
+
+
 def build_models(size: str, dev, seed: int = 0):
   """(our config, model, params, HF model with the same weights)."""
   import torch
   import transformers
   from genret_jax.models import hf_convert
+  if is_llama(size):
+    cfg = bench_config(size)
+    model = model_for_config(cfg)
+    params = model.init(jax.random.PRNGKey(seed), {"decoder_input_tokens": (1, INPUT_LEN + 9)})
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_convert.hf_config_from(cfg)))
+    sd = hf_convert.params_to_hf(params, cfg)
+    missing, unexpected = hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
+                                             strict=False)
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+      raise RuntimeError(f"HF weight mapping: missing {missing}, unexpected {unexpected}")
+    return cfg, model, params, hf.to(dev).eval()
   # Tied embeddings (T5 v1.0 output: rescaled by d_model^-0.5): transformers 5 ties T5's lm_head to
   # `shared` whatever the config says (tests/test_hf_parity.py), so an untied model cannot be exported.
-  cfg = bench_t5_config(size)
+  cfg = bench_config(size)
   model = EncoderDecoderModel(cfg)
   params = model.init(jax.random.PRNGKey(seed),
                       {"encoder_input_tokens": (1, INPUT_LEN), "decoder_input_tokens": (1, 8)})
@@ -174,7 +195,10 @@ def make_search(model, max_decode_len: int, bias=None):
 def model_flops(cfg, batch: int, beams: int, steps: int) -> float:
   total = batch * accounting.decode_init_flops(cfg, INPUT_LEN).total
   for s in range(1, steps + 1):
-    total += batch * beams * accounting.decode_step_flops(cfg, s, INPUT_LEN).total
+    # T5: s self-attention keys + the encoded inputs; LLaMA: the INPUT_LEN prefilled prompt columns + s.
+    step = (accounting.decode_step_flops(cfg, INPUT_LEN + s) if isinstance(cfg, LlamaConfig)
+            else accounting.decode_step_flops(cfg, s, INPUT_LEN))
+    total += batch * beams * step.total
   return total
 
 
@@ -189,11 +213,11 @@ def dict_trie(ids) -> dict:
   return root
 
 
-def hf_prefix_fn(trie: dict):
+def hf_prefix_fn(trie: dict, prompt_len: int = 1):
   def allowed(batch_id, input_ids):
     del batch_id
     node = trie
-    for t in input_ids.tolist()[1:]:        # skip the decoder start token
+    for t in input_ids.tolist()[prompt_len:]:   # skip the decoder start token (T5) or the prompt (LLaMA)
       node = node.get(t)
       if node is None:
         return [PAD]
@@ -203,25 +227,28 @@ def hf_prefix_fn(trie: dict):
 
 def hf_generate(hf, inputs_t, mask_t, beams, max_new, prefix_fn, dev):
   import torch
+  start = {"decoder_start_token_id": 0} if hf.config.is_encoder_decoder else {}
   with torch.inference_mode():
     out = hf.generate(input_ids=inputs_t, attention_mask=mask_t, num_beams=beams, num_return_sequences=beams,
                       max_new_tokens=max_new, do_sample=False, length_penalty=0.0, early_stopping=False,
                       prefix_allowed_tokens_fn=prefix_fn, output_scores=True, return_dict_in_generate=True,
-                      decoder_start_token_id=0, pad_token_id=PAD, eos_token_id=EOS)
+                      pad_token_id=PAD, eos_token_id=EOS, **start)
   sync(dev)
   return out
 
 
 def hf_encode(hf, inputs_t, mask_t, dev):
-  """HF's encoder alone (its cross-attention K/V are computed in the first decode step)."""
+  """HF's encoder alone (its cross-attention K/V are computed in the first decode step); for a decoder-only
+  model its base model over the prompt (the prefill, without logits)."""
   import torch
+  encoder = hf.get_encoder() if hf.config.is_encoder_decoder else hf.model
   with torch.inference_mode():
-    out = hf.get_encoder()(input_ids=inputs_t, attention_mask=mask_t).last_hidden_state
+    out = encoder(input_ids=inputs_t, attention_mask=mask_t).last_hidden_state
   sync(dev)
   return out
 
 
-def hf_hypotheses(out, batch, beams):
+def hf_hypotheses(out, batch, beams, prompt_len: int = 1):
   seqs = out.sequences.cpu().numpy()
   scores = (out.sequences_scores.cpu().numpy() if getattr(out, "sequences_scores", None) is not None
             else np.zeros(len(seqs)))
@@ -229,7 +256,7 @@ def hf_hypotheses(out, batch, beams):
   for q in range(batch):
     hyps = []
     for j in range(beams):
-      s = seqs[q * beams + j, 1:].tolist()
+      s = seqs[q * beams + j, prompt_len:].tolist()
       if EOS in s:
         s = s[:s.index(EOS)]
       hyps.append((tuple(s), float(scores[q * beams + j])))
@@ -269,8 +296,8 @@ def agreement(ours, theirs, tol=1e-3):
   return same / n, tie / n, better, n - tie - better
 
 
-def hf_num_steps(out) -> int:
-  return int(out.sequences.shape[1] - 1)
+def hf_num_steps(out, prompt_len: int = 1) -> int:
+  return int(out.sequences.shape[1] - prompt_len)
 
 
 # --- benchmarks --------------------------------------------------------------------------------------
@@ -310,11 +337,14 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log, peak_n
     ids.add(tuple(int(x) for x in rng.integers(2, v, 6)))
   ids = sorted(ids)
   trie = TrieConstraint.build(ids, vocab_size=v, eos_id=EOS)
-  prefix_fn = hf_prefix_fn(dict_trie(ids))
   inputs = rng.integers(2, v, (batch, INPUT_LEN)).astype(np.int32)
   inputs[:, -1] = EOS
   inputs_j = jnp.asarray(inputs)
-  inputs_t = torch.from_numpy(inputs.astype(np.int64)).to(dev)
+  # HF's decoder-only prompt is ours: the start token 0, then the inputs (`DecoderOnlyModel.decode_init`).
+  hf_inputs = np.concatenate([np.zeros((batch, 1), np.int32), inputs], 1) if is_llama(size) else inputs
+  prompt_len = hf_inputs.shape[1] if is_llama(size) else 1
+  prefix_fn = hf_prefix_fn(dict_trie(ids), prompt_len)
+  inputs_t = torch.from_numpy(hf_inputs.astype(np.int64)).to(dev)
   mask_t = torch.ones_like(inputs_t)
   max_new = 8
   search = make_search(model, max_new)
@@ -330,7 +360,7 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log, peak_n
     def theirs(pfn):
       def fn():
         out = hf_generate(hf, inputs_t, mask_t, k, max_new, pfn, dev)
-        return hf_hypotheses(out, batch, k), hf_num_steps(out)
+        return hf_hypotheses(out, batch, k, prompt_len), hf_num_steps(out, prompt_len)
       return fn
 
     # The free search first: on a GPU the first program of a shape pays the model's GEMM autotuning (session 12:
@@ -520,9 +550,21 @@ def _better(row: dict, kind: str) -> str:
   return out + (f" ({bad} other)" if bad else "")
 
 
-def markdown(res: dict, command: str) -> str:
+SECTION, LLAMA_SECTION = "## Decoding", "## Decoding: decoder-only (LLaMA)"
+
+
+def sections(res: dict) -> list[str]:
+  """The docs sections a result has tables for: T5 trie sizes and the n-gram part go to SECTION, the LLaMA
+  sizes to LLAMA_SECTION."""
+  sizes = list(res.get("trie", {}))
+  out = [SECTION] if "ngram" in res or any(not is_llama(x) for x in sizes) else []
+  return out + ([LLAMA_SECTION] if any(is_llama(x) for x in sizes) else [])
+
+
+def markdown(res: dict, command: str, section: str = SECTION) -> str:
   env = res["env"]
-  out = ["## Decoding", "",
+  llama = section == LLAMA_SECTION
+  out = [section, "",
          f"Command: `{command}`  ", f"Machine: {env['cpu']}, {env['cores']} cores; jax {env['jax']} "
          f"({env['jax_backend']}: {env['jax_device']}), torch {env['torch']} ({env['torch_device']}, "
          f"{env['torch_threads']} threads), transformers {env['transformers']}"
@@ -546,8 +588,11 @@ def markdown(res: dict, command: str) -> str:
             f"{p['torch_gflops']:.0f} GFLOP/s.", ""]
   peak = res.get("peak", {}).get("jax_gflops")
   for size, block in res.get("trie", {}).items():
-    out += [f"### Trie (docids): T5 `{size}` ({block['params'] / 1e6:.1f}M params), 5,000 six-token "
-            "docids, batch 32, 8 new tokens", "",
+    if is_llama(size) != llama:
+      continue
+    model = (f"LLaMA prefix-LM `{size}` ({block['params'] / 1e6:.1f}M params), prompt {INPUT_LEN + 1} tokens" if llama
+             else f"T5 `{size}` ({block['params'] / 1e6:.1f}M params)")
+    out += [f"### Trie (docids): {model}, 5,000 six-token docids, batch 32, 8 new tokens", "",
             "| beams | ours q/s | HF q/s | ours/HF | ours GFLOP/s | HF GFLOP/s | ours % of jax peak | "
             "ours free q/s | HF free q/s | trie overhead ours / HF | top-k agree (exact / up to ties) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -570,11 +615,13 @@ def markdown(res: dict, command: str) -> str:
       if "init_bound" in r:
         frac = r.get("ours_init_peak_frac", r["ours_init_gflops"] / peak if peak else None)
         pk = f", {100 * frac:.0f}% of the jax peak" if frac is not None else ""
-        out += [f"Beam {r['beams']}, encoder alone (same rounds): ours `decode_init` (encoder + cross-attention K/V) "
-                f"{r['ours_init_ms']:.1f} ms at {r['ours_init_gflops']:.0f} GFLOP/s{pk}; HF's encoder "
+        what, theirs = (("prompt prefill", "HF's base model over the prompt") if llama
+                        else ("encoder + cross-attention K/V", "HF's encoder"))
+        out += [f"Beam {r['beams']}, {'prefill' if llama else 'encoder'} alone (same rounds): ours `decode_init` "
+                f"({what}) {r['ours_init_ms']:.1f} ms at {r['ours_init_gflops']:.0f} GFLOP/s{pk}; {theirs} "
                 f"{r['hf_encoder_ms']:.1f} ms. HF's trie call / our decode_init: {r['init_bound']:.2f}x, the most "
                 "ours/HF could read at this beam with free decode steps.", ""]
-  if "ngram" in res:
+  if "ngram" in res and not llama:
     m = res["ngram"]["meta"]
     out += ["### n-gram (SciFact suffix array): tiny T5, vocab 8,192, batch 32, 10 new tokens", "",
             f"Corpus: {m['docs']:,} documents, {m['corpus_tokens']:,} indexed tokens; tokenizer: "
@@ -620,12 +667,14 @@ def _first_calls(rows, methods) -> list[str]:
   return [f"First call (compile + one call), seconds, {' / '.join(methods)}: {per_beam}.", ""]
 
 
-def write_docs(text: str, gpu_card: str | None) -> None:
-  """The "## Decoding" section of docs/benchmarks.md; a GPU run writes its own "### GPU: <card>" subsection."""
-  body = text.split("\n", 1)[1]   # drop the "## Decoding" line
-  if gpu_card:
-    body = demote_headings(body)
-  write_section(str(ROOT / "docs" / "benchmarks.md"), "## Decoding", body, gpu_card)
+def write_docs(res: dict, command: str, gpu_card: str | None) -> None:
+  """The result's sections of docs/benchmarks.md (`sections`); a GPU run writes its own "### GPU: <card>"
+  subsection of each."""
+  for section in sections(res):
+    body = markdown(res, command, section).split("\n", 1)[1]   # drop the section's heading line
+    if gpu_card:
+      body = demote_headings(body)
+    write_section(str(ROOT / "docs" / "benchmarks.md"), section, body, gpu_card)
 
 
 def merge_results(paths) -> tuple[dict, str]:
@@ -656,11 +705,10 @@ def main(args) -> int:
   global PROFILE_DIR
   if args.from_json:
     res, command = merge_results(args.from_json)
-    text = markdown(res, command)
-    print(text)
+    print("\n".join(markdown(res, command, section) for section in sections(res)))
     if args.write_docs:
       env = res["env"]
-      write_docs(text, f"{env['jax_device']} (jax) / {env['torch_device']} (torch)"
+      write_docs(res, command, f"{env['jax_device']} (jax) / {env['torch_device']} (torch)"
                  if env["jax_backend"] != "cpu" else None)
     return 0
   quick = args.quick
@@ -710,17 +758,16 @@ def main(args) -> int:
   if "trie" in args.parts:
     res["trie"] = {}
     for size in sizes:
-      res["trie"][size] = {"rows": [], "params": accounting.count_params(bench_t5_config(size)).total}
+      res["trie"][size] = {"rows": [], "params": accounting.count_params(bench_config(size)).total}
       bench_trie(size, beams, repeats, args.block_seconds, args.batch, dev, log, 1024 if quick else 2048)
   res["load_end"] = loadavg()
   res["command"] = command
   if args.json_out:
     pathlib.Path(args.json_out).write_text(json.dumps(res, indent=2))
-  text = markdown(res, command)
-  print(text)
+  print("\n".join(markdown(res, command, section) for section in sections(res)))
   if args.write_docs:
     on_gpu = args.device == "gpu" and jax.default_backend() != "cpu"
-    write_docs(text, f"{res['env']['jax_device']} (jax) / {tname} (torch)" if on_gpu else None)
+    write_docs(res, command, f"{res['env']['jax_device']} (jax) / {tname} (torch)" if on_gpu else None)
   return 0
 
 

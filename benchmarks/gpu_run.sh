@@ -4,6 +4,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh [seconds, default 580: give the call a 600 s limit]
 #   STEPS="decode_trie decode_ngram" NGRAM_BEAMS="20 1" OUT=... bash benchmarks/gpu_run.sh 480   # these steps, in order
+#   STEPS=decode_llama ...   # the LLaMA prefix-LM decode rows (not in the default steps)
 #   NGRAM_VARIANTS="enum_iters=64 topk_block=0"   # biased n-gram settings also timed in the same rounds (default
 #       none; session 15 timed these two, the settings before session 13's accelerator defaults, on an H100)
 #
@@ -93,6 +94,9 @@ run_step() {
         --sizes tiny --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie_tiny.json"
       step decode_trie_base45m 330 python3 benchmarks/decode_throughput.py --device gpu --parts trie \
         --sizes base45m --beams 20 1 --repeats 2 --json_out "$WORK/decode_trie_base45m.json" ;;
+    decode_llama)   # not in the default STEPS (the budget): STEPS=decode_llama; merged into its own section
+      step decode_llama 330 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie \
+        --sizes llama42m --beams 20 1 --repeats 2 --json_out "$WORK/decode_llama.json" ;;
     cgl) step cgl 80 python3 benchmarks/cgl_throughput.py --device gpu --rungs r0,r5 --repeats 2 --ref_seconds 2 ;;
     train) step train 220 python3 benchmarks/train_throughput.py --device gpu --family both --rungs r0,r2 \
       --seconds 3 --repeats 3 ;;
