@@ -177,10 +177,11 @@ def test_sharded_batch_equals_unsharded():
 
 
 @pytest.mark.parametrize("family", ["t5", "llama"])
-def test_per_query_cache_equals_cache_repeated_per_beam(family):
+def test_per_query_and_in_place_cache_equal_cache_repeated_and_reordered(family):
   """T5 keeps the projected encoder keys/values and LLaMA its prefilled prompt once per query
-  (`cache["per_query"]`); folding the beams into attention's query axis for them must give the search it gives
-  with those leaves repeated per beam (and reordered with the beams)."""
+  (`cache["per_query"]`), and both keep the self-attention keys/values where each beam wrote them
+  (`cache["in_place"]`, read through `cache_rows`); the search must equal the one with every leaf repeated per
+  beam and reordered with the beams."""
   import flax.traverse_util as tu
   import jax.numpy as jnp
   from genret_jax.models.llama import LlamaConfig
@@ -205,8 +206,10 @@ def test_per_query_cache_equals_cache_repeated_per_beam(family):
   def search(params, inputs, shared):
     cache, first = model.decode_init(params, inputs, 5)
     assert cache["per_query"] and all(x.shape[0] == 3 for x in jax.tree.leaves(cache["per_query"]))
+    assert cache["in_place"]
     if not shared:
-      merged = {**tu.flatten_dict(cache["cache"]), **tu.flatten_dict(cache["per_query"])}
+      merged = {**tu.flatten_dict(cache["cache"]), **tu.flatten_dict(cache["in_place"]),
+                **tu.flatten_dict(cache["per_query"])}
       cache = {"cache": tu.unflatten_dict(merged), "position": cache["position"]}
     return beam_search(functools.partial(model.tokens_to_logits, params), cache, first, num_beams=4,
                        max_decode_len=5, eos_id=EOS, pad_id=PAD)

@@ -12,7 +12,8 @@ every beam has finished or died). Each step:
      (`sparse_candidate_top_k`): no [B*K, V] mask is written and scanned;
   4. candidates ending in EOS (or reaching max length, where the constraint accepts that) join the
      finished pool with score = log_prob / ((5 + length) / 6) ** alpha (length counts EOS);
-     the best K others become the live beams; the KV cache and constraint state are gathered to them;
+     the best K others become the live beams; the per-row cache (except its keys/values, which stay in
+     place, `IN_PLACE`) and the constraint state are gathered to them;
   5. with `keep_history`, every valid non-EOS candidate is written to a fixed-size history buffer
      (the reference's `keep_history` keys, without its defects 15-16: masked before the top-k, no
      invalid entries, every entry a distinct n-gram).
@@ -87,13 +88,17 @@ def _gather_beams(tree: PyTree, idx: jax.Array, batch: int, width: int) -> PyTre
 
 # Cache entry whose leaves keep one row per query (the same for every beam): never repeated or gathered.
 PER_QUERY = "per_query"
+# Cache entry whose leaves have one row per beam but are never gathered: the model leaves them where each row wrote
+# them and reads a reordered beam's history through per-row indices it keeps in the gathered entries
+# (models/layers.py, `cache_rows`).
+IN_PLACE = "in_place"
 
 
-def _map_beam_rows(fn: Callable[[PyTree], PyTree], cache: PyTree) -> PyTree:
-  """Applies `fn` to the cache except its per-query entry (see `PER_QUERY`)."""
-  if isinstance(cache, dict) and PER_QUERY in cache:
-    rest = fn({key: val for key, val in cache.items() if key != PER_QUERY})
-    return {**rest, PER_QUERY: cache[PER_QUERY]}
+def _map_beam_rows(fn: Callable[[PyTree], PyTree], cache: PyTree, keep: tuple[str, ...]) -> PyTree:
+  """Applies `fn` to the cache except its entries named in `keep`."""
+  if isinstance(cache, dict) and any(key in cache for key in keep):
+    rest = fn({key: val for key, val in cache.items() if key not in keep})
+    return {**rest, **{key: cache[key] for key in keep if key in cache}}
   return fn(cache)
 
 
@@ -156,7 +161,9 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
       index of the token being predicted.
     cache: from `decode_init`; every leaf has the batch B as leading axis and is expanded to B*K rows
       here, except under `cache["per_query"]`: those leaves stay [B, ...] (they are the same for all
-      beams of a query; the model must accept them, as T5's cross-attention does).
+      beams of a query; the model must accept them, as T5's cross-attention does). Leaves under
+      `cache["in_place"]` are expanded but never reordered: the model reads them through indices it keeps in
+      the reordered leaves (it must treat the K rows of a query as one group).
     first_tokens: [B] int32, the token fed at step 0 (decoder start / last prompt token).
     num_beams: K (static).
     max_decode_len: maximum generated tokens, EOS included (static).
@@ -179,7 +186,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
   n = b * k
 
   expand = lambda x: jnp.repeat(x, k, axis=0)
-  cache = _map_beam_rows(lambda c: jax.tree.map(expand, c), cache)
+  cache = _map_beam_rows(lambda c: jax.tree.map(expand, c), cache, keep=(PER_QUERY,))
   cstate = (constraint.init_state(n) if constraint_state is None
             else jax.tree.map(expand, constraint_state))
   # Only beam 0 of each query is live at first, so the K beams never duplicate one prefix.
@@ -270,7 +277,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: PyTree, first_tokens: j
     live_logp, live_sel = top_k(jnp.where(live_ok, top_scores, NEG_INF), k)
     live_logp = jnp.where(live_logp > NEG_INF / 2, live_logp, NEG_INF)
     cache_idx = batched_take(parent, live_sel)
-    new_cache = _map_beam_rows(lambda c: _gather_beams(c, cache_idx, b, k), cache)
+    new_cache = _map_beam_rows(lambda c: _gather_beams(c, cache_idx, b, k), cache, keep=(PER_QUERY, IN_PLACE))
     new_cstate = _gather_beams(cand_cstate, live_sel, b, c)
 
     history = s.history

@@ -70,6 +70,7 @@ class DecoderLayer(nn.Module):
   deterministic: bool = True
   decode: bool = False
   cache_length: int = 0
+  rows_per_query: int = 1
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None, rotary: L.RotaryTables, token_mask: Array | None):
@@ -80,6 +81,7 @@ class DecoderLayer(nn.Module):
     h = L.Attention(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dtype,
                     param_dtype=pdtype, dropout_rate=cfg.dropout_rate, scale_logits=True,
                     decode=self.decode, cache_length=self.cache_length, decode_prefix=True,
+                    rows_per_query=self.rows_per_query,
                     name="attention")(h, h, mask, None, rotary, token_mask, deterministic=det)
     x = x + drop(h, deterministic=det)
     h = L.RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="mlp_norm")(x)
@@ -102,7 +104,8 @@ class LlamaTransformer(nn.Module):
   def __call__(self, decoder_input_tokens: Array, decoder_positions: Array | None = None,
                decoder_segment_ids: Array | None = None, token_mask: Array | None = None,
                deterministic: bool = True, decode: bool = False, cache_length: int = 0,
-               logit_positions: Array | None = None, targets: Array | None = None) -> Array | L.TokenStats:
+               logit_positions: Array | None = None, targets: Array | None = None,
+               rows_per_query: int = 1) -> Array | L.TokenStats:
     """Logits [B, L, vocab]; with `logit_positions` [B, P] only at those positions ([B, P, vocab]): a prefix-LM
     loss needs the targets' positions only, and at small widths the vocabulary projection is a large share of
     the FLOPs. With `targets` (shaped like the logits' positions), their per-token `L.TokenStats` instead (the
@@ -121,7 +124,8 @@ class LlamaTransformer(nn.Module):
     rotary = L.rotary_tables(decoder_positions, cfg.head_dim, cfg.rope_theta, length)
     x = L.apply_layers(DecoderLayer, cfg.num_layers, x, (mask, rotary, token_mask),
                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy, config=cfg,
-                       deterministic=deterministic, decode=decode, cache_length=cache_length)
+                       deterministic=deterministic, decode=decode, cache_length=cache_length,
+                       rows_per_query=rows_per_query)
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
     x = L.RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="final_norm")(x)

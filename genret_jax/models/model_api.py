@@ -11,7 +11,10 @@
   flattened batch as leading axis; per-row positions live in the cache (`step` is informational). Leaves under
   `cache["per_query"]` (T5's projected encoder keys/values, LLaMA's prefilled prompt) keep one row per query
   even when the search runs N = B * K rows: they are the same for every beam of a query, so the beam search
-  neither repeats nor gathers them, and attention folds the K beams into its query axis for them;
+  neither repeats nor gathers them, and attention folds the K beams into its query axis for them. Leaves under
+  `cache["in_place"]` (self-attention keys/values) are repeated but never reordered: `tokens_to_logits` treats
+  the rows of one query as a group and reads a beam's history through `cache_rows` (layers.py); keep the two
+  parts together (merged into `cache["cache"]` they must both be, which the tests use as the reference layout);
 * `continuation_stats(params, cache, tokens [N, T], targets [N, T]) -> layers.TokenStats`: teacher-forced scoring
   of T tokens at once after a `decode_init` cache (CGL scores thousands of targets per query this way, the query
   run once);
@@ -181,27 +184,44 @@ def _cache_length(cache: Mapping[str, Any]) -> int:
 
 # Cache leaves that are the same for every beam of a query: T5's projected encoder output, LLaMA's prompt.
 _PER_QUERY_LEAVES = ("cross_key", "cross_value", "cross_mask", "prefix_key", "prefix_value", "prefix_mask")
+# Per-row leaves a beam reorder leaves in place: the self-attention keys/values, read through `cache_rows`.
+_IN_PLACE_LEAVES = ("cached_key", "cached_value")
+_PARTS = ("cache", "in_place", "per_query")
 
 
-def _split_per_query(cache: Mapping[str, Any]) -> tuple[dict, dict]:
-  """flax `cache` collection -> (per-row leaves, per-query leaves), both nested dicts."""
+def _split_cache(cache: Mapping[str, Any]) -> dict[str, dict]:
+  """flax `cache` collection -> {"cache": per-row leaves, "in_place": per-row keys/values, "per_query": ...}."""
   flat = flax.traverse_util.flatten_dict(cache)
-  rows = {k: v for k, v in flat.items() if k[-1] not in _PER_QUERY_LEAVES}
-  shared = {k: v for k, v in flat.items() if k[-1] in _PER_QUERY_LEAVES}
-  return flax.traverse_util.unflatten_dict(rows), flax.traverse_util.unflatten_dict(shared)
+  part = lambda k: ("per_query" if k[-1] in _PER_QUERY_LEAVES else "in_place" if k[-1] in _IN_PLACE_LEAVES
+                    else "cache")
+  return {name: flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if part(k) == name})
+          for name in _PARTS}
 
 
-def _merge_per_query(cache: Mapping[str, Any]) -> dict:
-  """The flax `cache` collection of a split cache (per-row leaves and `cache["per_query"]` together)."""
-  return flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(cache["cache"]),
-                                            **flax.traverse_util.flatten_dict(cache.get("per_query", {}))})
+def _merge_cache(cache: Mapping[str, Any]) -> dict:
+  """The flax `cache` collection of a split cache (its parts together)."""
+  flat = {}
+  for name in _PARTS:
+    flat.update(flax.traverse_util.flatten_dict(cache.get(name, {})))
+  return flax.traverse_util.unflatten_dict(flat)
 
 
-def _rows_of(new_cache: Mapping[str, Any], cache: Mapping[str, Any]) -> dict:
-  """The per-row leaves of an updated flax cache, in the caller's split (the per-query leaves never change)."""
+def _updated(new_cache: Mapping[str, Any], cache: Mapping[str, Any]) -> dict:
+  """`cache` with the per-row parts taken from an updated flax cache (the per-query leaves never change)."""
   new = flax.traverse_util.flatten_dict(new_cache)
-  return flax.traverse_util.unflatten_dict({key: new[key] for key in flax.traverse_util.flatten_dict(
-      cache["cache"])})
+  out = dict(cache)
+  for name in ("cache", "in_place"):
+    if name in cache:
+      out[name] = flax.traverse_util.unflatten_dict(
+          {key: new[key] for key in flax.traverse_util.flatten_dict(cache[name])})
+  return out
+
+
+def _rows_per_query(cache: Mapping[str, Any], rows: int) -> int:
+  """Rows per query of a decode step over `rows` rows: beams (or CGL targets) of one query form a group whose
+  per-query leaves have one row. Without per-query leaves every row is its own group."""
+  leaves = jax.tree.leaves(cache.get("per_query", {}))
+  return rows // leaves[0].shape[0] if leaves else 1
 
 
 @gin.configurable(module="models")
@@ -242,23 +262,22 @@ class EncoderDecoderModel(BaseModel):
       _, variables = self.module.apply(
           {"params": params}, encoded, segments, first[:, None], decode=True, cache_length=max_decode_len,
           method=T5Transformer.decode, mutable=["cache"])
-    rows, per_query = _split_per_query(variables["cache"])
-    return {"cache": rows, "per_query": per_query, "position": jnp.zeros((batch,), jnp.int32)}, first
+    return {**_split_cache(variables["cache"]), "position": jnp.zeros((batch,), jnp.int32)}, first
 
   def tokens_to_logits(self, params, cache, tokens, step):
     del step  # per-row positions are in the cache
     with nn.logical_axis_rules(self.rules):
       logits, variables = self.module.apply(
-          {"params": params, "cache": _merge_per_query(cache)}, None, None, tokens[:, None],
+          {"params": params, "cache": _merge_cache(cache)}, None, None, tokens[:, None],
           decoder_positions=cache["position"][:, None], decode=True, cache_length=_cache_length(cache),
-          method=T5Transformer.decode, mutable=["cache"])
-    return logits[:, 0], {**cache, "cache": _rows_of(variables["cache"], cache), "position": cache["position"] + 1}
+          rows_per_query=_rows_per_query(cache, tokens.shape[0]), method=T5Transformer.decode, mutable=["cache"])
+    return logits[:, 0], {**_updated(variables["cache"], cache), "position": cache["position"] + 1}
 
   def continuation_stats(self, params, cache, tokens, targets):
     positions = cache["position"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     with nn.logical_axis_rules(self.rules):
       stats, _ = self.module.apply(
-          {"params": params, "cache": _merge_per_query(cache)}, None, None, tokens,
+          {"params": params, "cache": _merge_cache(cache)}, None, None, tokens,
           decoder_positions=positions, decode=True, cache_length=_cache_length(cache), targets=targets,
           method=T5Transformer.decode, mutable=["cache"])
     return stats
@@ -330,22 +349,21 @@ class DecoderOnlyModel(BaseModel):
       _, variables = self.module.apply({"params": params}, prompt[:, :lin], positions[:, :lin],
                                        token_mask=valid[:, :lin], decode=True, cache_length=max_decode_len,
                                        mutable=["cache"])
-    rows, per_query = _split_per_query(variables["cache"])
-    return {"cache": rows, "per_query": per_query, "position": n}, prompt[:, lin]
+    return {**_split_cache(variables["cache"]), "position": n}, prompt[:, lin]
 
   def tokens_to_logits(self, params, cache, tokens, step):
     del step  # per-row positions are in the cache
     with nn.logical_axis_rules(self.rules):
       logits, variables = self.module.apply(
-          {"params": params, "cache": _merge_per_query(cache)}, tokens[:, None], cache["position"][:, None],
-          decode=True, cache_length=_cache_length(cache), mutable=["cache"])
-    return logits[:, 0], {**cache, "cache": _rows_of(variables["cache"], cache),
-                          "position": cache["position"] + 1}
+          {"params": params, "cache": _merge_cache(cache)}, tokens[:, None], cache["position"][:, None],
+          decode=True, cache_length=_cache_length(cache), rows_per_query=_rows_per_query(cache, tokens.shape[0]),
+          mutable=["cache"])
+    return logits[:, 0], {**_updated(variables["cache"], cache), "position": cache["position"] + 1}
 
   def continuation_stats(self, params, cache, tokens, targets):
     positions = cache["position"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     with nn.logical_axis_rules(self.rules):
-      stats, _ = self.module.apply({"params": params, "cache": _merge_per_query(cache)}, tokens, positions,
+      stats, _ = self.module.apply({"params": params, "cache": _merge_cache(cache)}, tokens, positions,
                                    decode=True, cache_length=_cache_length(cache), targets=targets,
                                    mutable=["cache"])
     return stats

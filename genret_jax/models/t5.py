@@ -137,13 +137,15 @@ class DecoderLayer(nn.Module):
   deterministic: bool = True
   decode: bool = False
   cache_length: int = 0
+  rows_per_query: int = 1
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array | None, self_mask: Array | None, self_bias: Array,
                cross_mask: Array | None):
     cfg, drop, det = self.config, nn.Dropout(self.config.dropout_rate), self.deterministic
     h = _norm(cfg, "pre_self_attention_layer_norm")(x)
-    h = _attention(cfg, "self_attention", decode=self.decode, cache_length=self.cache_length)(
+    h = _attention(cfg, "self_attention", decode=self.decode, cache_length=self.cache_length,
+                   rows_per_query=self.rows_per_query)(
         h, h, self_mask, self_bias, deterministic=det)
     x = x + drop(h, deterministic=det)
     h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
@@ -183,9 +185,9 @@ class Decoder(nn.Module):
   def __call__(self, encoded: Array | None, encoder_segments: Array | None, decoder_input_tokens: Array,
                decoder_positions: Array | None = None, decoder_segment_ids: Array | None = None,
                deterministic: bool = True, decode: bool = False, cache_length: int = 0,
-               targets: Array | None = None) -> Array | L.TokenStats:
+               targets: Array | None = None, rows_per_query: int = 1) -> Array | L.TokenStats:
     """Logits [B, T, vocab]; with `targets` [B, T], their per-token `L.TokenStats` instead (the logits are then
-    projected chunk by chunk and never held whole)."""
+    projected chunk by chunk and never held whole). `rows_per_query`: see `layers.Attention` (decode)."""
     cfg = self.config
     batch, length = decoder_input_tokens.shape
     x = self.shared_embedding(decoder_input_tokens)
@@ -210,7 +212,8 @@ class Decoder(nn.Module):
         cross_mask = (encoder_segments > 0)[:, None, None, :]
     x = L.apply_layers(DecoderLayer, cfg.num_decoder_layers, x, (encoded, self_mask, self_bias, cross_mask),
                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy, config=cfg,
-                       deterministic=deterministic, decode=decode, cache_length=cache_length)
+                       deterministic=deterministic, decode=decode, cache_length=cache_length,
+                       rows_per_query=rows_per_query)
     x = _norm(cfg, "decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     scale = cfg.tie_word_embeddings if cfg.scale_decoder_outputs is None else cfg.scale_decoder_outputs
@@ -240,9 +243,10 @@ class T5Transformer(nn.Module):
   def decode(self, encoded: Array | None, encoder_segments: Array | None, decoder_input_tokens: Array,
              decoder_positions: Array | None = None, decoder_segment_ids: Array | None = None,
              deterministic: bool = True, decode: bool = False, cache_length: int = 0,
-             targets: Array | None = None) -> Array | L.TokenStats:
+             targets: Array | None = None, rows_per_query: int = 1) -> Array | L.TokenStats:
     return self.decoder(encoded, encoder_segments, decoder_input_tokens, decoder_positions, decoder_segment_ids,
-                        deterministic=deterministic, decode=decode, cache_length=cache_length, targets=targets)
+                        deterministic=deterministic, decode=decode, cache_length=cache_length, targets=targets,
+                        rows_per_query=rows_per_query)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,

@@ -114,7 +114,8 @@ def shared_nll_fn(model: model_api.BaseModel) -> Callable:
     per_slot = rows // inputs.shape[0]
     cache, first = model.decode_init(params, inputs, target_len)
     repeat = lambda x: jnp.repeat(x, per_slot, axis=0)
-    cache = {**cache, "cache": jax.tree.map(repeat, cache["cache"]), "position": repeat(cache["position"])}
+    # Every per-row part repeated (the per-query part stays one row per slot).
+    cache = {**cache, **{part: jax.tree.map(repeat, cache[part]) for part in cache if part != "per_query"}}
     tokens = jnp.concatenate([repeat(first)[:, None], targets[:, :-1]], axis=1)
     stats = model.continuation_stats(params, cache, tokens, targets)
     return -jnp.sum(stats.log_prob * (targets > 0), axis=-1)
