@@ -17,14 +17,14 @@ by `token_mask`) and single-token steps.
 
 Beam reordering without moving keys/values. With `rows_per_query` R > 1 the rows are R-row groups (a query's beams)
 and `cached_key`/`cached_value` stay where each row wrote them: a reordered beam reads slot s from row
-`cache_rows[b, s]` of its group (-1: its own row), a per-group gather inside attention (local to a batch shard).
-The beam search reorders only the small per-row leaves (`key_mask`, `cache_index`, `cache_rows`) and leaves the
-keys/values alone (`model_api` puts them under `cache["in_place"]`). Rows must advance in lockstep (every call
-writes the same slots of every row of a group), as beams do. Before, the search gathered the keys/values to the
-surviving beams every step, and XLA:CPU copied the gathered buffer back into the loop carry: at the 42M T5's
-beam-20 step shape that reorder and copy took 35 ms a step for six layers against 17 ms for this read (ad hoc). Cross-attention caches the
-projected encoder keys/values (heads first) and the encoder mask on the first call; they may keep one row per query
-while the queries have one row per beam (see `Attention.__call__`).
+`cache_rows[b, s]` of its group, a per-group gather inside attention (local to a batch shard). The beam search
+reorders only the small per-row leaves (`key_mask`, `cache_index`, `cache_rows`) and leaves the keys/values alone
+(`model_api` puts them under `cache["in_place"]`): gathering them every step also made XLA copy the gathered
+buffer back into the loop carry. Rows must advance in lockstep (every call writes the same slots of every row of a
+group), as beams do, so a slot some beam's history points to is never overwritten.
+
+Cross-attention caches the projected encoder keys/values (heads first) and the encoder mask on the first call; they
+may keep one row per query while the queries have one row per beam (see `Attention.__call__`).
 
 Prefix cache (`decode_prefix=True`, LLaMA's prompt). The first `decode` call's tokens become the prefix:
 `prefix_key`/`prefix_value` [B, kv_heads, P, head_dim] and `prefix_mask` [B, P], written once and never again, while
@@ -271,12 +271,11 @@ def _update_rows(buffer: Array, update: Array, index: Array, axis: int = 1) -> A
 
 
 def _read_rows(cache: Array, rows: Array, r: int) -> Array:
-  """cache [N, kv_heads, Lc, d] -> each row's history: slot s of row n from row `rows[n, s]` of n's R-row group
-  (-1: row n). A batched gather per group, so a batch sharded by groups reads no other shard."""
+  """cache [N, kv_heads, Lc, d] -> each row's history: slot s of row n from row `rows[n, s]` of n's R-row group.
+  A batched gather per group, so a batch sharded by groups reads no other shard."""
   if r == 1:
     return cache   # a group of one row reads its own slots
   n, lc = rows.shape
-  rows = jnp.where(rows < 0, (jnp.arange(n, dtype=jnp.int32) % r)[:, None], rows)
   grouped = cache.reshape((n // r, r) + cache.shape[1:])
   slots = jnp.arange(lc)[None, :]
   out = jax.vmap(lambda c, i: c[i, :, slots, :])(grouped, rows.reshape(n // r, r, lc))   # [G, R, Lc, kv_heads, d]
@@ -421,7 +420,8 @@ class Attention(nn.Module):
     cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
     key_mask = self.variable("cache", "key_mask", jnp.zeros, (batch, self.cache_length), jnp.int32)
     cache_index = self.variable("cache", "cache_index", jnp.zeros, (batch,), jnp.int32)
-    cache_rows = self.variable("cache", "cache_rows", jnp.full, (batch, self.cache_length), -1, jnp.int32)
+    # A slot not yet written is masked out, so the row it points to does not matter.
+    cache_rows = self.variable("cache", "cache_rows", jnp.zeros, (batch, self.cache_length), jnp.int32)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)   # [B, kv_heads, T, head_dim]
     if not initialized:  # creation call: attend within the given tokens only, per-row cache untouched
       if self.decode_prefix:

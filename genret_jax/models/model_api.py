@@ -192,8 +192,11 @@ _PARTS = ("cache", "in_place", "per_query")
 def _split_cache(cache: Mapping[str, Any]) -> dict[str, dict]:
   """flax `cache` collection -> {"cache": per-row leaves, "in_place": per-row keys/values, "per_query": ...}."""
   flat = flax.traverse_util.flatten_dict(cache)
-  part = lambda k: ("per_query" if k[-1] in _PER_QUERY_LEAVES else "in_place" if k[-1] in _IN_PLACE_LEAVES
-                    else "cache")
+  # Rows per query are read off the per-query leaves (`_rows_per_query`); a cache without them keeps its
+  # keys/values with the leaves a beam reorder gathers.
+  grouped = any(k[-1] in _PER_QUERY_LEAVES for k in flat)
+  part = lambda k: ("per_query" if k[-1] in _PER_QUERY_LEAVES
+                    else "in_place" if grouped and k[-1] in _IN_PLACE_LEAVES else "cache")
   return {name: flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if part(k) == name})
           for name in _PARTS}
 
