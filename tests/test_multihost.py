@@ -6,6 +6,9 @@ global mesh; the result is a normal checkpoint.
   collectives match (unequal counts aborted gloo, and would hang a pod);
 * `model` over the two hosts: both hold the same rows, so both must read the same, whole batch (each read half
   of it, and the replicated loss differed between the processes); the run equals a one-device run.
+
+A restart on another host count (one process resuming the two-process `data` run) restores the checkpoint and
+trains on.
 """
 
 import os
@@ -65,14 +68,32 @@ def test_two_process_training(tmp_path, mesh):
   leaves = jax.tree.leaves(params)
   assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
   assert sorted(d for d in os.listdir(model_dir / "checkpoints") if d.isdigit())[-1] == str(STEPS)
+  one_process = lambda model_dir, steps: trainer.train(
+      model=_toy_model(), mixture_or_task_name=toy_tasks.TASK, task_feature_lengths={"inputs": 16, "targets": 16},
+      train_steps=steps, model_dir=str(model_dir), batch_size=6, mesh_config=trainer.MeshConfig(data=1),
+      eval_every=steps, eval_batches=100, progress=False, write_config=False)
   if mesh == "model":   # the same global batches as one process reading the whole stream
-    model = model_api.EncoderDecoderModel(T5Config(vocab_size=1024, d_model=32, num_heads=2, head_dim=16, d_ff=64,
-                                                   num_encoder_layers=1, num_decoder_layers=1, dtype="float32"))
-    one = trainer.train(model=model, mixture_or_task_name=toy_tasks.TASK, task_feature_lengths={"inputs": 16,
-                        "targets": 16}, train_steps=STEPS, model_dir=str(tmp_path / "one"), batch_size=6,
-                        mesh_config=trainer.MeshConfig(data=1), eval_every=STEPS, eval_batches=100,
-                        progress=False, write_config=False)
+    one = one_process(tmp_path / "one", STEPS)
     np.testing.assert_allclose(_losses(outs[0]), (one.last_loss, one.eval_loss), atol=2e-4)
+  else:
+    # A restart on another host count (one process, one device): the two-process checkpoint restores onto the new
+    # mesh as saved, and its input position, saved per (shard, shard count), is not taken for the new single
+    # shard: the run skips the consumed batches of its stream instead, and trains on.
+    saved = params_io.restore_params(model_dir)
+    again = one_process(model_dir, STEPS)
+    assert again.resumed_from == STEPS and again.step == STEPS
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(again.params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    more = one_process(model_dir, STEPS + 10)
+    assert more.resumed_from == STEPS and more.step == STEPS + 10 and np.isfinite(more.last_loss)
+    assert str(STEPS + 10) in os.listdir(model_dir / "checkpoints")
+    assert (model_dir / "checkpoints_data" / str(STEPS + 10) / trainer._data_position_name(0, 1)).exists()
+
+
+def _toy_model() -> model_api.EncoderDecoderModel:
+  """`toy_tasks.train_gin`'s model."""
+  return model_api.EncoderDecoderModel(T5Config(vocab_size=1024, d_model=32, num_heads=2, head_dim=16, d_ff=64,
+                                                num_encoder_layers=1, num_decoder_layers=1, dtype="float32"))
 
 
 def test_processes_given_another_config_stop_before_training(tmp_path):
