@@ -267,6 +267,33 @@ def test_packed_equals_unpacked(t5):
   np.testing.assert_allclose(tok_lp[3:5].sum(), single(enc[1], dec[1]), rtol=1e-4, atol=1e-5)
 
 
+def test_llama_packed_equals_unpacked(llama):
+  """Packed rows carry device-side positions, so the rotary tables are computed on the device (the identity
+  product on CPU), not taken from host constants as for an unpacked row."""
+  jm, params = llama
+  seqs = [[5, 6, 7, 8, 1], [9, 10, 1]]
+
+  def single(s):
+    b = {"decoder_input_tokens": jnp.asarray([[0] + s[:-1]]), "decoder_target_tokens": jnp.asarray([s]),
+         "decoder_loss_weights": jnp.ones((1, len(s)))}
+    return np.asarray(jax.nn.log_softmax(jm.logits(params, b), -1))[0]
+
+  packed = {"decoder_input_tokens": jnp.asarray([[0] + seqs[0][:-1] + [0] + seqs[1][:-1] + [0]]),
+            "decoder_segment_ids": jnp.asarray([[1] * 5 + [2] * 3 + [0]]),
+            "decoder_positions": jnp.asarray([[0, 1, 2, 3, 4, 0, 1, 2, 0]])}
+  logp = np.asarray(jax.nn.log_softmax(jm.logits(params, packed), -1))[0]
+  np.testing.assert_allclose(logp[:5], single(seqs[0]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logp[5:8], single(seqs[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_tables_on_device_equal_host_constants():
+  host = L.rotary_tables(None, 16, 1e4, 300)
+  device = jax.jit(lambda p: L.rotary_tables(p, 16, 1e4))(jnp.arange(300)[None])
+  for a, b in zip(host, device):
+    assert a.shape == b.shape == (1, 300, 1, 16)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6)
+
+
 def test_dropout_is_seeded_and_bf16_compute_runs():
   cfg = dataclasses.replace(LLAMA_CFG, num_layers=1, dropout_rate=0.5, dtype="bfloat16")
   model = DecoderOnlyModel(cfg)

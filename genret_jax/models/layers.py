@@ -237,17 +237,24 @@ class RotaryTables(NamedTuple):
 def rotary_tables(positions: Array | None, head_dim: int, theta: float, length: int = 0) -> RotaryTables:
   """The tables for `positions` [B, T], or for positions 0..length-1 of every row when `positions` is None.
 
-  Built once per forward pass and shared by every layer (as HF LLaMA's `position_embeddings`). Without explicit
-  positions they are host constants: XLA:CPU fuses a device-side cos/sin into each consumer and re-evaluates it
-  per element and head, in the backward too (~4 ms per layer of the llama r2 train step, ad-hoc profile; an
-  optimization barrier does not stop it on CPU)."""
+  Built once per forward pass and shared by every layer (as HF LLaMA's `position_embeddings`). XLA:CPU fuses a
+  device-side cos/sin into each consumer and re-evaluates it per element and head, in the backward too (~4 ms per
+  layer of the llama r2 train step, ad-hoc profile; an optimization barrier does not stop it on CPU). Without
+  explicit positions the tables are therefore host constants. With them (decoding, scoring, packed rows) they go
+  through a product with the identity on CPU, an op XLA:CPU does not fuse into, so cos/sin run once per pass
+  (exact: x * 1 plus zeros; 40M LLaMA search 4-8% faster at beams 1-20, prefill 7-10%, ad hoc).
+  """
   xp = np if positions is None else jnp   # numpy: the tables become compile-time constants
   if positions is None:
     positions = np.arange(length)[None]
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
   freqs = positions.astype(xp.float32)[..., None] * inv_freq  # [B|1, T, D/2]
   emb = xp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  return RotaryTables(jnp.asarray(xp.cos(emb)), jnp.asarray(xp.sin(emb)))
+  cos, sin = jnp.asarray(xp.cos(emb)), jnp.asarray(xp.sin(emb))
+  if xp is jnp and jax.default_backend() == "cpu":
+    eye = jnp.eye(head_dim, dtype=jnp.float32)
+    cos, sin = (jnp.einsum("btkd,de->btke", x, eye, precision=jax.lax.Precision.HIGHEST) for x in (cos, sin))
+  return RotaryTables(cos, sin)
 
 
 def apply_rotary(x: Array, tables: RotaryTables) -> Array:
