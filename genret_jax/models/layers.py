@@ -249,12 +249,18 @@ def rotary_tables(positions: Array | None, head_dim: int, theta: float, length: 
     positions = np.arange(length)[None]
   inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
   freqs = positions.astype(xp.float32)[..., None] * inv_freq  # [B|1, T, D/2]
-  emb = xp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.asarray(xp.cos(emb)), jnp.asarray(xp.sin(emb))
-  if xp is jnp and jax.default_backend() == "cpu":
-    eye = jnp.eye(head_dim, dtype=jnp.float32)
-    cos, sin = (jnp.einsum("btkd,de->btke", x, eye, precision=jax.lax.Precision.HIGHEST) for x in (cos, sin))
+  cos, sin = xp.cos(freqs), xp.sin(freqs)
+  if xp is jnp and jax.default_backend() == "cpu":   # T * head_dim^2 FLOPs a row (`rotary_identity_flops`)
+    eye = jnp.eye(head_dim // 2, dtype=jnp.float32)
+    cos, sin = (jnp.einsum("btd,de->bte", x, eye, precision=jax.lax.Precision.HIGHEST) for x in (cos, sin))
+  cos, sin = (jnp.asarray(xp.concatenate([x, x], axis=-1)[:, :, None, :]) for x in (cos, sin))
   return RotaryTables(cos, sin)
+
+
+def rotary_identity_flops(positions: int, head_dim: int) -> int:
+  """FLOPs of `rotary_tables`' identity products for one row of `positions` device-side positions on CPU (not
+  model FLOPs: the accounting leaves them out; XLA's own count includes them)."""
+  return 2 * 2 * positions * (head_dim // 2) ** 2
 
 
 def apply_rotary(x: Array, tables: RotaryTables) -> Array:
