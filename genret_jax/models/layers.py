@@ -242,7 +242,7 @@ def rotary_tables(positions: Array | None, head_dim: int, theta: float, length: 
   layer of the llama r2 train step, ad-hoc profile; an optimization barrier does not stop it on CPU). Without
   explicit positions the tables are therefore host constants. With them (decoding, scoring, packed rows) they go
   through a product with the identity on CPU, an op XLA:CPU does not fuse into, so cos/sin run once per pass
-  (exact: x * 1 plus zeros; 40M LLaMA search 6-10% faster at beams 1-20, prefill 8-12%, ad hoc).
+  (exact: x * 1 plus zeros; 40M LLaMA search 6-12% faster at beams 1-20, prefill 8-12%, ad hoc).
   """
   xp = np if positions is None else jnp   # numpy: the tables become compile-time constants
   if positions is None:

@@ -13,8 +13,9 @@
   even when the search runs N = B * K rows: they are the same for every beam of a query, so the beam search
   neither repeats nor gathers them, and attention folds the K beams into its query axis for them. Leaves under
   `cache["in_place"]` (self-attention keys/values) are repeated but never reordered: `tokens_to_logits` treats
-  the rows of one query as a group and reads a beam's history through `cache_rows` (layers.py); keep the two
-  parts together (merged into `cache["cache"]` they must both be, which the tests use as the reference layout);
+  the rows of one query as a group and reads a beam's history through `cache_rows` (layers.py), which is
+  reordered with `cache["cache"]`. The keys/values merged back into `cache["cache"]` and gathered with it are the
+  equivalent layout the tests compare against;
 * `continuation_stats(params, cache, tokens [N, T], targets [N, T]) -> layers.TokenStats`: teacher-forced scoring
   of T tokens at once after a `decode_init` cache (CGL scores thousands of targets per query this way, the query
   run once);
