@@ -419,19 +419,23 @@ def scifact_texts():
 
 def scifact_spm(path, texts, log):
   """The SentencePiece model: `path` if given, else a unigram 8,192-piece model trained on SciFact
-  (8,190 pieces + 2: ids shift by 2 so 0 = separator/pad and 1 = EOS stay free), cached."""
+  (8,190 pieces + 2: ids shift by 2 so 0 = separator/pad and 1 = EOS stay free), cached.
+
+  Seeded and on one thread: the trainer's sampling and its EM split differ run to run otherwise, and so would the
+  n-gram rows' identifiers (the same pieces on every machine; `benchmarks/gpu_prepare.sh` builds it for a GPU run)."""
   import sentencepiece as spm
   if path:
     return spm.SentencePieceProcessor(model_file=str(path)), f"given: {path}"
   CACHE.mkdir(parents=True, exist_ok=True)
-  prefix = CACHE / "scifact_unigram_8190"
+  prefix = CACHE / "scifact_unigram_8190_seed0"
   if not (prefix.with_suffix(".model")).exists():
     t = time.perf_counter()
     txt = CACHE / "scifact_corpus.txt"
     txt.write_text("\n".join(texts))
+    spm.set_random_generator_seed(0)
     spm.SentencePieceTrainer.train(input=str(txt), model_prefix=str(prefix), vocab_size=8190,
                                    model_type="unigram", input_sentence_size=200000,
-                                   shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+                                   shuffle_input_sentence=True, num_threads=1,
                                    minloglevel=2, seed_sentencepiece_size=200000)
     log({"spm_trained_seconds": time.perf_counter() - t})
   return (spm.SentencePieceProcessor(model_file=str(prefix.with_suffix(".model"))),

@@ -15,14 +15,14 @@
 # nearly a whole call; the H200 table of session 13 has all four rows, docs/benchmarks.md). The step limits below
 # are what the figures in docs/benchmarks.md needed; the four train rungs need ~220 s.
 #
-# Needs, carried with the call (both listed in .git/info/exclude, so git ignores them):
-#   .whl/      gin-config 0.5.0 and pydivsufsort 0.0.20 wheels for the machine's Python 3.12:
-#              python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#                --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl gin-config==0.5.0 \
-#                pydivsufsort==0.0.20
-#   .devdata/  data/scifact and data/tokenizers/sentencepiece_botchan (copies of ../shared/data/...), and
-#              cache/scifact_unigram_8190.model (+ .vocab) from ~/.cache/genret_jax (made by a local CPU run of
-#              decode_throughput.py --parts ngram)
+# Needs, carried with the call (`bash benchmarks/gpu_prepare.sh` makes both here and lists them in
+# .git/info/exclude, so git ignores them; then run(..., carry=[".whl", ".devdata"])):
+#   .whl/      gin-config 0.5.0 and pydivsufsort 0.0.20 wheels for the machine's Python 3.12
+#   .devdata/  data/scifact and data/tokenizers/sentencepiece_botchan (copies of ../shared/data/...),
+#              cache/scifact_unigram_8190_seed0.model (+ .vocab: the n-gram benchmark's seeded SentencePiece model)
+#              and jax_cache/ (below)
+# Dry run of the plumbing on this CPU machine (writes CPU tables into docs/benchmarks.md: `git checkout` it after):
+#   PY=.venv/bin/python DEVICE=cpu STEPS="index cgl" OUT=/tmp/gpu_dry bash benchmarks/gpu_run.sh 300
 # Each step has its own time limit so a slow compile cannot take the others' time; each writes its own
 # docs/benchmarks.md subsection ("### GPU: <card>"), copied to $OUT after every step, so what finished comes back
 # even when the machine's time runs out. The decode parts run separately and are merged by --from_json.
@@ -38,13 +38,17 @@
 # the next call: rm -rf .devdata/jax_cache && mkdir -p .devdata/jax_cache && tar xzf <files_at>/jax_cache.tgz \
 #   -C .devdata/jax_cache   (the tables then time the same programs; only the `*_first_call_s` fields change).
 set -u
+PY=${PY:-python3}
+DEVICE=${DEVICE:-gpu}
 OUT=${OUT:-/tmp/genret_gpu_out}
 WORK=/tmp/genret_gpu_work
 PROF=/tmp/genret_gpu_prof   # jax.profiler traces of the n-gram step's largest-beam row, returned as $OUT/profiles.tgz
 BUDGET=${1:-580}
 mkdir -p "$OUT" "$WORK"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/gin_config-*.whl .whl/pydivsufsort-*.whl || exit 1
+if [ "$DEVICE" != cpu ]; then   # the CPU dry run takes them from the venv
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/gin_config-*.whl .whl/pydivsufsort-*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 export JAX_DEFAULT_MATMUL_PRECISION=highest   # fp32 on both sides: torch's matmuls are not TF32 either
 export GENRET_SHARED_DATA=$PWD/.devdata/data GENRET_BENCH_CACHE=$PWD/.devdata/cache
@@ -53,7 +57,7 @@ mkdir -p "$JAX_COMPILATION_CACHE_DIR"
 echo "compilation cache at start: $(find "$JAX_COMPILATION_CACHE_DIR" -type f | wc -l) files"
 START=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$WORK/nvidia_smi.txt"
-python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), 'flax', \
+$PY -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), 'flax', \
 flax.__version__, 'torch', torch.__version__, torch.cuda.is_available(), 'transformers', transformers.__version__)" \
   2>&1 | tail -1 | tee "$WORK/env.txt"
 
@@ -85,26 +89,26 @@ save() {
 # Default order: most informative first; a later step is skipped cleanly when the budget is spent.
 run_step() {
   case $1 in
-    decode_ngram) step decode_ngram 330 python3 benchmarks/decode_throughput.py --device gpu --parts ngram \
+    decode_ngram) step decode_ngram 330 $PY benchmarks/decode_throughput.py --device $DEVICE --parts ngram \
       --ngram_beams ${NGRAM_BEAMS:-1 20} --repeats 2 --json_out "$WORK/decode_ngram.json" \
       --ngram_biased_variants ${NGRAM_VARIANTS:-} --profile_dir "$PROF" ;;
-    index) step index 150 python3 benchmarks/index_build.py --copies 1 16 --beams 1 20 --shards --write_docs ;;
+    index) step index 150 $PY benchmarks/index_build.py --copies 1 16 --beams 1 20 --shards --write_docs ;;
     decode_trie)   # one sub-step per size, each with its own limit and JSON (merged per size and beam)
-      step decode_trie_tiny 300 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie \
+      step decode_trie_tiny 300 $PY benchmarks/decode_throughput.py --device $DEVICE --parts peak trie \
         --sizes tiny --beams 1 20 --repeats 2 --json_out "$WORK/decode_trie_tiny.json"
-      step decode_trie_base45m 330 python3 benchmarks/decode_throughput.py --device gpu --parts trie \
+      step decode_trie_base45m 330 $PY benchmarks/decode_throughput.py --device $DEVICE --parts trie \
         --sizes base45m --beams 20 1 --repeats 2 --json_out "$WORK/decode_trie_base45m.json" ;;
     decode_llama)   # not in the default STEPS (the budget): STEPS=decode_llama; merged into its own section
-      step decode_llama 330 python3 benchmarks/decode_throughput.py --device gpu --parts peak trie \
+      step decode_llama 330 $PY benchmarks/decode_throughput.py --device $DEVICE --parts peak trie \
         --sizes llama42m --beams 20 1 --repeats 2 --json_out "$WORK/decode_llama.json" ;;
-    cgl) step cgl 80 python3 benchmarks/cgl_throughput.py --device gpu --rungs r0,r5 --repeats 2 --ref_seconds 2 ;;
-    train) step train 220 python3 benchmarks/train_throughput.py --device gpu --family both --rungs r0,r2 \
+    cgl) step cgl 80 $PY benchmarks/cgl_throughput.py --device $DEVICE --rungs r0,r5 --repeats 2 --ref_seconds 2 ;;
+    train) step train 220 $PY benchmarks/train_throughput.py --device $DEVICE --family both --rungs r0,r2 \
       --seconds 3 --repeats 3 ;;
     *) echo "unknown step $1"; exit 1 ;;
   esac
 }
 for name in $STEPS; do run_step "$name"; done
-ls "$WORK"/decode_*.json >/dev/null 2>&1 && python3 benchmarks/decode_throughput.py --from_json "$WORK"/decode_*.json \
+ls "$WORK"/decode_*.json >/dev/null 2>&1 && $PY benchmarks/decode_throughput.py --from_json "$WORK"/decode_*.json \
   --write_docs > "$WORK/decode_merge.log" 2>&1
 save
 echo "done in $(( $(date +%s) - START ))s"
