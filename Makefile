@@ -25,7 +25,7 @@ lock:
 	(echo "# Full transitive lock (pip freeze of the two-stage install on Python 3.11.7), installed with --no-deps."; \
 	 echo "# Regenerate: make lock"; $(BIN)/pip freeze --all --exclude pip --exclude-editable | sed 's/^torch==2.13.0+cpu/torch==2.13.0/') > requirements/lock.txt
 
-.PHONY: install install-resolve lock demo test bench clean
+.PHONY: install install-resolve lock demo test bench gpu-prepare clean
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -35,7 +35,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # Every benchmark against its peer, on this machine (an hour or more on 2 cores: run it on a quiet machine);
-# each rewrites its own section of docs/benchmarks.md. On a lent GPU: benchmarks/gpu_run.sh.
+# each rewrites its own section of docs/benchmarks.md. On a lent GPU: benchmarks/gpu_run.sh, with what
+# `make gpu-prepare` builds here carried (.whl, .devdata).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py --family both --rungs r0,r2
 	$(BIN)/python benchmarks/cgl_throughput.py --rungs r0,r5
@@ -44,6 +45,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/index_build.py --write_docs
 	$(BIN)/python benchmarks/bench_ngram_scoring.py
 	$(BIN)/python benchmarks/span_sampling.py --write_docs
+
+gpu-prepare: $(STAMP)
+	PYTHON=$(BIN)/python bash benchmarks/gpu_prepare.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
