@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-hf": ("genret_jax.models.hf_convert", "Convert a Hugging Face T5/LLaMA checkpoint to orbax + gin (and back)."),
     "model-info": ("genret_jax.models.info", "Parameter counts, FLOPs per token and parameter shardings of a gin model config."),
     "train": ("genret_jax.training.train", "Train a model on a seqio task or mixture (gin-configured)."),
+    "train-compile": ("genret_jax.training.train_compile", "Compile the train step for a TPU slice you do not have: per-device memory and fit."),
     "build-index": ("genret_jax.decoding.build_index", "Build and save the decoding constraint (trie / suffix array)."),
     "retrieve": ("genret_jax.retrieval.run", "Constrained beam search + retrieval + IR metrics (gin-configured)."),
     "cgl": ("genret_jax.scaling.cgl_command", "Contrastive generation loss of a checkpoint (gin-configured)."),

@@ -143,6 +143,72 @@ def make_train_step(model, tx: optax.GradientTransformation, grad_accum_steps: i
   return step_fn
 
 
+def check_batch_split(batch_size: int, grad_accum_steps: int, mesh: jax.sharding.Mesh) -> None:
+  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % (grad_accum_steps * data_devices):
+    raise InputError(f"BATCH_SIZE {batch_size} must split into {grad_accum_steps} microbatches whose rows divide "
+                     f"evenly over the mesh's data x fsdp = {data_devices} devices", key="train.grad_accum_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class StateAndStep:
+  """The compiled state initialiser, the train state's shardings and abstract value, and the jitted train step."""
+
+  init: Any                 # compiled: trainable params -> TrainState (donates its input)
+  state_shardings: Any      # TrainState of shardings
+  abstract_state: Any       # TrainState of ShapeDtypeStructs with those shardings (a restore target)
+  step: Callable            # jitted (state, batch, frozen, base_rng) -> (state, metrics)
+
+
+def shard_like_params(opt_state, params, param_shardings):
+  """`opt_state` with every leaf shaped like its parameter (Adam's moments, momentum, Adafactor's unfactored
+  second moment) constrained to that parameter's sharding; a leaf is its parameter's when its tree path ends with
+  the parameter's path (optax nests the parameter tree under its own fields).
+
+  Propagation alone left them replicated: optax builds them with `jnp.zeros(shape)`, which carries no sharding,
+  and XLA gave every device the whole array (T5 XL with Adafactor, whose attention kernels [layers, d, heads, 64]
+  have no second dimension >= 128 to factor: 4.5 GiB per device on any mesh; `genret train-compile`, session 26).
+  """
+  by_path = {tuple(path): (leaf.shape, sh) for (path, leaf), sh in
+             zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
+
+  def one(path, leaf):
+    for i in range(len(path)):
+      hit = by_path.get(tuple(path[i:]))
+      if hit is not None:
+        shape, sharding = hit
+        return jax.lax.with_sharding_constraint(leaf, sharding) if tuple(leaf.shape) == tuple(shape) else leaf
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def jit_state_and_step(model, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, trainable, frozen,
+                       batch_shardings: Mapping[str, NamedSharding], grad_accum_steps: int = 1,
+                       lora_cfg: lora_lib.LoraConfig | None = None, dropout: bool = True) -> StateAndStep:
+  """What `train` runs, built from `trainable` params (arrays or ShapeDtypeStructs with shardings; `genret
+  train-compile` passes the latter for devices it does not have). Call under `jax.set_mesh(mesh)`."""
+
+  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+
+  def init_state(params):
+    opt_state = shard_like_params(tx.init(params), params, param_shardings)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+  # One compilation gives both the state shardings (params keep their logical shardings, the optimizer state's
+  # parameter-shaped leaves take their parameter's, the rest follows by propagation) and the initialiser.
+  init_compiled = jax.jit(init_state, donate_argnums=0).lower(trainable).compile()
+  state_sh = init_compiled.output_shardings
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          jax.eval_shape(init_state, trainable), state_sh)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen) if frozen is not None else None
+  rep = NamedSharding(mesh, P())
+  step_fn = jax.jit(make_train_step(model, tx, grad_accum_steps, lora_cfg, dropout),
+                    in_shardings=(state_sh, dict(batch_shardings), frozen_sh, rep),
+                    out_shardings=(state_sh, rep), donate_argnums=(0,))
+  return StateAndStep(init=init_compiled, state_shardings=state_sh, abstract_state=abstract, step=step_fn)
+
+
 def make_eval_step(model, lora_cfg=None) -> Callable:
   def eval_fn(trainable, frozen, batch):
     params = lora_lib.merge(frozen, trainable, lora_cfg) if lora_cfg is not None else trainable
@@ -358,10 +424,7 @@ def train(*,
   data_lib.check_model_vocabulary(mixture_or_task_name, model.config.vocab_size)
   mesh = (mesh_config or MeshConfig()).build()
   shard_index, num_shards = partitioning.process_batch_slice(mesh, batch_size)
-  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % (grad_accum_steps * data_devices):
-    raise InputError(f"BATCH_SIZE {batch_size} must split into {grad_accum_steps} microbatches whose rows divide "
-                     f"evenly over the mesh's data x fsdp = {data_devices} devices", key="train.grad_accum_steps")
+  check_batch_split(batch_size, grad_accum_steps, mesh)
   schedule = learning_rate if learning_rate is not None else optimizers.make_schedule(total_steps=train_steps)
   tx = optimizer if optimizer is not None else optimizers.make_optimizer(learning_rate=schedule)
   model_dir = filesystem.abspath(model_dir)   # gs://... stays a URL (os.makedirs made a local ./gs:/... of it)
@@ -430,30 +493,21 @@ def train(*,
       trainable0, frozen = base_params, None
     del base_params   # full training keeps one copy of the params: the train state's
 
-    def init_state(trainable):
-      return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable))
-
-    # One compilation gives both the state shardings (params keep their logical shardings, optimizer state
-    # follows them by propagation) and the initialiser.
-    init_compiled = jax.jit(init_state, donate_argnums=0).lower(trainable0).compile()
-    state_sh = init_compiled.output_shardings
+    batch_sh = _batch_specs(first, mesh)
+    steps = jit_state_and_step(model, tx, mesh, trainable0, frozen, batch_sh, grad_accum_steps, lora, dropout)
+    state_sh = steps.state_shardings
     resumed_from = None
     if latest is not None:
-      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                              jax.eval_shape(init_state, trainable0), state_sh)
-      state, meta = ckpt.restore(latest, abstract)
+      state, meta = ckpt.restore(latest, steps.abstract_state)
       resumed_from = latest
       logging.info("resumed from step %d (%d batches consumed)", latest, skip)
     else:
-      state = init_compiled(trainable0)
+      state = steps.init(trainable0)
       del trainable0
 
-    batch_sh = _batch_specs(first, mesh)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen) if frozen is not None else None
     rep = NamedSharding(mesh, P())
-    step_fn = jax.jit(make_train_step(model, tx, grad_accum_steps, lora, dropout),
-                      in_shardings=(state_sh, batch_sh, frozen_sh, rep),
-                      out_shardings=(state_sh, rep), donate_argnums=(0,))
+    step_fn = steps.step
     eval_fn = jax.jit(make_eval_step(model, lora), in_shardings=(state_sh.params, frozen_sh, batch_sh),
                       out_shardings=rep)
 

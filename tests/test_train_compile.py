@@ -1,0 +1,111 @@
+"""`genret train-compile` on this host's 8 simulated CPU devices (TPU topologies need libtpu, which CI does not
+install; docs/training.md has what it printed for TPU slices): the step `genret train` runs, compiled for a mesh,
+with XLA's per-device memory, its collectives and the fit check."""
+
+import importlib.util
+
+import pytest
+
+from genret_jax import cli, gin_utils
+from genret_jax.models import get_model, params_io, partitioning
+from genret_jax.training import train_compile
+
+TINY = ["--gin_file=runs/train.gin", "--gin_file=models/t5_1_1/tiny.gin", "--topology=cpu", "--gin.BATCH_SIZE=8"]
+
+
+def _report(mesh, extra=()):
+  gin_utils.parse_gin(["runs/train.gin", "models/t5_1_1/tiny.gin"],
+                      ["BATCH_SIZE = 8", *(f"MeshConfig.{k} = {v}" for k, v in mesh.items()), *extra])
+  return train_compile.compile_train_step("cpu")
+
+
+def test_sharding_divides_what_a_device_holds():
+  replicated = _report({"data": 8, "fsdp": 1, "model": 1})
+  sharded = _report({"data": 2, "fsdp": 2, "model": 2})
+  model = get_model()
+  abstract = params_io.abstract_with_shardings(model, partitioning.make_mesh(2, 2, 2), {
+      "encoder_input_tokens": (1, 64), "decoder_input_tokens": (1, 16)})
+  assert sharded.num_params == replicated.num_params == sum(x.size for x in __import__("jax").tree.leaves(abstract))
+  assert replicated.mesh == {"data": 8, "fsdp": 1, "model": 1} and sharded.mesh == {"data": 2, "fsdp": 2, "model": 2}
+  assert sharded.feature_lengths == {"encoder_input_tokens": 64, "decoder_target_tokens": 16,
+                                     "decoder_input_tokens": 16, "decoder_loss_weights": 16}
+  # fp32 params: a replicated state holds every parameter on every device (plus Adafactor's factored moments).
+  assert replicated.argument_bytes >= 4 * replicated.num_params
+  # fsdp x model = 4 shards of every large kernel: well under half of the replicated state per device.
+  assert sharded.argument_bytes < 0.5 * replicated.argument_bytes
+  # The new state is written in place of the donated one.
+  assert sharded.alias_bytes > 0 and sharded.peak_bytes < sharded.argument_bytes + sharded.temp_bytes + \
+      sharded.output_bytes
+  # Data parallelism all-reduces gradients; fsdp gathers weights before use.
+  assert replicated.collectives["all-reduce"] > 0
+  assert sharded.collectives["all-gather"] > 0
+
+
+def test_lora_compiles_adapters_only_as_the_state():
+  full = _report({"data": 8, "fsdp": 1, "model": 1})
+  lora = _report({"data": 8, "fsdp": 1, "model": 1}, ["train.lora = @LoraConfig()", "LoraConfig.rank = 2"])
+  assert lora.num_params == full.num_params   # the frozen base's size is reported
+  # The trained state is the adapters (and their optimizer state); the frozen base is an argument too.
+  assert lora.alias_bytes < 0.2 * full.alias_bytes
+
+
+def test_command_prints_memory_and_fits(capsys):
+  assert cli.main(["train-compile", *TINY, "--gin.MeshConfig.data=4", "--gin.MeshConfig.fsdp=2",
+                   "--hbm_gib=16"]) == 0
+  out = capsys.readouterr().out
+  assert "mesh data 4 x fsdp 2 x model 1" in out and "per device: arguments" in out and "collectives:" in out
+  assert "fits: peak" in out and "of 16 GiB per device" in out
+  assert cli.main(["train-compile", *TINY, "--hbm_gib=0.0001"]) == 1
+  assert "does NOT fit" in capsys.readouterr().out
+
+
+def _error(capsys, *argv):
+  assert cli.main(["train-compile", *argv]) == 2
+  return capsys.readouterr().err.strip()
+
+
+def test_bad_input(capsys):
+  assert "macro %MODEL is used but never bound" in _error(capsys, "--gin_file=runs/train.gin", "--topology=cpu")
+  assert "config key MODEL: no model" in _error(capsys, "--gin_file=models/t5_1_1/tiny.gin", "--topology=cpu")
+  assert "config key TASK_FEATURE_LENGTHS" in _error(capsys, "--gin_file=models/t5_1_1/tiny.gin", "--topology=cpu",
+                                                     "--gin.train.model=%MODEL")
+  assert "config key mesh: 8 devices are not divisible" in _error(capsys, *TINY, "--gin.MeshConfig.fsdp=3")
+  assert "BATCH_SIZE 8 must split" in _error(capsys, "--gin_file=runs/train.gin", "--gin_file=models/t5_1_1/tiny.gin",
+                                             "--topology=cpu", "--gin.BATCH_SIZE=8", "--gin.train.grad_accum_steps=2")
+  if importlib.util.find_spec("libtpu") is None:   # CI: TPU topologies name what they need
+    err = _error(capsys, *TINY[:2], "--topology=v5p:2x2x1")
+    assert err.startswith("genret train-compile: error: config key --topology: cannot make TPU topology 'v5p:2x2x1'")
+    assert "pip install 'libtpu==0.0.42.*'" in err
+  else:
+    pytest.fail("libtpu is installed here: this test's missing-libtpu case does not apply (uninstall it)")
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
+def test_optimizer_state_is_sharded_like_the_params(optimizer):
+  """Leaves shaped like their parameter (Adafactor's unfactored second moment, Adam's moments) live where the
+  parameter does; XLA's propagation had left the zeros optax makes them from replicated on every device."""
+  import jax
+
+  from genret_jax.training import optimizers, trainer
+  gin_utils.parse_gin(["models/t5_1_1/tiny.gin"], [])
+  model = get_model()
+  mesh = partitioning.make_mesh(1, 8, 1)
+  params = params_io.abstract_with_shardings(model, mesh, {"encoder_input_tokens": (1, 64),
+                                                           "decoder_input_tokens": (1, 16)})
+  tx = optimizers.make_optimizer(optimizer, learning_rate=1e-3)
+  batch_sh = {k: partitioning.batch_sharding(mesh, 2) for k in ("encoder_input_tokens", "decoder_input_tokens",
+                                                                "decoder_target_tokens", "decoder_loss_weights")}
+  with jax.set_mesh(mesh):
+    steps = trainer.jit_state_and_step(model, tx, mesh, params, None, batch_sh)
+  param_of = {tuple(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  checked = 0
+  for path, sharding in jax.tree_util.tree_flatten_with_path(steps.state_shardings.opt_state)[0]:
+    leaf = jax.tree_util.tree_flatten_with_path(steps.abstract_state.opt_state)[0]
+    shape = dict((tuple(p), x.shape) for p, x in leaf)[tuple(path)]
+    for i in range(len(path)):
+      param = param_of.get(tuple(path[i:]))
+      if param is not None and param.shape == shape:
+        assert sharding.is_equivalent_to(param.sharding, len(shape)), jax.tree_util.keystr(path)
+        checked += not param.sharding.is_fully_replicated
+        break
+  assert checked >= 10   # the sharded kernels' moments
