@@ -19,8 +19,12 @@ def _report(mesh, extra=()):
   return train_compile.compile_train_step("cpu")
 
 
-def test_sharding_divides_what_a_device_holds():
-  replicated = _report({"data": 8, "fsdp": 1, "model": 1})
+@pytest.fixture(scope="module")
+def replicated():
+  return _report({"data": 8, "fsdp": 1, "model": 1})
+
+
+def test_sharding_divides_what_a_device_holds(replicated):
   sharded = _report({"data": 2, "fsdp": 2, "model": 2})
   model = get_model()
   abstract = params_io.abstract_with_shardings(model, partitioning.make_mesh(2, 2, 2), {
@@ -41,8 +45,8 @@ def test_sharding_divides_what_a_device_holds():
   assert sharded.collectives["all-gather"] > 0
 
 
-def test_lora_compiles_adapters_only_as_the_state():
-  full = _report({"data": 8, "fsdp": 1, "model": 1})
+def test_lora_compiles_adapters_only_as_the_state(replicated):
+  full = replicated
   lora = _report({"data": 8, "fsdp": 1, "model": 1}, ["train.lora = @LoraConfig()", "LoraConfig.rank = 2"])
   assert lora.num_params == full.num_params   # the frozen base's size is reported
   # The trained state is the adapters (and their optimizer state); the frozen base is an argument too.
