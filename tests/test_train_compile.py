@@ -113,3 +113,23 @@ def test_optimizer_state_is_sharded_like_the_params(optimizer):
         checked += not param.sharding.is_fully_replicated
         break
   assert checked >= 10   # the sharded kernels' moments
+
+
+def test_collectives_count_tpu_reduce_scatter_fusions_as_reduce_scatters():
+  """XLA:TPU's text for an FSDP gradient: an `all-reduce-scatter` computation (all-reduce + its shard's slice)
+  called as a fusion; an async all-gather; a plain all-reduce."""
+  hlo = """%all-reduce-scatter.4.clone.1 (input.18: bf16[4096,11008]) -> bf16[1024,11008] {
+  %input.18 = bf16[4096,11008]{1,0} parameter(0)
+  %all-reduce.196 = bf16[4096,11008]{1,0} all-reduce(%input.18), channel_id=52, to_apply=%add.11.clone
+  ROOT %dynamic-slice.380 = bf16[1024,11008]{1,0} dynamic-slice(%all-reduce.196, %m, %c), dynamic_slice_sizes={1024,11008}
+}
+
+ENTRY %main.1 (p: bf16[4,80,11008]) -> f32[] {
+  %fusion.479 = bf16[1024,11008]{1,0} fusion(%convolution.1), kind=kCustom, calls=%all-reduce-scatter.4.clone.1
+  %all-gather-start.3 = (bf16[1024,512]{1,0}, bf16[4096,512]{1,0}) all-gather-start(%p.1), dimensions={0}
+  %all-gather-done.3 = bf16[4096,512]{1,0} all-gather-done(%all-gather-start.3)
+  ROOT %all-reduce.2 = f32[] all-reduce(%x), to_apply=%add
+}
+"""
+  assert train_compile.count_collectives(hlo) == {"all-gather": 1, "all-reduce": 1, "reduce-scatter": 1,
+                                                  "all-to-all": 0, "collective-permute": 0}

@@ -64,6 +64,20 @@ class DoesNotFit(Exception):
   """The compiler refused the step for the device's memory (its message says by how much)."""
 
 
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """Collective ops of a compiled module's text. Async ones appear as a -start / -done pair: the starts count.
+  XLA:TPU writes a reduce-scatter as an `all-reduce-scatter` fusion (an all-reduce and its shard's dynamic-slice,
+  emitted as one reduce-scatter): each such call counts as a reduce-scatter and its inner all-reduce does not."""
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  for block in re.split(r"\n(?=(?:ENTRY )?%\S+ \()", hlo_text):
+    if re.match(r"(?:ENTRY )?%all-reduce-scatter", block):
+      continue
+    for c in COLLECTIVES:
+      counts[c] += len(re.findall(r"= [^=\n]*? " + c + r"(?:-start)?\(", block))
+    counts["reduce-scatter"] += len(re.findall(r"calls=%all-reduce-scatter", block))
+  return counts
+
+
 def topology_devices(name: str) -> list:
   import jax
   if name == "cpu":
@@ -145,8 +159,7 @@ def compile_train_step(topology: str) -> CompileReport:
   seconds = time.perf_counter() - t
   memory = compiled.memory_analysis()
   text = compiled.as_text()
-  # Async collectives appear as a -start / -done pair: count the starts and the synchronous forms.
-  counts = {c: len(re.findall(r"= [^=\n]*? " + c + r"(?:-start)?\(", text)) for c in COLLECTIVES}
+  counts = count_collectives(text)
   total = frozen if frozen is not None else params
   return CompileReport(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
