@@ -85,6 +85,10 @@ def topology_devices(name: str) -> list:
   from jax.experimental import topologies
   try:
     devices = list(topologies.get_topology_desc(name, "tpu").devices)
+    if len({tuple(d.coords) for d in devices}) != len(devices):
+      # v4 / v5p topologies come as two devices (TensorCores) per chip; jax's TPU meshes want one per chip, the
+      # chip's two cores driven as one ("megacore", how they train: MaxText's v4 / v5p specs).
+      devices = list(topologies.get_topology_desc(name, "tpu", chip_config_name="megacore").devices)
   except Exception as e:  # pylint: disable=broad-except
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "support not installed" in text or isinstance(e, (ImportError, NotImplementedError)):
@@ -93,9 +97,8 @@ def topology_devices(name: str) -> list:
     raise InputError(f"TPU topology {name!r}: {text}", key="--topology") from None
   chips = {tuple(d.coords) for d in devices}
   if len(chips) != len(devices):
-    # v4 topologies come as two devices per chip here, and jax's TPU meshes want one per chip ("megacore").
-    raise InputError(f"TPU topology {name!r} has {len(devices)} devices on {len(chips)} chips (no megacore); "
-                     "meshes need one device per chip: use a v5e / v5p / v6e topology", key="--topology")
+    raise InputError(f"TPU topology {name!r} has {len(devices)} devices on {len(chips)} chips, also as megacore; "
+                     "jax's TPU meshes need one device per chip", key="--topology")
   return devices
 
 
