@@ -228,11 +228,13 @@ def hf_prefix_fn(trie: dict, prompt_len: int = 1):
 def hf_generate(hf, inputs_t, mask_t, beams, max_new, prefix_fn, dev):
   import torch
   start = {"decoder_start_token_id": 0} if hf.config.is_encoder_decoder else {}
+  # Beam-search-only flags: given at one beam, transformers warns that they are not valid for greedy search.
+  beam_flags = {"length_penalty": 0.0, "early_stopping": False} if beams > 1 else {}
   with torch.inference_mode():
     out = hf.generate(input_ids=inputs_t, attention_mask=mask_t, num_beams=beams, num_return_sequences=beams,
-                      max_new_tokens=max_new, do_sample=False, length_penalty=0.0, early_stopping=False,
-                      prefix_allowed_tokens_fn=prefix_fn, output_scores=True, return_dict_in_generate=True,
-                      pad_token_id=PAD, eos_token_id=EOS, **start)
+                      max_new_tokens=max_new, do_sample=False, prefix_allowed_tokens_fn=prefix_fn,
+                      output_scores=True, return_dict_in_generate=True, pad_token_id=PAD, eos_token_id=EOS,
+                      **beam_flags, **start)
   sync(dev)
   return out
 
