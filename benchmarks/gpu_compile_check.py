@@ -7,11 +7,12 @@ Needs the CUDA PJRT plugin outside the venv (4.9 GB of CUDA wheels; not a projec
   PYTHONPATH=/tmp/cudaplug JAX_PLATFORMS=cpu .venv/bin/python benchmarks/gpu_compile_check.py
 
 For each size, beam and constraint (free, trie; with --ngram also the SciFact n-gram search of gpu_run.sh's
-decode_ngram step, with the loop shapes an accelerator gets: `static_searches`) it prints the compile time, how many while loops the program has
-and how many of them lack a known trip count (XLA:GPU reads such a loop's predicate back to the host every round;
-the search's own loop is one of them by design: it stops early when every beam has finished) and the sorts XLA
-emitted (their first operand's shape). Exits 1 when any program fails to compile. Autotuning and timings need the
-card: this only shows that the programs compile and how XLA:GPU lowers them (docs/decoding.md, "Not yet done").
+decode_ngram step, with the loop shapes an accelerator gets: `static_searches`) it prints the compile time, how many
+while loops the program has and how many of them lack a known trip count (XLA:GPU reads such a loop's predicate back
+to the host every round; the search's own loop is one of them by design: it stops early when every beam has
+finished) and the sorts XLA emitted (their first operand's shape). Exits 1 when any program fails to compile.
+Autotuning and timings need the card: this only shows that the programs compile and how XLA:GPU lowers them
+(docs/decoding.md, "Not yet done").
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from jax.experimental import topologies  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_throughput as bench  # pylint: disable=wrong-import-position
-from genret_jax.decoding import SubstringConstraint, SuffixArrayIndex, TrieConstraint  # pylint: disable=wrong-import-position
+from genret_jax.decoding import (  # pylint: disable=wrong-import-position
+    SubstringConstraint, SuffixArrayIndex, TrieConstraint)
 
 # The card's published figures (NVIDIA H100 SXM5 80 GB: 132 SMs of 128 FP32 lanes, compute capability 9.0, 50 MB L2,
 # 3.35 TB/s HBM3, 1.98 GHz boost, 228 KB shared memory per SM, 227 KB opt-in per block), as XLA's
@@ -123,7 +125,8 @@ def main(args) -> int:
       sp, _ = bench.scifact_spm(None, docs_text, print)
       index = SuffixArrayIndex.build([np.asarray(x, np.int64) + 2 for x in sp.encode(docs_text)], sep_id=bench.PAD)
       # The accelerator's loop shapes: the default backend here is the CPU, which would pick the traced ones.
-      sc = SubstringConstraint.from_index(index, vocab_size=cfg.vocab_size, eos_id=bench.EOS, static_searches=True)
+      sc = SubstringConstraint.from_index(index, vocab_size=cfg.vocab_size, eos_id=bench.EOS,
+                                          static_searches=True)
       search = bench.make_search(model, 10)
       for beams in args.beams:
         check(f"n-gram tiny_v8k beam {beams} (static searches, keep_history)", search, params, sc, beams,

@@ -121,7 +121,7 @@ def test_collectives_count_tpu_reduce_scatter_fusions_as_reduce_scatters():
   hlo = """%all-reduce-scatter.4.clone.1 (input.18: bf16[4096,11008]) -> bf16[1024,11008] {
   %input.18 = bf16[4096,11008]{1,0} parameter(0)
   %all-reduce.196 = bf16[4096,11008]{1,0} all-reduce(%input.18), channel_id=52, to_apply=%add.11.clone
-  ROOT %dynamic-slice.380 = bf16[1024,11008]{1,0} dynamic-slice(%all-reduce.196, %m, %c), dynamic_slice_sizes={1024,11008}
+  ROOT %dynamic-slice.380 = bf16[1024,11008]{1,0} dynamic-slice(%all-reduce.196, %m, %c), dynamic_slice_sizes={4,8}
 }
 
 ENTRY %main.1 (p: bf16[4,80,11008]) -> f32[] {

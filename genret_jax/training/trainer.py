@@ -160,24 +160,29 @@ class StateAndStep:
   step: Callable            # jitted (state, batch, frozen, base_rng) -> (state, metrics)
 
 
-def shard_like_params(opt_state, params, param_shardings):
+def param_layouts(params) -> dict[tuple, tuple[tuple[int, ...], Any]]:
+  """tree path -> (shape, sharding) of every parameter (arrays, or ShapeDtypeStructs carrying a sharding)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {tuple(path): (tuple(leaf.shape), leaf.sharding) for path, leaf in flat
+          if getattr(leaf, "sharding", None) is not None}
+
+
+def shard_like_params(opt_state, layouts: Mapping[tuple, tuple[tuple[int, ...], Any]]):
   """`opt_state` with every leaf shaped like its parameter (Adam's moments, momentum, Adafactor's unfactored
-  second moment) constrained to that parameter's sharding; a leaf is its parameter's when its tree path ends with
-  the parameter's path (optax nests the parameter tree under its own fields).
+  second moment) constrained to that parameter's sharding (`layouts`: `param_layouts(params)`); a leaf is its
+  parameter's when its tree path ends with the parameter's path (optax nests the parameter tree under its fields).
 
   Propagation alone left them replicated: optax builds them with `jnp.zeros(shape)`, which carries no sharding,
   and XLA gave every device the whole array (T5 XL with Adafactor, whose attention kernels [layers, d, heads, 64]
   have no second dimension >= 128 to factor: 4.5 GiB per device on any mesh; `genret train-compile`, session 26).
   """
-  by_path = {tuple(path): (leaf.shape, sh) for (path, leaf), sh in
-             zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))}
 
   def one(path, leaf):
     for i in range(len(path)):
-      hit = by_path.get(tuple(path[i:]))
+      hit = layouts.get(tuple(path[i:]))
       if hit is not None:
         shape, sharding = hit
-        return jax.lax.with_sharding_constraint(leaf, sharding) if tuple(leaf.shape) == tuple(shape) else leaf
+        return jax.lax.with_sharding_constraint(leaf, sharding) if tuple(leaf.shape) == shape else leaf
     return leaf
 
   return jax.tree_util.tree_map_with_path(one, opt_state)
@@ -189,10 +194,10 @@ def jit_state_and_step(model, tx: optax.GradientTransformation, mesh: jax.shardi
   """What `train` runs, built from `trainable` params (arrays or ShapeDtypeStructs with shardings; `genret
   train-compile` passes the latter for devices it does not have). Call under `jax.set_mesh(mesh)`."""
 
-  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  layouts = param_layouts(trainable)
 
   def init_state(params):
-    opt_state = shard_like_params(tx.init(params), params, param_shardings)
+    opt_state = shard_like_params(tx.init(params), layouts)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
   # One compilation gives both the state shardings (params keep their logical shardings, the optimizer state's
