@@ -133,3 +133,12 @@ ENTRY %main.1 (p: bf16[4,80,11008]) -> f32[] {
 """
   assert train_compile.count_collectives(hlo) == {"all-gather": 1, "all-reduce": 1, "reduce-scatter": 1,
                                                   "all-to-all": 0, "collective-permute": 0}
+
+
+def test_cloud_tpu_slice_names_map_to_libtpu_topologies():
+  name = train_compile.topology_name
+  assert [name(n) for n in ("v5p-8", "v4-32", "v5litepod-16", "v5e-256", "v6e-8", "v5p:2x2x1", "cpu")] == [
+      "v5p:2x2x1", "v4:2x2x4", "v5e:4x4", "v5e:16x16", "v6e:2x4", "v5p:2x2x1", "cpu"]
+  from genret_jax.errors import InputError
+  with pytest.raises(InputError, match="unknown slice 'v5p-7'.*v5p-8, v5p-16"):
+    name("v5p-7")

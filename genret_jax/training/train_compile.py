@@ -3,7 +3,7 @@ train_compile.py): the same gin files, model, optimizer, mesh and batch, lowered
 devices (libtpu on this host, no TPU). Prints what one device holds (XLA's memory analysis of the step) against the
 chip's HBM and the collectives XLA emitted, so a config is known to fit before a pod is booked.
 
-  genret train-compile --gin_file=runs/train.gin --gin_file=models/llama/7b.gin --topology=v5p:2x2x1 \\
+  genret train-compile --gin_file=runs/train.gin --gin_file=models/llama/7b.gin --topology=v5p-8 \\
     --gin.MeshConfig.data=1 --gin.MeshConfig.fsdp=4 --gin.BATCH_SIZE=16
 
 `--topology=cpu` compiles for this host's own devices (what the tests run). TPU topologies need libtpu:
@@ -31,8 +31,8 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   gin_utils.add_gin_arguments(parser)
   parser.add_argument("--topology", required=True,
-                      help="a TPU topology as libtpu names it (v4:2x2x1, v5e:4x4, v5p:2x2x1, v6e:2x2, ...), or 'cpu' "
-                      "for this host's devices")
+                      help="a Cloud TPU slice (v5p-8, v5litepod-16, v6e-8, v4-32, ...), a topology as libtpu names it "
+                      "(v5p:2x2x1, v5e:4x4, ...), or 'cpu' for this host's devices")
   parser.add_argument("--hbm_gib", type=float, default=None,
                       help="memory per device for the fit check (default: the chip's HBM, "
                       + ", ".join(f"{k} {v:g}" for k, v in HBM_GIB.items()) + ")")
@@ -78,11 +78,36 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return counts
 
 
+# Accelerator types as Cloud TPU names them (`v5p-8`, `v5litepod-16`, ...) -> libtpu's topology: chips laid out as
+# Cloud TPU builds the slices. v4 / v5p count TensorCores (two per chip), v5e / v6e count chips.
+_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8",
+       1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def topology_name(name: str) -> str:
+  """`v5p-8` -> `v5p:2x2x1`, `v5litepod-16` / `v5e-16` -> `v5e:4x4`, `v6e-8` -> `v6e:2x4`, `v4-32` -> `v4:2x2x4`;
+  a libtpu name (`v5p:2x2x1`) or `cpu` passes through."""
+  m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+  if not m:
+    return name
+  kind, n = m.group(1), int(m.group(2))
+  kind = "v5e" if kind == "v5litepod" else kind
+  chips, table = (n // 2, _3D) if kind in ("v4", "v5p") else (n, _2D)
+  cores_per_chip = 2 if kind in ("v4", "v5p") else 1
+  if n % cores_per_chip or chips not in table:
+    known = ", ".join(f"{kind}-{c * cores_per_chip}" for c in sorted(table))
+    raise InputError(f"unknown slice {name!r}: known {kind} slices are {known}; or give a libtpu topology such as "
+                     f"{kind}:{table[4]}", key="--topology")
+  return f"{kind}:{table[chips]}"
+
+
 def topology_devices(name: str) -> list:
   import jax
   if name == "cpu":
     return jax.devices()
   from jax.experimental import topologies
+  name = topology_name(name)
   try:
     devices = list(topologies.get_topology_desc(name, "tpu").devices)
     if len({tuple(d.coords) for d in devices}) != len(devices):
@@ -165,7 +190,8 @@ def compile_train_step(topology: str) -> CompileReport:
   counts = count_collectives(text)
   total = frozen if frozen is not None else params
   return CompileReport(
-      topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
+      topology=topology if topology_name(topology) == topology else f"{topology} ({topology_name(topology)})",
+      device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
       batch_size=batch_size, feature_lengths=dict(model_lengths),
       num_params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(total))), compile_seconds=seconds,
       argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
