@@ -142,15 +142,35 @@ def is_llama(size: str) -> bool:
   return size in LLAMA_BENCH_SIZES
 
 
+def bench_model(size: str):
+  """(config, model, the batch shapes its params are initialised from) of a benchmark size."""
+  cfg = bench_config(size)
+  if is_llama(size):
+    return cfg, model_for_config(cfg), {"decoder_input_tokens": (1, INPUT_LEN + 9)}
+  return cfg, EncoderDecoderModel(cfg), {"encoder_input_tokens": (1, INPUT_LEN), "decoder_input_tokens": (1, 8)}
+
+
+def random_docids(vocab_size: int, rng: np.random.Generator, num: int = 5000, length: int = 6) -> list[tuple]:
+  """`num` distinct random docids of `length` tokens in [2, vocab) (0 and 1 are pad and EOS), sorted."""
+  ids = set()
+  while len(ids) < num:
+    ids.add(tuple(int(x) for x in rng.integers(2, vocab_size, length)))
+  return sorted(ids)
+
+
+def scifact_index(sp, docs_text) -> SuffixArrayIndex:
+  """SciFact's documents tokenised by `sp` (ids shifted by the 2 reserved ones), as one suffix-array index."""
+  return SuffixArrayIndex.build([np.asarray(x, np.int64) + 2 for x in sp.encode(docs_text)], sep_id=PAD)
+
+
 def build_models(size: str, dev, seed: int = 0):
   """(our config, model, params, HF model with the same weights)."""
   import torch
   import transformers
   from genret_jax.models import hf_convert
+  cfg, model, shapes = bench_model(size)
+  params = model.init(jax.random.PRNGKey(seed), shapes)
   if is_llama(size):
-    cfg = bench_config(size)
-    model = model_for_config(cfg)
-    params = model.init(jax.random.PRNGKey(seed), {"decoder_input_tokens": (1, INPUT_LEN + 9)})
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_convert.hf_config_from(cfg)))
     sd = hf_convert.params_to_hf(params, cfg)
     missing, unexpected = hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
@@ -161,10 +181,6 @@ def build_models(size: str, dev, seed: int = 0):
     return cfg, model, params, hf.to(dev).eval()
   # Tied embeddings (T5 v1.0 output: rescaled by d_model^-0.5): transformers 5 ties T5's lm_head to
   # `shared` whatever the config says (tests/test_hf_parity.py), so an untied model cannot be exported.
-  cfg = bench_config(size)
-  model = EncoderDecoderModel(cfg)
-  params = model.init(jax.random.PRNGKey(seed),
-                      {"encoder_input_tokens": (1, INPUT_LEN), "decoder_input_tokens": (1, 8)})
   sd = hf_convert.params_to_hf(params, cfg)
   hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**hf_convert.hf_config_from(cfg)))
   # The stacks' embed_tokens share `shared` in the checkpoint format; load_state_dict does not re-tie
@@ -334,10 +350,7 @@ def bench_trie(size, beams_list, repeats, block_seconds, batch, dev, log, peak_n
   cfg, model, params, hf = build_models(size, dev)
   rng = np.random.default_rng(0)
   v = cfg.vocab_size
-  ids = set()
-  while len(ids) < 5000:
-    ids.add(tuple(int(x) for x in rng.integers(2, v, 6)))
-  ids = sorted(ids)
+  ids = random_docids(v, rng)
   trie = TrieConstraint.build(ids, vocab_size=v, eos_id=EOS)
   inputs = rng.integers(2, v, (batch, INPUT_LEN)).astype(np.int32)
   inputs[:, -1] = EOS
@@ -469,8 +482,7 @@ def bench_ngram(beams_list, repeats, block_seconds, batch, dev, spm_path, log, v
   import torch
   docs_text, queries = scifact_texts()
   sp, sp_desc = scifact_spm(spm_path, docs_text, log)
-  docs = [np.asarray(x, np.int64) + 2 for x in sp.encode(docs_text)]
-  index = SuffixArrayIndex.build(docs, sep_id=PAD)
+  index = scifact_index(sp, docs_text)
   cfg, model, params, hf = build_models("tiny_v8k", dev)
   v = cfg.vocab_size
   sc = SubstringConstraint.from_index(index, vocab_size=v, eos_id=EOS)

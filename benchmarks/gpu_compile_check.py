@@ -32,8 +32,7 @@ from jax.experimental import topologies  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decode_throughput as bench  # pylint: disable=wrong-import-position
-from genret_jax.decoding import (  # pylint: disable=wrong-import-position
-    SubstringConstraint, SuffixArrayIndex, TrieConstraint)
+from genret_jax.decoding import SubstringConstraint, TrieConstraint  # pylint: disable=wrong-import-position
 
 # The card's published figures (NVIDIA H100 SXM5 80 GB: 132 SMs of 128 FP32 lanes, compute capability 9.0, 50 MB L2,
 # 3.35 TB/s HBM3, 1.98 GHz boost, 228 KB shared memory per SM, 227 KB opt-in per block), as XLA's
@@ -114,29 +113,21 @@ def main(args) -> int:
     print(f"{what}: compiled in {time.perf_counter() - t:.1f} s; {compile_report(compiled.as_text())}", flush=True)
 
   for size in args.sizes + (["tiny_v8k"] if args.ngram else []):
-    cfg = bench.bench_config(size)
-    llama = bench.is_llama(size)
-    model = bench.model_for_config(cfg) if llama else bench.EncoderDecoderModel(cfg)
-    shapes = ({"decoder_input_tokens": (1, bench.INPUT_LEN + 9)} if llama else
-              {"encoder_input_tokens": (1, bench.INPUT_LEN), "decoder_input_tokens": (1, 8)})
+    cfg, model, shapes = bench.bench_model(size)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), shapes))   # shapes only: nothing allocated
     if size == "tiny_v8k" and args.ngram:
       docs_text, _ = bench.scifact_texts()
       sp, _ = bench.scifact_spm(None, docs_text, print)
-      index = SuffixArrayIndex.build([np.asarray(x, np.int64) + 2 for x in sp.encode(docs_text)], sep_id=bench.PAD)
       # The accelerator's loop shapes: the default backend here is the CPU, which would pick the traced ones.
-      sc = SubstringConstraint.from_index(index, vocab_size=cfg.vocab_size, eos_id=bench.EOS,
-                                          static_searches=True)
+      sc = SubstringConstraint.from_index(bench.scifact_index(sp, docs_text), vocab_size=cfg.vocab_size,
+                                          eos_id=bench.EOS, static_searches=True)
       search = bench.make_search(model, 10)
       for beams in args.beams:
         check(f"n-gram tiny_v8k beam {beams} (static searches, keep_history)", search, params, sc, beams,
               keep_history=True)
       continue
-    rng = np.random.default_rng(0)
-    ids = set()
-    while len(ids) < 5000:
-      ids.add(tuple(int(x) for x in rng.integers(2, cfg.vocab_size, 6)))
-    trie = TrieConstraint.build(sorted(ids), vocab_size=cfg.vocab_size, eos_id=bench.EOS)
+    trie = TrieConstraint.build(bench.random_docids(cfg.vocab_size, np.random.default_rng(0)),
+                                vocab_size=cfg.vocab_size, eos_id=bench.EOS)
     search = bench.make_search(model, 8)
     for beams in args.beams:
       for name, constraint in (("free", None), ("trie", trie)):

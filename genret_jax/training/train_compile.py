@@ -108,23 +108,22 @@ def topology_devices(name: str) -> list:
     return jax.devices()
   from jax.experimental import topologies
   name = topology_name(name)
-  try:
-    devices = list(topologies.get_topology_desc(name, "tpu").devices)
-    if len({tuple(d.coords) for d in devices}) != len(devices):
-      # v4 / v5p topologies come as two devices (TensorCores) per chip; jax's TPU meshes want one per chip, the
-      # chip's two cores driven as one ("megacore", how they train: MaxText's v4 / v5p specs).
-      devices = list(topologies.get_topology_desc(name, "tpu", chip_config_name="megacore").devices)
-  except Exception as e:  # pylint: disable=broad-except
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if "support not installed" in text or isinstance(e, (ImportError, NotImplementedError)):
-      raise InputError(f"cannot make TPU topology {name!r} here ({text}); TPU topologies need libtpu on this host: "
-                       "pip install 'libtpu==0.0.42.*'", key="--topology") from None
-    raise InputError(f"TPU topology {name!r}: {text}", key="--topology") from None
-  chips = {tuple(d.coords) for d in devices}
-  if len(chips) != len(devices):
-    raise InputError(f"TPU topology {name!r} has {len(devices)} devices on {len(chips)} chips, also as megacore; "
-                     "jax's TPU meshes need one device per chip", key="--topology")
-  return devices
+  # v4 / v5p topologies come as two devices (TensorCores) per chip; jax's TPU meshes want one per chip, the chip's
+  # two cores driven as one ("megacore", how they train: MaxText's v4 / v5p specs).
+  for config in ({}, {"chip_config_name": "megacore"}):
+    try:
+      devices = list(topologies.get_topology_desc(name, "tpu", **config).devices)
+    except Exception as e:  # pylint: disable=broad-except
+      text = str(e).splitlines()[0] if str(e) else type(e).__name__
+      if "support not installed" in text or isinstance(e, (ImportError, NotImplementedError)):
+        raise InputError(f"cannot make TPU topology {name!r} here ({text}); TPU topologies need libtpu on this "
+                         "host: pip install 'libtpu==0.0.42.*'", key="--topology") from None
+      raise InputError(f"TPU topology {name!r}: {text}", key="--topology") from None
+    chips = {tuple(d.coords) for d in devices}
+    if len(chips) == len(devices):
+      return devices
+  raise InputError(f"TPU topology {name!r} has {len(devices)} devices on {len(chips)} chips, also as megacore; "
+                   "jax's TPU meshes need one device per chip", key="--topology")
 
 
 def compile_train_step(topology: str) -> CompileReport:
@@ -136,23 +135,24 @@ def compile_train_step(topology: str) -> CompileReport:
   from genret_jax.models import params_io, partitioning
   from genret_jax.training import data as data_lib
   from genret_jax.training import lora as lora_lib
-  from genret_jax.training import optimizers, trainer
+  from genret_jax.training import trainer
 
   bound = gin.get_bindings(trainer.train)
   model = bound.get("model")
   if model is None or model is gin.REQUIRED:
     raise InputError("no model: give a model gin file (e.g. --gin_file=models/llama/7b.gin)", key="MODEL")
   lengths = bound.get("task_feature_lengths")
-  if not isinstance(lengths, dict) or {"inputs", "targets"} - set(lengths):
-    raise InputError(f"needs lengths for 'inputs' and 'targets', got {lengths!r}", key="TASK_FEATURE_LENGTHS")
+  trainer.check_feature_lengths(lengths)
   batch_size = bound.get("batch_size", 32)
   grad_accum = bound.get("grad_accum_steps", 1)
   for key, value in (("BATCH_SIZE", batch_size), ("train.grad_accum_steps", grad_accum)):
     check_int(value, key, 1)
   mesh_config = bound.get("mesh_config") or trainer.MeshConfig()
   lora = bound.get("lora")
-  tx = bound.get("optimizer") or optimizers.make_optimizer(
-      learning_rate=bound.get("learning_rate") or optimizers.make_schedule())
+  # The schedule's length does not change the program; TRAIN_STEPS may be left unbound here.
+  steps = bound.get("train_steps")
+  tx, _ = trainer.train_optimizer(bound.get("optimizer"), bound.get("learning_rate"),
+                                  steps if isinstance(steps, int) else 1000)
 
   devices = topology_devices(topology)
   mesh = partitioning.make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.model, devices=devices)
@@ -189,8 +189,9 @@ def compile_train_step(topology: str) -> CompileReport:
   text = compiled.as_text()
   counts = count_collectives(text)
   total = frozen if frozen is not None else params
+  resolved = topology_name(topology)
   return CompileReport(
-      topology=topology if topology_name(topology) == topology else f"{topology} ({topology_name(topology)})",
+      topology=topology if resolved == topology else f"{topology} ({resolved})",
       device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
       batch_size=batch_size, feature_lengths=dict(model_lengths),
       num_params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(total))), compile_seconds=seconds,

@@ -143,7 +143,27 @@ def make_train_step(model, tx: optax.GradientTransformation, grad_accum_steps: i
   return step_fn
 
 
+def check_feature_lengths(task_feature_lengths) -> None:
+  if not isinstance(task_feature_lengths, Mapping):
+    raise InputError(f"must map feature names to lengths, got {task_feature_lengths!r}", key="TASK_FEATURE_LENGTHS")
+  for feature, length in task_feature_lengths.items():
+    check_int(length, f"TASK_FEATURE_LENGTHS[{feature!r}]")
+  missing = {"inputs", "targets"} - set(task_feature_lengths)
+  if missing:
+    raise InputError(f"needs lengths for {sorted(missing)} (got {dict(task_feature_lengths)})",
+                     key="TASK_FEATURE_LENGTHS")
+
+
+def train_optimizer(optimizer: optax.GradientTransformation | None, learning_rate,
+                    train_steps: int) -> tuple[optax.GradientTransformation, Any]:
+  """`train`'s (optimizer, learning-rate schedule): the optimizer given, else `make_optimizer` over the rate given
+  or the default schedule over `train_steps`."""
+  schedule = learning_rate if learning_rate is not None else optimizers.make_schedule(total_steps=train_steps)
+  return (optimizer if optimizer is not None else optimizers.make_optimizer(learning_rate=schedule)), schedule
+
+
 def check_batch_split(batch_size: int, grad_accum_steps: int, mesh: jax.sharding.Mesh) -> None:
+  """Every microbatch's rows divide over the mesh's batch devices (data x fsdp)."""
   data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % (grad_accum_steps * data_devices):
     raise InputError(f"BATCH_SIZE {batch_size} must split into {grad_accum_steps} microbatches whose rows divide "
@@ -411,14 +431,7 @@ def train(*,
     check_int(value, macro, low)
   if profile_start_step is not None:
     check_int(profile_start_step, "train.profile_start_step")
-  if not isinstance(task_feature_lengths, Mapping):
-    raise InputError(f"must map feature names to lengths, got {task_feature_lengths!r}", key="TASK_FEATURE_LENGTHS")
-  for feature, length in task_feature_lengths.items():
-    check_int(length, f"TASK_FEATURE_LENGTHS[{feature!r}]")
-  missing = {"inputs", "targets"} - set(task_feature_lengths)
-  if missing:
-    raise InputError(f"needs lengths for {sorted(missing)} (got {dict(task_feature_lengths)})",
-                     key="TASK_FEATURE_LENGTHS")
+  check_feature_lengths(task_feature_lengths)
   if batch_size % grad_accum_steps:
     raise InputError(f"BATCH_SIZE {batch_size} not divisible by grad_accum_steps {grad_accum_steps}",
                      key="train.grad_accum_steps")
@@ -430,8 +443,7 @@ def train(*,
   mesh = (mesh_config or MeshConfig()).build()
   shard_index, num_shards = partitioning.process_batch_slice(mesh, batch_size)
   check_batch_split(batch_size, grad_accum_steps, mesh)
-  schedule = learning_rate if learning_rate is not None else optimizers.make_schedule(total_steps=train_steps)
-  tx = optimizer if optimizer is not None else optimizers.make_optimizer(learning_rate=schedule)
+  tx, schedule = train_optimizer(optimizer, learning_rate, train_steps)
   model_dir = filesystem.abspath(model_dir)   # gs://... stays a URL (os.makedirs made a local ./gs:/... of it)
   filesystem.makedirs(model_dir)
   multihost.check_shared_directory(model_dir, key="MODEL_DIR")
